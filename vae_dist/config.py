@@ -1,0 +1,214 @@
+"""Typed configuration: dataclasses filled from YAML, then from `section.key=value` overrides.
+
+Unknown keys, values of the wrong type and impossible values are errors that name the key.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A problem with the configuration, phrased for the user."""
+
+
+@dataclass
+class ModelConfig:
+    kind: str = "linear"  # linear | conv; both share one interface and one training loop
+    latent_dim: int = 20  # 20 as in Kingma & Welling's MNIST experiments
+    hidden_dims: list[int] = field(default_factory=lambda: [400])  # MLP widths (conv: after the convs)
+    channels: list[int] = field(default_factory=lambda: [32, 64])  # conv only: one stride-2 stage each
+
+
+@dataclass
+class DataConfig:
+    name: str = "fashion-mnist"  # fashion-mnist | mnist
+    root: str | None = None  # tried first; then ./data, the Debian package, a download
+    download: bool = True  # last resort, needs internet
+    binarize: str = "none"  # none | dynamic (resample x ~ Bernoulli(pixel) every step)
+    train_subset: int = 0  # use only the first N training images (0 = all); for smoke runs
+    test_subset: int = 0  # same for the test split
+
+
+@dataclass
+class LossConfig:
+    likelihood: str = "bernoulli"  # bernoulli (BCE with logits) | gaussian (squared error)
+    beta: float = 1.0  # weight of the KL term; 1 is the true ELBO
+    kl_warmup_steps: int = 0  # ramp beta linearly from 0 over this many optimizer steps
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 10
+    batch_size: int = 128  # global: images per optimizer step, summed over processes
+    lr: float = 1e-3  # Adam, as in the reference
+    seed: int = 1  # data order, initialisation and all noise derive from it
+    mixed_precision: str = "no"  # no | fp16 | bf16
+    grad_accum_steps: int = 1  # micro-batches per optimizer step (batch_size is split)
+    eval_batch_size: int = 1000
+    eval_seed: int = 0  # fixed noise for the test -ELBO, so it is comparable across runs
+    grid_images: int = 8  # originals in the reconstruction grid (one row each)
+    grid_samples: int = 64  # images in the prior-sample grid
+    checkpoint_every: int = 0  # optimizer steps between checkpoints (0 = only at epoch ends)
+    keep_checkpoints: int = 2  # how many checkpoints to keep
+
+
+@dataclass
+class RunConfig:
+    output_dir: str = "runs"
+    name: str | None = None  # default: <model.kind>-<date>-<time>
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+CHOICES = {
+    "model.kind": ("linear", "conv"),
+    "data.name": ("fashion-mnist", "mnist"),
+    "data.binarize": ("none", "dynamic"),
+    "loss.likelihood": ("bernoulli", "gaussian"),
+    "train.mixed_precision": ("no", "fp16", "bf16"),
+}
+POSITIVE = (
+    "model.latent_dim", "train.epochs", "train.batch_size", "train.lr", "train.grad_accum_steps",
+    "train.eval_batch_size", "train.grid_images", "train.grid_samples", "train.keep_checkpoints",
+)
+NON_NEGATIVE = (
+    "loss.beta", "loss.kl_warmup_steps", "data.train_subset", "data.test_subset",
+    "train.checkpoint_every", "train.seed", "train.eval_seed",
+)
+
+
+def _coerce(key: str, value: Any, tp: Any) -> Any:
+    """`value` checked against the annotation `tp`; ints are accepted where floats are expected."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _coerce(key, value, inner)
+    if origin is list:
+        (inner,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list of {inner.__name__}, got {value!r}")
+        return [_coerce(f"{key}[{i}]", v, inner) for i, v in enumerate(value)]
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is str and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)  # e.g. a run named 2024
+    if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
+        raise ConfigError(f"{key}: expected {tp.__name__}, got {value!r} ({type(value).__name__})")
+    return value
+
+
+def _set(cfg: Config, key: str, value: Any) -> None:
+    section, _, name = key.partition(".")
+    sections = {f.name for f in dataclasses.fields(Config)}
+    if section not in sections or not name:
+        raise ConfigError(f"unknown config key {key!r}; sections are {sorted(sections)}")
+    part = getattr(cfg, section)
+    hints = typing.get_type_hints(type(part))
+    if name not in hints:
+        raise ConfigError(f"unknown config key {key!r}; {section} has {sorted(hints)}")
+    setattr(part, name, _coerce(key, value, hints[name]))
+
+
+def validate(cfg: Config) -> Config:
+    for key, allowed in CHOICES.items():
+        value = get(cfg, key)
+        if value not in allowed:
+            raise ConfigError(f"{key}: {value!r} is not one of {', '.join(allowed)}")
+    for key in POSITIVE:
+        if get(cfg, key) <= 0:
+            raise ConfigError(f"{key} must be > 0, got {get(cfg, key)!r}")
+    for key in NON_NEGATIVE:
+        if get(cfg, key) < 0:
+            raise ConfigError(f"{key} must be >= 0, got {get(cfg, key)!r}")
+    for key in ("model.hidden_dims", "model.channels"):
+        if any(v < 1 for v in get(cfg, key)):
+            raise ConfigError(f"{key}: every width must be >= 1, got {get(cfg, key)!r}")
+    if cfg.model.kind == "conv" and not cfg.model.channels:
+        raise ConfigError("model.channels: the conv VAE needs at least one stage")
+    if cfg.train.batch_size % cfg.train.grad_accum_steps:
+        raise ConfigError(
+            f"train.batch_size ({cfg.train.batch_size}) must be a multiple of "
+            f"train.grad_accum_steps ({cfg.train.grad_accum_steps})"
+        )
+    return cfg
+
+
+def get(cfg: Config, key: str) -> Any:
+    section, name = key.split(".")
+    return getattr(getattr(cfg, section), name)
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """'train.epochs=5' -> ('train.epochs', 5); the value is read as YAML (so 1e-3, [64, 32], null)."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override {text!r} is not of the form section.key=value")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    if isinstance(value, str) and _looks_like_float(raw):
+        value = float(raw)  # YAML 1.1 reads '1e-3' as a string
+    return key.strip(), value
+
+
+def _looks_like_float(raw: str) -> bool:
+    try:
+        float(raw)
+        return True
+    except ValueError:
+        return False
+
+
+def from_dict(data: dict[str, Any], overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    cfg = Config()
+    if not isinstance(data, dict):
+        raise ConfigError(f"a config must be a mapping of sections, got {type(data).__name__}")
+    for section, values in data.items():
+        if not isinstance(values, dict):
+            raise ConfigError(f"{section}: expected a mapping of keys, got {values!r}")
+        for name, value in values.items():
+            _set(cfg, f"{section}.{name}", _yaml_float(value))
+    for text in overrides:
+        _set(cfg, *parse_override(text))
+    return validate(cfg)
+
+
+def _yaml_float(value: Any) -> Any:
+    if isinstance(value, str) and _looks_like_float(value) and not value.strip().isdigit():
+        return float(value)
+    return value
+
+
+def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Defaults, then the YAML file at `path` (if any), then the overrides, then validation."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {str(path)!r} not found; see configs/ for examples")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {str(path)!r} is not valid YAML: {e}".splitlines()[0]) from e
+    return from_dict(data, overrides)

@@ -1,0 +1,140 @@
+"""The two VAEs. Both map images in [0, 1] of shape (C, H, W) to a diagonal Gaussian q(z|x)
+and latents back to Bernoulli logits per pixel, behind one interface:
+
+    encode(x) -> (mu, logvar)      decode(z) -> logits      forward(x, eps) -> (logits, mu, logvar)
+
+Training, evaluation and export only ever use that interface.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+from torch import nn
+
+from vae_dist.config import ModelConfig
+
+
+class VAE(nn.Module):
+    """Shared reparameterisation and forward; subclasses provide `encode` and `decode`."""
+
+    latent_dim: int
+    image_shape: tuple[int, int, int]
+
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    @staticmethod
+    def reparameterize(mu: torch.Tensor, logvar: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+        # z = mu + sigma * eps (Kingma & Welling 2013, eq. 10); the caller owns the noise so
+        # that it can be made independent of the number of processes.
+        return mu + torch.exp(0.5 * logvar) * eps
+
+    def forward(
+        self, x: torch.Tensor, eps: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        mu, logvar = self.encode(x)
+        if eps is None:
+            eps = torch.randn_like(mu)
+        z = self.reparameterize(mu, logvar, eps.to(mu.dtype))
+        return self.decode(z), mu, logvar
+
+
+class LinearVAE(VAE):
+    """MLP VAE; with hidden_dims=[400] and latent_dim=20 it is the classic 784-400-20 model."""
+
+    def __init__(self, image_shape: tuple[int, int, int], latent_dim: int, hidden_dims: list[int]):
+        super().__init__()
+        self.image_shape = tuple(image_shape)
+        self.latent_dim = latent_dim
+        n_pixels = math.prod(self.image_shape)
+        widths = [n_pixels, *hidden_dims]
+        self.encoder = nn.Sequential(
+            *[m for a, b in zip(widths, widths[1:]) for m in (nn.Linear(a, b), nn.ReLU())]
+        )
+        # mu and logvar come from one layer: a single matmul instead of two.
+        self.to_stats = nn.Linear(widths[-1], 2 * latent_dim)
+        back = [latent_dim, *reversed(hidden_dims)]
+        self.decoder = nn.Sequential(
+            *[m for a, b in zip(back, back[1:]) for m in (nn.Linear(a, b), nn.ReLU())],
+            nn.Linear(back[-1], n_pixels),
+        )
+
+    def encode(self, x):
+        mu, logvar = self.to_stats(self.encoder(x.flatten(1))).chunk(2, dim=1)
+        return mu, logvar
+
+    def decode(self, z):
+        return self.decoder(z).view(-1, *self.image_shape)
+
+
+class ConvVAE(VAE):
+    """Stride-2 3x3 convolutions down, a linear bottleneck, transposed convolutions up.
+
+    Each down stage halves H and W (rounding up); the decoder mirrors the exact sizes, so odd
+    sizes such as 28 -> 14 -> 7 -> 4 come back to 28 through `output_padding`.
+    """
+
+    def __init__(
+        self,
+        image_shape: tuple[int, int, int],
+        latent_dim: int,
+        channels: list[int],
+        hidden_dims: list[int],
+    ):
+        super().__init__()
+        self.image_shape = tuple(image_shape)
+        self.latent_dim = latent_dim
+        c_in, h, w = self.image_shape
+        sizes = [(h, w)]
+        for _ in channels:
+            h, w = (h + 1) // 2, (w + 1) // 2
+            sizes.append((h, w))
+        self.feature_shape = (channels[-1], h, w)
+        flat = math.prod(self.feature_shape)
+
+        down, c = [], c_in
+        for c_out in channels:
+            down += [nn.Conv2d(c, c_out, 3, stride=2, padding=1), nn.ReLU()]
+            c = c_out
+        widths = [flat, *hidden_dims]
+        fc = [m for a, b in zip(widths, widths[1:]) for m in (nn.Linear(a, b), nn.ReLU())]
+        self.encoder = nn.Sequential(*down, nn.Flatten(), *fc)
+        self.to_stats = nn.Linear(widths[-1], 2 * latent_dim)
+
+        back = [latent_dim, *reversed(hidden_dims), flat]
+        self.from_latent = nn.Sequential(
+            *[m for a, b in zip(back, back[1:]) for m in (nn.Linear(a, b), nn.ReLU())]
+        )
+        up = []
+        outs = list(reversed(channels[:-1])) + [c_in]
+        for i, c_out in enumerate(outs):
+            (h_small, w_small), (h_big, w_big) = sizes[-1 - i], sizes[-2 - i]
+            pad = (h_big - (2 * h_small - 1), w_big - (2 * w_small - 1))
+            up.append(nn.ConvTranspose2d(c, c_out, 3, stride=2, padding=1, output_padding=pad))
+            if i < len(outs) - 1:
+                up.append(nn.ReLU())
+            c = c_out
+        self.decoder = nn.Sequential(*up)
+
+    def encode(self, x):
+        mu, logvar = self.to_stats(self.encoder(x)).chunk(2, dim=1)
+        return mu, logvar
+
+    def decode(self, z):
+        return self.decoder(self.from_latent(z).view(-1, *self.feature_shape))
+
+
+MODELS: dict[str, Callable[[ModelConfig, tuple[int, int, int]], VAE]] = {
+    "linear": lambda cfg, shape: LinearVAE(shape, cfg.latent_dim, cfg.hidden_dims),
+    "conv": lambda cfg, shape: ConvVAE(shape, cfg.latent_dim, cfg.channels, cfg.hidden_dims),
+}
+
+
+def build_model(cfg: ModelConfig, image_shape: tuple[int, int, int]) -> VAE:
+    """The model named by `cfg.kind`, sized for images of `image_shape` (C, H, W)."""
+    return MODELS[cfg.kind](cfg, tuple(image_shape))
