@@ -1,0 +1,52 @@
+# Set-up and every command of vae-dist. `make demo` and `make test` set everything up themselves.
+PYTHON  ?= python3
+VENV    ?= .venv
+BIN     := $(VENV)/bin
+TORCH   ?= torch==2.14.1 torchvision==0.29.1
+MODEL   ?= conv
+CONFIG  ?= configs/$(MODEL).yaml
+DATASET ?= fashion-mnist
+RUNS    ?= runs
+EPOCHS  ?= 3
+NPROC   ?= 2
+ARGS    ?=
+
+.PHONY: setup data train train-ddp demo export sample test test-fast bench bench-infer clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q $(TORCH)
+	$(BIN)/pip install -q -e ".[test]"
+	touch $@
+
+# Found already, or installed from Debian's package (as root), or downloaded by torchvision.
+data: setup
+	@$(BIN)/vae-dist data --dataset $(DATASET) --no-download >/dev/null 2>&1 || { \
+	  if [ "$(DATASET)" = fashion-mnist ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1 || \
+	    { apt-get update -q >/dev/null && apt-get install -y -q dataset-fashion-mnist; }; \
+	  fi; }
+	$(BIN)/vae-dist data --dataset $(DATASET)
+
+train: data
+	$(BIN)/vae-dist train --config $(CONFIG) --output-dir $(RUNS) $(ARGS)
+
+train-ddp: data
+	$(BIN)/accelerate launch --config_file configs/accelerate/cpu_2proc.yaml --num_processes $(NPROC) \
+	  vae_dist/train.py --config $(CONFIG) --output-dir $(RUNS) $(ARGS)
+
+demo: data
+	$(BIN)/vae-dist train --config configs/linear.yaml --output-dir $(RUNS) --set train.epochs=$(EPOCHS)
+	$(BIN)/vae-dist train --config configs/conv.yaml --output-dir $(RUNS) --set train.epochs=$(EPOCHS)
+
+test: data
+	$(BIN)/pytest -q
+
+bench: data
+	$(BIN)/python -m vae_dist.bench
+
+clean:
+	rm -rf $(VENV) bench .pytest_cache

@@ -1,0 +1,109 @@
+"""Click commands `export` and `verify`, meant to be added to the `vae-dist` group.
+
+Exit status: 0 when everything exported/verified, 1 when a verification failed, 2 for a usage
+problem (no such run, no data set, bad option).
+"""
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import click
+
+from export.spec import DEFAULT_OPSET, ELBO_TOL
+
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+
+
+def _setup_logging() -> None:
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(message)s", level=logging.INFO)
+    # The exporter's optimiser passes log every rewrite at INFO.
+    for name in ("onnxscript", "onnx_ir", "torch.onnx"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from export.convert import ExportError
+    from vae_dist.data import DataError
+
+    return (FileNotFoundError, ValueError, DataError, ExportError)
+
+
+def _print_report(title: str, report) -> None:
+    click.echo(f"{title}: {'verified' if report.passed else 'verification FAILED'}")
+    for line in report.summary_lines():
+        click.echo(f"  {line}")
+    for line in report.failure_lines():
+        click.echo(f"  FAIL {line}")
+
+
+atol_option = click.option(
+    "--atol", type=click.FloatRange(min=0, min_open=True), default=None,
+    help="Absolute tolerance for every output, onnxruntime vs torch [default: per sub-model, 1e-4].",
+)
+elbo_tol_option = click.option(
+    "--elbo-tol", type=click.FloatRange(min=0, min_open=True), default=ELBO_TOL, show_default=True,
+    help="Largest allowed |ONNX - torch| mean test -ELBO, in nats.",
+)
+data_root_option = click.option(
+    "--data-root", type=click.Path(file_okay=False), default=None,
+    help="Folder with the test split's IDX files [default: data/, then the system data set].",
+)
+
+
+@click.command("export")
+@click.argument("run", required=False, type=click.Path(path_type=Path))
+@click.option("--opset", type=click.IntRange(min=7), default=DEFAULT_OPSET, show_default=True,
+              help="ONNX opset (ai.onnx) of the written graphs; below 18 the exporter converts down, which can fail.")
+@atol_option
+@elbo_tol_option
+@data_root_option
+@click.option("--output-dir", type=click.Path(path_type=Path), default=Path("runs"), show_default=True,
+              help="Folder of runs searched when RUN is omitted.")
+def export_command(run, opset, atol, elbo_tol, data_root, output_dir):
+    """Export RUN's encoder and decoder to RUN/onnx and verify them with onnxruntime.
+
+    Without RUN: the latest run of each model kind under --output-dir.
+    """
+    _setup_logging()
+    from export.convert import export_run
+    from export.runs import find_latest_runs
+
+    if run is not None:
+        targets = [run]
+    else:
+        targets = list(find_latest_runs(output_dir).values())
+        if not targets:
+            click.echo(f"error: no finished run under {output_dir}/; train one first (vae-dist train)", err=True)
+            sys.exit(EXIT_USAGE)
+    failed = False
+    for target in targets:
+        try:
+            result = export_run(target, opset=opset, atol=atol, data_root=data_root, elbo_tol=elbo_tol)
+        except _user_errors() as e:
+            click.echo(f"error: {target}: {e}", err=True)
+            sys.exit(EXIT_USAGE)
+        _print_report(str(result.onnx_dir), result.report)
+        failed |= not result.verified
+    sys.exit(EXIT_FAILED if failed else 0)
+
+
+@click.command("verify")
+@click.argument("run", type=click.Path(path_type=Path))
+@atol_option
+@elbo_tol_option
+@data_root_option
+def verify_command(run, atol, elbo_tol, data_root):
+    """Verify RUN/onnx against RUN's model file; the verdict goes into RUN/onnx/manifest.json."""
+    _setup_logging()
+    from export.convert import verify_run
+
+    try:
+        report, onnx_dir = verify_run(run, atol=atol, data_root=data_root, elbo_tol=elbo_tol)
+    except _user_errors() as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(EXIT_USAGE)
+    _print_report(str(onnx_dir), report)
+    sys.exit(0 if report.passed else EXIT_FAILED)

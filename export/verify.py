@@ -1,0 +1,397 @@
+"""Verification of an export folder against the torch model it came from.
+
+Per file: the ONNX checker (full_check), self-containment, no random operator, the metadata, the
+declared inputs and outputs (dynamic batch axis), then onnxruntime (CPUExecutionProvider) against
+torch at several batch sizes (encoder on real test images, decoder on N(0, I) latents): output
+names first, then shapes, then values.
+
+End to end: the mean -ELBO over the whole test split computed through the two ONNX files, with the
+same fixed noise as the torch side, must equal torch's within `ELBO_TOL` nats. The decoder's
+contract output is the mean x_mean, not logits, so the Bernoulli NLL is computed from
+probabilities (float64, clipped to [PROB_EPS, 1 - PROB_EPS]); torch's value is computed the same
+way from its own sigmoid output, and also the native way from logits (as training reports it).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+
+from export.spec import BATCH_AXIS, ELBO_TOL, ONNX_FORMAT, RANDOM_OPS, SubModelSpec, vae_specs
+from vae_dist import data
+from vae_dist.losses import negative_elbo
+from vae_dist.models import VAE
+
+log = logging.getLogger(__name__)
+
+BATCH_SIZES = (1, 7, 128)
+PROB_EPS = 1e-7  # float32 sigmoid reaches exactly 1.0 near logit 17; keeps log(1 - p) finite
+NOISE_SEED = 0  # training's default eval_seed: the torch -ELBO then equals the run's recorded one
+NOISE_STREAM = 2  # training's stream for evaluation noise, see vae_dist.train.evaluate
+REL_FLOOR = 1e-4  # relative difference = |onnx - torch| / max(|torch|, REL_FLOOR): values near 0
+# (background pixels of x_mean) would otherwise turn float32 rounding into large ratios
+CHUNK = 1000  # test images per onnxruntime call in the end-to-end check
+
+
+@dataclass
+class Check:
+    """One verdict. Value checks carry the output, batch size and differences."""
+
+    file: str  # "encoder.onnx", or "" for whole-export checks
+    check: str  # checker | self_contained | random_ops | metadata | io | session | names | shape | values | elbo | source
+    passed: bool
+    detail: str = ""
+    output: str | None = None
+    batch: int | None = None
+    max_abs: float | None = None
+    max_rel: float | None = None
+    tol: float | None = None
+
+    def __post_init__(self):
+        self.passed = bool(self.passed)  # numpy's bool_ is not JSON serialisable
+
+
+@dataclass
+class Report:
+    checks: list[Check] = field(default_factory=list)
+    elbo: dict[str, Any] | None = None
+
+    @property
+    def passed(self) -> bool:
+        return bool(self.checks) and all(c.passed for c in self.checks)
+
+    def failures(self) -> list[Check]:
+        return [c for c in self.checks if not c.passed]
+
+    def worst_values(self) -> dict[tuple[str, str], Check]:
+        """Per (file, output), the value check with the largest absolute difference."""
+        worst: dict[tuple[str, str], Check] = {}
+        for c in self.checks:
+            if c.check != "values":
+                continue
+            key = (c.file, c.output)
+            if key not in worst or _worse(c.max_abs, worst[key].max_abs):
+                worst[key] = c
+        return worst
+
+    def failure_lines(self) -> list[str]:
+        """Every failing output once, with its worst difference; then every other failure."""
+        lines = [
+            f"{c.file}: output {c.output!r} max abs diff {c.max_abs:.3e} (max rel {c.max_rel:.3e}, "
+            f"batch {c.batch}) exceeds atol {c.tol:.1e}"
+            for c in self.worst_values().values()
+            if not c.passed
+        ]
+        lines += [f"{c.file or 'export'}: {c.check}: {c.detail}" for c in self.failures() if c.check != "values"]
+        return lines
+
+    def summary_lines(self) -> list[str]:
+        lines = [
+            f"{file} {output}: max abs diff {c.max_abs:.2e}, max rel diff {c.max_rel:.2e} "
+            f"(batch sizes {', '.join(str(b) for b in self._batches(file, output))}, atol {c.tol:.0e})"
+            for (file, output), c in self.worst_values().items()
+        ]
+        if self.elbo:
+            e = self.elbo
+            lines.append(
+                f"-ELBO on {e['images']} test images: onnx {e['onnx']:.4f}, torch {e['torch']:.4f} "
+                f"(|diff| {e['diff']:.1e}), torch from logits {e['torch_native']:.4f} "
+                f"(|diff| {e['diff_native']:.1e}) nats, tolerance {e['tol']} nats"
+            )
+        return lines
+
+    def _batches(self, file: str, output: str) -> list[int]:
+        return sorted({c.batch for c in self.checks if c.check == "values" and (c.file, c.output) == (file, output)})
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "passed": self.passed,
+            "failures": self.failure_lines(),
+            "outputs": {
+                f"{file}:{output}": {"max_abs": c.max_abs, "max_rel": c.max_rel, "atol": c.tol, "passed": c.passed}
+                for (file, output), c in self.worst_values().items()
+            },
+            "elbo": self.elbo,
+            "checks": [{k: v for k, v in asdict(c).items() if v is not None} for c in self.checks],
+        }
+
+
+def _worse(a: float | None, b: float | None) -> bool:
+    if a is None or b is None:
+        return b is None
+    return math.isnan(a) or a > b
+
+
+# ---------------------------------------------------------------- the graph itself
+
+
+def iter_nodes(graph: onnx.GraphProto) -> Iterator[onnx.NodeProto]:
+    """All nodes, including those in subgraphs (If/Loop/Scan bodies)."""
+    for node in graph.node:
+        yield node
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.GRAPH:
+                yield from iter_nodes(attr.g)
+            elif attr.type == onnx.AttributeProto.GRAPHS:
+                for g in attr.graphs:
+                    yield from iter_nodes(g)
+
+
+def random_ops(model: onnx.ModelProto) -> list[str]:
+    """Random operators anywhere in the model, local functions included."""
+    nodes = list(iter_nodes(model.graph))
+    for fn in model.functions:
+        nodes += list(fn.node)
+    return sorted({n.op_type for n in nodes if n.op_type in RANDOM_OPS})
+
+
+def _io_problems(values, specs) -> list[str]:
+    problems = []
+    got = [v.name for v in values]
+    want = [t.name for t in specs]
+    if got != want:
+        return [f"expected {want}, found {got}"]
+    for v, t in zip(values, specs):
+        tt = v.type.tensor_type
+        if tt.elem_type != onnx.TensorProto.FLOAT:
+            problems.append(f"{v.name} is {onnx.TensorProto.DataType.Name(tt.elem_type)}, expected FLOAT")
+        dims = [d.dim_param if d.HasField("dim_param") else (d.dim_value if d.HasField("dim_value") else "?") for d in tt.shape.dim]
+        ok = len(dims) == len(t.dims) and all(
+            (isinstance(g, str) and g != "?") if w == BATCH_AXIS else g == w for g, w in zip(dims, t.dims)
+        )
+        if not ok:
+            problems.append(f"{v.name} has dims {dims}, expected {list(t.dims)} (dynamic {BATCH_AXIS!r} axis)")
+    return problems
+
+
+def check_graph(path: Path, spec: SubModelSpec, expected_meta: dict[str, str]) -> list[Check]:
+    """Static checks of one file; `expected_meta` holds the metadata values that must match."""
+    name = path.name
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as e:  # protobuf's DecodeError and friends
+        return [Check(name, "load", False, f"not an ONNX model: {e}".splitlines()[0])]
+    checks = []
+    try:
+        onnx.checker.check_model(model, full_check=True)
+        checks.append(Check(name, "checker", True))
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
+        checks.append(Check(name, "checker", False, str(e).strip().splitlines()[0]))
+
+    external = [t.name for t in model.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
+    checks.append(Check(name, "self_contained", not external, f"weights stored outside the file: {external[:5]}" if external else ""))
+
+    found = random_ops(model)
+    checks.append(Check(name, "random_ops", not found, f"random operators in the graph: {found}" if found else ""))
+
+    meta = {p.key: p.value for p in model.metadata_props}
+    wrong = [f"{k}={meta.get(k)!r} (expected {v!r})" for k, v in expected_meta.items() if meta.get(k) != v]
+    checks.append(Check(name, "metadata", not wrong, "; ".join(wrong)))
+
+    problems = _io_problems(model.graph.input, spec.inputs) + _io_problems(model.graph.output, spec.outputs)
+    checks.append(Check(name, "io", not problems, "; ".join(problems)))
+    return checks
+
+
+def expected_metadata(spec: SubModelSpec, model: VAE, model_meta: dict[str, Any]) -> dict[str, str]:
+    """The metadata a file must carry to describe `model` (the rest is informational)."""
+    return {
+        "format": ONNX_FORMAT,
+        "role": spec.role,
+        "model_kind": model_meta["model"]["kind"],
+        "latent_dim": str(model.latent_dim),
+        "image_shape": json.dumps(list(model.image_shape)),
+    }
+
+
+# ---------------------------------------------------------------- numbers
+
+
+def open_session(path: Path) -> ort.InferenceSession:
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+
+def compare(
+    spec: SubModelSpec,
+    session: ort.InferenceSession,
+    reference: Callable[[torch.Tensor], tuple[torch.Tensor, ...]],
+    inputs: np.ndarray,
+) -> list[Check]:
+    """onnxruntime against torch on one batch: names, then shapes, then values."""
+    name, batch = spec.filename, inputs.shape[0]
+    got_names = [o.name for o in session.get_outputs()]
+    if got_names != spec.output_names:
+        return [Check(name, "names", False, f"outputs {got_names}, expected {spec.output_names}", batch=batch)]
+    outputs = session.run(None, {spec.inputs[0].name: inputs})
+    with torch.no_grad():
+        expected = [t.numpy() for t in reference(torch.from_numpy(inputs))]
+    checks = []
+    for t, got, want in zip(spec.outputs, outputs, expected):
+        shape = t.shape_for(batch)
+        if tuple(got.shape) != shape:
+            checks.append(Check(name, "shape", False, f"{t.name} has shape {list(got.shape)}, expected {list(shape)}", output=t.name, batch=batch))
+            continue
+        diff = np.abs(got.astype(np.float64) - want.astype(np.float64))
+        max_abs = float(diff.max()) if diff.size else 0.0
+        max_rel = float((diff / np.maximum(np.abs(want.astype(np.float64)), REL_FLOOR)).max()) if diff.size else 0.0
+        passed = got.dtype == np.float32 and math.isfinite(max_abs) and max_abs <= spec.atol
+        detail = "" if got.dtype == np.float32 else f"dtype {got.dtype}, expected float32"
+        checks.append(Check(name, "values", passed, detail, t.name, batch, max_abs, max_rel, spec.atol))
+    return checks
+
+
+def neg_elbo_from_mean(
+    x_mean: np.ndarray, x: np.ndarray, mu: np.ndarray, logvar: np.ndarray, likelihood: str
+) -> np.ndarray:
+    """Per-image -ELBO in float64 from the decoder's mean (what the ONNX decoder returns)."""
+    n = x.shape[0]
+    p = x_mean.astype(np.float64).reshape(n, -1)
+    x = x.astype(np.float64).reshape(n, -1)
+    if likelihood == "bernoulli":
+        p = np.clip(p, PROB_EPS, 1.0 - PROB_EPS)
+        nll = -(x * np.log(p) + (1.0 - x) * np.log1p(-p)).sum(axis=1)
+    elif likelihood == "gaussian":  # N(x; mean, 1/2), as in vae_dist.losses
+        nll = ((p - x) ** 2 + 0.5 * math.log(math.pi)).sum(axis=1)
+    else:
+        raise ValueError(f"unknown likelihood {likelihood!r}")
+    mu, logvar = mu.astype(np.float64), logvar.astype(np.float64)
+    kl = -0.5 * np.sum(1.0 + logvar - mu**2 - np.exp(logvar), axis=1)
+    return nll + kl
+
+
+def elbo_check(
+    encoder: ort.InferenceSession,
+    decoder: ort.InferenceSession,
+    model: VAE,
+    images: torch.Tensor,
+    likelihood: str,
+    tol: float = ELBO_TOL,
+    seed: int = NOISE_SEED,
+) -> tuple[dict[str, Any], list[Check]]:
+    """Mean -ELBO over `images` (uint8 [N, C, H, W]) through ONNX and through torch, same noise."""
+    n = images.shape[0]
+    # One fixed eps row per image, as in training's evaluation; the host side of the ONNX
+    # pipeline reparameterises exactly like export/sample.py does.
+    eps = torch.randn(n, model.latent_dim, generator=data.generator(seed, NOISE_STREAM))
+    sums = {"onnx": 0.0, "torch": 0.0, "torch_native": 0.0}
+    with torch.no_grad():
+        for lo in range(0, n, CHUNK):
+            x = data.to_float(images[lo : lo + CHUNK])
+            e = eps[lo : lo + CHUNK]
+            mu, logvar = model.encode(x)
+            logits = model.decode(model.reparameterize(mu, logvar, e))
+            sums["torch_native"] += negative_elbo(logits, x, mu, logvar, 1.0, likelihood).neg_elbo().double().sum().item()
+            sums["torch"] += neg_elbo_from_mean(
+                torch.sigmoid(logits).numpy(), x.numpy(), mu.numpy(), logvar.numpy(), likelihood
+            ).sum()
+
+            x_np = x.numpy()
+            mu_o, logvar_o = encoder.run(["mu", "logvar"], {"x": x_np})
+            z = mu_o + np.exp(np.float32(0.5) * logvar_o) * e.numpy()
+            (x_mean,) = decoder.run(["x_mean"], {"z": z.astype(np.float32)})
+            sums["onnx"] += neg_elbo_from_mean(x_mean, x_np, mu_o, logvar_o, likelihood).sum()
+    result = {k: float(v) / n for k, v in sums.items()}
+    result["diff"] = abs(result["onnx"] - result["torch"])
+    result["diff_native"] = abs(result["onnx"] - result["torch_native"])
+    result.update(images=n, tol=tol, likelihood=likelihood, noise_seed=seed)
+    checks = [
+        Check("", "elbo", _within(result["diff"], tol),
+              f"-ELBO onnx {result['onnx']:.4f} vs torch {result['torch']:.4f} nats: |diff| {result['diff']:.4f} > {tol}",
+              max_abs=result["diff"], tol=tol),
+        Check("", "elbo", _within(result["diff_native"], tol),
+              f"-ELBO onnx {result['onnx']:.4f} vs torch from logits {result['torch_native']:.4f} nats: "
+              f"|diff| {result['diff_native']:.4f} > {tol}",
+              output="native", max_abs=result["diff_native"], tol=tol),
+    ]
+    for c in checks:
+        if c.passed:
+            c.detail = ""
+    return result, checks
+
+
+def _within(diff: float, tol: float) -> bool:
+    return math.isfinite(diff) and diff <= tol
+
+
+# ---------------------------------------------------------------- the whole export
+
+
+def load_test_images(model: VAE, model_meta: dict[str, Any], data_root: str | Path | None = None) -> torch.Tensor:
+    """The real test split of the run's data set, uint8 [N, C, H, W]; never downloads."""
+    name = model_meta.get("dataset")
+    if name not in data.DATASETS:
+        raise data.DataError(f"the model file names data set {name!r}, which vae-dist does not know")
+    root = data.resolve(name, data_root, download=False)
+    images = data.load_split(name, False, root).images
+    if tuple(images.shape[1:]) != tuple(model.image_shape):
+        raise data.DataError(
+            f"{name} test images are {tuple(images.shape[1:])}, the model expects {tuple(model.image_shape)}"
+        )
+    return images
+
+
+def verify_export(
+    onnx_dir: Path,
+    model: VAE,
+    model_meta: dict[str, Any],
+    atol: float | None = None,
+    data_root: str | Path | None = None,
+    batch_sizes: tuple[int, ...] = BATCH_SIZES,
+    elbo_tol: float = ELBO_TOL,
+    images: torch.Tensor | None = None,
+) -> Report:
+    """Verify encoder.onnx and decoder.onnx in `onnx_dir` against `model`.
+
+    `images` (uint8 [N, C, H, W]) replaces the run's real test split, e.g. in tests.
+    """
+    onnx_dir = Path(onnx_dir)
+    model.eval()
+    specs = vae_specs(model, atol)
+    if images is None:
+        images = load_test_images(model, model_meta, data_root)
+    if images.shape[0] < max(batch_sizes):
+        raise ValueError(f"verification needs at least {max(batch_sizes)} test images, got {images.shape[0]}")
+    report = Report()
+    sessions: dict[str, ort.InferenceSession] = {}
+    latents = np.random.default_rng(NOISE_SEED).standard_normal((max(batch_sizes), model.latent_dim), dtype=np.float32)
+    for spec in specs:
+        path = onnx_dir / spec.filename
+        if not path.is_file():
+            report.checks.append(Check(spec.filename, "exists", False, f"{path} not found"))
+            continue
+        report.checks += check_graph(path, spec, expected_metadata(spec, model, model_meta))
+        try:
+            sessions[spec.role] = open_session(path)
+        except Exception as e:  # onnxruntime raises its own exception types
+            report.checks.append(Check(spec.filename, "session", False, f"onnxruntime cannot load it: {e}".splitlines()[0]))
+            continue
+        if spec.role == "encoder":
+            reference, batches = model.encode, [data.to_float(images[:b]).numpy() for b in batch_sizes]
+        else:
+            reference, batches = (lambda z: (torch.sigmoid(model.decode(z)),)), [latents[:b] for b in batch_sizes]
+        for inputs in batches:
+            report.checks += compare(spec, sessions[spec.role], reference, np.ascontiguousarray(inputs))
+
+    if len(sessions) == 2:
+        try:
+            report.elbo, checks = elbo_check(
+                sessions["encoder"], sessions["decoder"], model, images,
+                model_meta.get("likelihood", "bernoulli"), elbo_tol,
+            )
+        except Exception as e:  # e.g. a graph that runs at batch 128 but not at 1000
+            checks = [Check("", "elbo", False, f"end-to-end run failed: {e}".splitlines()[0])]
+        report.checks += checks
+        recorded = model_meta.get("test_neg_elbo")
+        if report.elbo and recorded is not None:
+            report.elbo["recorded"] = recorded
+    for line in report.failure_lines():
+        log.error("verification failed: %s", line)
+    return report

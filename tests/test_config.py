@@ -1,0 +1,71 @@
+import subprocess
+import sys
+
+import pytest
+from click.testing import CliRunner
+
+from vae_dist.cli import main
+from vae_dist.config import ConfigError, load_config, parse_override
+
+from conftest import ROOT
+
+
+@pytest.mark.parametrize("name,kind", [("linear", "linear"), ("conv", "conv")])
+def test_shipped_configs_load(name, kind):
+    cfg = load_config(ROOT / "configs" / f"{name}.yaml")
+    assert cfg.model.kind == kind and cfg.train.lr == 1e-3 and cfg.data.name == "fashion-mnist"
+
+
+def test_overrides_are_typed():
+    cfg = load_config(ROOT / "configs/linear.yaml", ["train.epochs=5", "train.lr=3e-4", "model.hidden_dims=[64, 32]", "data.root=null"])
+    assert cfg.train.epochs == 5 and cfg.train.lr == 3e-4 and cfg.model.hidden_dims == [64, 32]
+    assert cfg.data.root is None
+    assert parse_override("loss.beta=2") == ("loss.beta", 2)
+    assert load_config(None, ["loss.beta=2"]).loss.beta == 2.0  # int accepted for float
+
+
+@pytest.mark.parametrize(
+    "override,names",
+    [
+        ("train.epoch=5", "train.epoch"),
+        ("nope.x=1", "nope.x"),
+        ("train.epochs=five", "train.epochs"),
+        ("train.epochs=true", "train.epochs"),
+        ("train.lr=0", "train.lr"),
+        ("train.lr=-1e-3", "train.lr"),
+        ("train.batch_size=0", "train.batch_size"),
+        ("model.latent_dim=0", "model.latent_dim"),
+        ("model.kind=rnn", "model.kind"),
+        ("model.hidden_dims=[0]", "model.hidden_dims"),
+        ("train.mixed_precision=fp8", "train.mixed_precision"),
+        ("data.binarize=static", "data.binarize"),
+        ("train.grad_accum_steps=3", "train.grad_accum_steps"),
+        ("epochs", "epochs"),
+    ],
+)
+def test_bad_values_name_the_key(override, names):
+    with pytest.raises(ConfigError, match=names.replace("[", r"\[")):
+        load_config(ROOT / "configs/linear.yaml", [override])
+
+
+def test_unknown_key_in_yaml(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train:\n  epochs: 2\n  learning_rate: 0.1\n")
+    with pytest.raises(ConfigError, match="train.learning_rate"):
+        load_config(bad)
+
+
+def test_cli_reports_one_line_and_exits_nonzero(tmp_path):
+    result = CliRunner().invoke(main, ["train", "--config", "configs/linear.yaml", "--set", "train.lr=-1", "--output-dir", str(tmp_path)])
+    assert result.exit_code == 2
+    lines = result.output.strip().splitlines()
+    assert lines == ["error: train.lr must be > 0, got -1.0"]
+    assert not any(tmp_path.iterdir())  # nothing written
+
+
+def test_train_script_is_importable_and_runnable():
+    import vae_dist.train as t
+
+    assert callable(t.train)
+    out = subprocess.run([sys.executable, str(ROOT / "vae_dist/train.py"), "--help"], capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 0 and "--config" in out.stdout

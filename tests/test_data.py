@@ -1,0 +1,99 @@
+import gzip
+import struct
+
+import pytest
+import torch
+
+from vae_dist import data
+from vae_dist.data import DataError, check_idx, resolve
+
+
+def idx_bytes(array: torch.Tensor) -> bytes:
+    header = bytes([0, 0, 0x08, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape)
+    return header + array.to(torch.uint8).numpy().tobytes()
+
+
+def write_set(folder, n_train=6, n_test=4, gz=False, fill=None):
+    """Four tiny IDX files; pixel values encode the image index so that reads can be checked."""
+    folder.mkdir(parents=True, exist_ok=True)
+    splits = {"train": n_train, "t10k": n_test}
+    for prefix, n in splits.items():
+        images = torch.arange(n).view(n, 1, 1).expand(n, 28, 28) if fill is None else torch.full((n, 28, 28), fill)
+        for name, arr in ((f"{prefix}-images-idx3-ubyte", images), (f"{prefix}-labels-idx1-ubyte", torch.arange(n) % 10)):
+            blob = idx_bytes(arr)
+            if gz:
+                (folder / f"{name}.gz").write_bytes(gzip.compress(blob))
+            else:
+                (folder / name).write_bytes(blob)
+
+
+@pytest.fixture
+def dirs(tmp_path):
+    return {k: tmp_path / k for k in ("root", "data", "system")}
+
+
+def test_flat_gzip_files_are_copied_into_torchvision_layout(dirs):
+    write_set(dirs["system"], gz=True)
+    root = resolve("fashion-mnist", None, dirs["data"], (dirs["system"],), download=False)
+    assert root == dirs["data"]
+    assert (dirs["data"] / "FashionMNIST" / "raw" / "train-images-idx3-ubyte").is_file()
+    split = data.load_split("fashion-mnist", True, root)
+    assert split.images.dtype == torch.uint8 and split.images.shape == (6, 1, 28, 28)
+    assert split.images[:, 0, 0, 0].tolist() == list(range(6))
+
+
+def test_order_explicit_root_then_data_then_system(dirs):
+    write_set(dirs["root"] / "FashionMNIST" / "raw", fill=1)
+    write_set(dirs["data"] / "FashionMNIST" / "raw", fill=2)
+    write_set(dirs["system"], fill=3)
+    args = (dirs["data"], (dirs["system"],))
+    assert resolve("fashion-mnist", dirs["root"], *args, download=False) == dirs["root"]
+    assert resolve("fashion-mnist", None, *args, download=False) == dirs["data"]
+    root = resolve("fashion-mnist", dirs["root"].parent / "empty", *args, download=False)
+    assert root == dirs["data"]  # an explicit root without the files falls through to data/
+
+
+def test_missing_everywhere_names_every_place(dirs):
+    with pytest.raises(DataError) as e:
+        resolve("fashion-mnist", dirs["root"], dirs["data"], (dirs["system"],), download=False)
+    msg = str(e.value)
+    assert "\n" not in msg
+    for d in dirs.values():
+        assert str(d) in msg
+    assert "download" in msg and "make data" in msg
+
+
+def test_truncated_file_is_reported(dirs):
+    write_set(dirs["data"] / "FashionMNIST" / "raw")
+    f = dirs["data"] / "FashionMNIST" / "raw" / "t10k-images-idx3-ubyte"
+    f.write_bytes(f.read_bytes()[:-100])
+    with pytest.raises(DataError, match="t10k-images-idx3-ubyte is truncated or corrupt"):
+        resolve("fashion-mnist", None, dirs["data"], (), download=False)
+
+
+@pytest.mark.parametrize("blob", [b"", b"\x00\x00\x0d\x03" + b"\x00" * 20, b"\x00\x00\x08\x03\x00"])
+def test_corrupt_headers(tmp_path, blob):
+    f = tmp_path / "x-idx3-ubyte"
+    f.write_bytes(blob)
+    with pytest.raises(DataError, match="x-idx3-ubyte"):
+        check_idx(f)
+
+
+def test_corrupt_gzip(tmp_path):
+    f = tmp_path / "x-idx3-ubyte.gz"
+    f.write_bytes(gzip.compress(idx_bytes(torch.zeros(2, 3, 3)))[:-8])
+    with pytest.raises(DataError, match="x-idx3-ubyte.gz"):
+        check_idx(f)
+
+
+def test_epoch_order_is_seeded_and_a_permutation():
+    a, b = data.epoch_order(100, 1, 0), data.epoch_order(100, 1, 0)
+    assert torch.equal(a, b) and sorted(a.tolist()) == list(range(100))
+    assert not torch.equal(a, data.epoch_order(100, 1, 1))
+    assert not torch.equal(a, data.epoch_order(100, 2, 0))
+
+
+def test_real_fashion_mnist(fashion_root):
+    train, test = (data.load_split("fashion-mnist", t, fashion_root) for t in (True, False))
+    assert train.images.shape == (60000, 1, 28, 28) and test.images.shape == (10000, 1, 28, 28)
+    assert train.images.dtype == torch.uint8 and 60 < train.images.float().mean() < 80

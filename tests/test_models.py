@@ -1,0 +1,54 @@
+import pytest
+import torch
+
+from vae_dist.config import ModelConfig
+from vae_dist.models import VAE, build_model
+
+SHAPES = [(1, 28, 28), (3, 32, 32)]
+
+
+def make(kind, shape, latent=7):
+    cfg = ModelConfig(kind=kind, latent_dim=latent, hidden_dims=[32], channels=[8, 16])
+    torch.manual_seed(0)
+    return build_model(cfg, shape)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+def test_interface_and_shapes(kind, shape):
+    model = make(kind, shape)
+    assert isinstance(model, VAE) and model.latent_dim == 7 and model.image_shape == shape
+    x = torch.rand(5, *shape)
+    mu, logvar = model.encode(x)
+    assert mu.shape == logvar.shape == (5, 7)
+    assert model.decode(mu).shape == (5, *shape)
+    logits, mu2, logvar2 = model(x, torch.zeros(5, 7))
+    assert logits.shape == (5, *shape)
+    # With zero noise, z is the posterior mean.
+    torch.testing.assert_close(logits, model.decode(mu))
+    torch.testing.assert_close(mu2, mu)
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+def test_gradients_reach_every_parameter(kind):
+    model = make(kind, (1, 28, 28))
+    logits, mu, logvar = model(torch.rand(3, 1, 28, 28))
+    (logits.sum() + mu.sum() + logvar.sum()).backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
+
+
+def test_reparameterize_is_mu_plus_sigma_eps():
+    mu, logvar, eps = torch.tensor([[1.0, -2.0]]), torch.log(torch.tensor([[4.0, 0.25]])), torch.tensor([[0.5, 2.0]])
+    torch.testing.assert_close(VAE.reparameterize(mu, logvar, eps), torch.tensor([[2.0, -1.0]]))
+
+
+def test_default_linear_is_784_400_20():
+    model = build_model(ModelConfig(), (1, 28, 28))
+    shapes = [tuple(p.shape) for p in model.parameters() if p.ndim == 2]
+    assert shapes == [(400, 784), (40, 400), (400, 20), (784, 400)]
+
+
+@pytest.mark.parametrize("shape", [(1, 28, 28), (3, 32, 32), (1, 27, 31)])
+def test_conv_mirrors_odd_sizes(shape):
+    model = build_model(ModelConfig(kind="conv", channels=[4, 8, 8], hidden_dims=[]), shape)
+    assert model.decode(torch.zeros(2, 20)).shape == (2, *shape)
