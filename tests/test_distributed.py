@@ -1,0 +1,190 @@
+"""Distributed guarantees, each checked with real processes started by `accelerate launch`:
+1 and 2 processes train the same model, evaluation covers the test split exactly once, a run
+killed with SIGKILL resumes to the same weights, and 2 machines on loopback match 1 process."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from vae_dist.train import list_checkpoints
+
+from conftest import BIN, ROOT, TRAIN, env, free_port, launch_cmd, relative_l2, run, weights
+
+# 50 optimizer steps of a global batch of 64; an odd test split exercises the padding.
+PARITY = ["--config", "configs/linear.yaml", "--set", "train.epochs=1", "--set", "train.batch_size=64",
+          "--set", "data.train_subset=3200", "--set", "data.test_subset=999"]
+# Slow enough (conv, 2 epochs of 40 steps) to be killed mid-run; checkpoints every 10 steps.
+RESUME = ["--config", "configs/conv.yaml", "--set", "train.epochs=2", "--set", "train.batch_size=64",
+          "--set", "data.train_subset=2560", "--set", "data.test_subset=200",
+          "--set", "train.checkpoint_every=10", "--set", "train.keep_checkpoints=3"]
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("p1")
+    run(launch_cmd(1, [*PARITY, "--output-dir", str(out), "--name", "r"]))
+    return out / "r"
+
+
+@pytest.fixture(scope="module")
+def two_processes(tmp_path_factory) -> Path:
+    """Run through the probe so that each rank's own weights are saved."""
+    out = tmp_path_factory.mktemp("p2")
+    probe = str(ROOT / "tests" / "rank_probe.py")
+    cmd = launch_cmd(2, [])[:-1] + [probe, str(out), "configs/linear.yaml", *[a for a in PARITY[2:] if a != "--set"],
+                                     f"run.output_dir={out}", "run.name=r"]
+    run(cmd)
+    return out
+
+
+def test_both_ranks_hold_identical_weights(two_processes):
+    a, b = weights(two_processes / "rank0.safetensors"), weights(two_processes / "rank1.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert all(torch.equal(a[k], v) for k, v in weights(two_processes / "r" / "model.safetensors").items())
+
+
+def test_one_and_two_processes_train_the_same_model(one_process, two_processes):
+    m1, m2 = metrics(one_process), metrics(two_processes / "r")
+    assert m1[0]["step"] == m2[0]["step"] == 50
+    assert (m1[0]["processes"], m2[0]["processes"]) == (1, 2)
+    diff = relative_l2(weights(one_process / "model.safetensors"), weights(two_processes / "r" / "model.safetensors"))
+    print(f"relative L2 difference of the parameters after 50 steps, 1 vs 2 processes: {diff:.3e}")
+    assert diff <= 1e-5
+
+
+def test_evaluation_is_exact_across_world_sizes(one_process, two_processes):
+    m1, m2 = metrics(one_process)[0], metrics(two_processes / "r")[0]
+    assert m1["test_images"] == m2["test_images"] == 999  # no image dropped or counted twice
+    # the 2-process figure comes from the gathered rows of both ranks
+    r0 = json.loads((two_processes / "metrics0.json").read_text())
+    r1 = json.loads((two_processes / "metrics1.json").read_text())
+    assert r0["test_neg_elbo"] == r1["test_neg_elbo"]
+    print(f"test -ELBO, 1 vs 2 processes: {m1['test_neg_elbo']:.6f} vs {m2['test_neg_elbo']:.6f}")
+    assert abs(m1["test_neg_elbo"] - m2["test_neg_elbo"]) <= 1e-4
+
+
+def _start(nproc: int, args: list[str]) -> subprocess.Popen:
+    return subprocess.Popen(launch_cmd(nproc, args), cwd=ROOT, env=env(), start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def _kill_when(proc: subprocess.Popen, ready, timeout: float = 300) -> None:
+    deadline = time.time() + timeout
+    while not ready():
+        assert proc.poll() is None, "training ended before it could be killed"
+        assert time.time() < deadline, "the kill point never came"
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    runs = {}
+    for nproc in (1, 2):
+        out = tmp_path_factory.mktemp(f"full{nproc}")
+        run(launch_cmd(nproc, [*RESUME, "--output-dir", str(out), "--name", "r"]))
+        runs[nproc] = out / "r"
+    return runs
+
+
+def _step(run_dir: Path) -> int:
+    ckpts = list_checkpoints(run_dir)
+    return int(ckpts[-1].name.split("-")[1]) if ckpts else 0
+
+
+@pytest.mark.parametrize(
+    "nproc,point",
+    [(1, "first checkpoint"), (1, "first epoch logged"), (2, "mid second epoch")],
+)
+def test_sigkill_then_resume_gives_the_same_weights(tmp_path, uninterrupted, nproc, point):
+    run_dir = tmp_path / "r"
+    ready = {
+        "first checkpoint": lambda: _step(run_dir) >= 10,
+        "first epoch logged": lambda: (run_dir / "metrics.jsonl").is_file() and (run_dir / "metrics.jsonl").read_text().strip(),
+        "mid second epoch": lambda: _step(run_dir) >= 50,
+    }[point]
+    _kill_when(_start(nproc, [*RESUME, "--output-dir", str(tmp_path), "--name", "r"]), ready)
+    assert not (run_dir / "model.safetensors").exists(), "the run finished before the kill"
+    killed_at = _step(run_dir)
+    run(launch_cmd(nproc, [*RESUME, "--output-dir", str(tmp_path), "--name", "r", "--resume", "auto"]))
+
+    a = weights(uninterrupted[nproc] / "model.safetensors")
+    b = weights(run_dir / "model.safetensors")
+    if nproc == 1:
+        assert all(torch.equal(a[k], b[k]) for k in a), f"resumed from step {killed_at}: weights differ"
+    else:
+        assert relative_l2(a, b) <= 1e-6
+    assert [m["epoch"] for m in metrics(run_dir)] == [0, 1]
+    assert metrics(run_dir)[-1]["test_neg_elbo"] == pytest.approx(metrics(uninterrupted[nproc])[-1]["test_neg_elbo"], abs=1e-6)
+
+
+def test_half_written_checkpoint_is_never_picked(tmp_path, uninterrupted):
+    """A kill during a save leaves only a temporary folder, or a folder without our state file."""
+    import shutil
+
+    run_dir = tmp_path / "r"
+    shutil.copytree(uninterrupted[1], run_dir)
+    good = list_checkpoints(run_dir)[-1]
+    (run_dir / "checkpoints" / ".tmp-step-00000999").mkdir()
+    (run_dir / "checkpoints" / "step-00000999").mkdir()
+    (run_dir / "checkpoints" / "step-00000999" / "model.safetensors").write_bytes(b"partial")
+    assert list_checkpoints(run_dir)[-1] == good
+
+
+def test_resume_with_another_model_or_data_is_refused(tmp_path, uninterrupted):
+    import shutil
+
+    shutil.copytree(uninterrupted[1], tmp_path / "r")
+    before = (tmp_path / "r" / "metrics.jsonl").read_text()
+    out = run(launch_cmd(1, [*RESUME, "--output-dir", str(tmp_path), "--name", "r", "--resume", "auto",
+                             "--set", "model.latent_dim=8", "--set", "data.binarize=dynamic"]), check=False)
+    assert out.returncode != 0
+    assert "model.latent_dim (20 -> 8)" in out.stderr and "data.binarize ('none' -> 'dynamic')" in out.stderr
+    assert (tmp_path / "r" / "metrics.jsonl").read_text() == before  # nothing touched
+
+
+def test_checkpoints_load_without_unpickling(uninterrupted):
+    ckpt = list_checkpoints(uninterrupted[2])[-1]
+    assert (ckpt / "model.safetensors").is_file()
+    state = torch.load(ckpt / "optimizer.bin", weights_only=True)
+    assert "state" in state and "param_groups" in state
+    assert sorted(p.name for p in ckpt.glob("random_states_*.pkl")) == ["random_states_0.pkl", "random_states_1.pkl"]
+
+
+def test_non_distributed_multi_process_launch_is_refused(tmp_path):
+    """Leaving the device to Accelerate on a machine without a GPU would train 2 models alone."""
+    out = run(launch_cmd(2, [*PARITY, "--no-cpu", "--output-dir", str(tmp_path), "--name", "r"]), check=False)
+    assert out.returncode != 0
+    assert "WORLD_SIZE=2 but this process is not part of a 2-process group" in out.stderr
+    assert not (tmp_path / "r").exists()
+
+
+def test_two_machines_on_loopback_match_one_process(tmp_path, one_process):
+    port = str(free_port())
+    procs = []
+    for rank in (0, 1):
+        cmd = [str(BIN / "accelerate"), "launch", "--multi_gpu", "--num_machines", "2", "--num_processes", "2",
+               "--machine_rank", str(rank), "--main_process_ip", "127.0.0.1", "--main_process_port", port,
+               "--mixed_precision", "no", "--dynamo_backend", "no", "--rdzv_backend", "static",
+               TRAIN, *PARITY, "--output-dir", str(tmp_path), "--name", "r"]
+        procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    outs = [p.communicate(timeout=600)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs[0][-3000:] + outs[1][-3000:]
+    m = metrics(tmp_path / "r")[0]
+    assert m["processes"] == 2 and m["test_images"] == 999
+    assert abs(m["test_neg_elbo"] - metrics(one_process)[0]["test_neg_elbo"]) <= 1e-4
+    diff = relative_l2(weights(one_process / "model.safetensors"), weights(tmp_path / "r" / "model.safetensors"))
+    print(f"relative L2 difference, 1 process vs 2 machines: {diff:.3e}")
+    assert diff <= 1e-5
