@@ -10,14 +10,14 @@ RUNS    ?= runs
 EPOCHS  ?= 3
 NPROC   ?= 2
 ARGS    ?=
+RUN     ?=
 
-.PHONY: setup data train train-ddp demo export sample test test-fast bench bench-infer clean
+.PHONY: setup data train train-ddp demo export verify sample test bench bench-infer clean
 
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q $(TORCH)
 	$(BIN)/pip install -q -e ".[test]"
 	touch $@
@@ -41,6 +41,19 @@ train-ddp: data
 demo: data
 	$(BIN)/vae-dist train --config configs/linear.yaml --output-dir $(RUNS) --set train.epochs=$(EPOCHS)
 	$(BIN)/vae-dist train --config configs/conv.yaml --output-dir $(RUNS) --set train.epochs=$(EPOCHS)
+	$(BIN)/vae-dist export --output-dir $(RUNS)
+	$(MAKE) --no-print-directory sample
+
+# RUN: a run folder or name; empty = the latest run of each model.
+export: data
+	$(BIN)/vae-dist export $(RUN) --output-dir $(RUNS)
+
+verify: data
+	$(BIN)/vae-dist verify $(RUN) --output-dir $(RUNS)
+
+# onnxruntime only (no torch): samples, reconstructions and an interpolation from the latest export.
+sample: setup
+	$(BIN)/python -m export.sample sample $(if $(RUN),--model-dir $(RUN)) -n 64 --seed 1 --out samples.png
 
 test: data
 	$(BIN)/pytest -q

@@ -31,6 +31,13 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     return (FileNotFoundError, ValueError, DataError, ExportError)
 
 
+def _locate(run: Path, output_dir: Path) -> Path:
+    """A path as given, or else a run name under `output_dir` (`vae-dist export conv-2024...`)."""
+    if not run.exists() and not run.is_absolute() and (output_dir / run).exists():
+        return output_dir / run
+    return run
+
+
 def _print_report(title: str, report) -> None:
     click.echo(f"{title}: {'verified' if report.passed else 'verification FAILED'}")
     for line in report.summary_lines():
@@ -47,6 +54,10 @@ elbo_tol_option = click.option(
     "--elbo-tol", type=click.FloatRange(min=0, min_open=True), default=ELBO_TOL, show_default=True,
     help="Largest allowed |ONNX - torch| mean test -ELBO, in nats.",
 )
+output_dir_option = click.option(
+    "--output-dir", type=click.Path(path_type=Path), default=Path("runs"), show_default=True,
+    help="Folder of runs: searched when RUN is omitted, and for RUN given as a bare run name.",
+)
 data_root_option = click.option(
     "--data-root", type=click.Path(file_okay=False), default=None,
     help="Folder with the test split's IDX files [default: data/, then the system data set].",
@@ -60,8 +71,7 @@ data_root_option = click.option(
 @atol_option
 @elbo_tol_option
 @data_root_option
-@click.option("--output-dir", type=click.Path(path_type=Path), default=Path("runs"), show_default=True,
-              help="Folder of runs searched when RUN is omitted.")
+@output_dir_option
 def export_command(run, opset, atol, elbo_tol, data_root, output_dir):
     """Export RUN's encoder and decoder to RUN/onnx and verify them with onnxruntime.
 
@@ -72,22 +82,24 @@ def export_command(run, opset, atol, elbo_tol, data_root, output_dir):
     from export.runs import find_latest_runs
 
     if run is not None:
-        targets = [run]
+        targets = [_locate(run, output_dir)]
     else:
         targets = list(find_latest_runs(output_dir).values())
         if not targets:
             click.echo(f"error: no finished run under {output_dir}/; train one first (vae-dist train)", err=True)
             sys.exit(EXIT_USAGE)
-    failed = False
-    for target in targets:
+    status = 0
+    for target in targets:  # one bad run does not keep the others from being exported
         try:
             result = export_run(target, opset=opset, atol=atol, data_root=data_root, elbo_tol=elbo_tol)
         except _user_errors() as e:
             click.echo(f"error: {target}: {e}", err=True)
-            sys.exit(EXIT_USAGE)
+            status = max(status, EXIT_USAGE)
+            continue
         _print_report(str(result.onnx_dir), result.report)
-        failed |= not result.verified
-    sys.exit(EXIT_FAILED if failed else 0)
+        if not result.verified:
+            status = max(status, EXIT_FAILED)
+    sys.exit(status)
 
 
 @click.command("verify")
@@ -95,13 +107,14 @@ def export_command(run, opset, atol, elbo_tol, data_root, output_dir):
 @atol_option
 @elbo_tol_option
 @data_root_option
-def verify_command(run, atol, elbo_tol, data_root):
+@output_dir_option
+def verify_command(run, atol, elbo_tol, data_root, output_dir):
     """Verify RUN/onnx against RUN's model file; the verdict goes into RUN/onnx/manifest.json."""
     _setup_logging()
     from export.convert import verify_run
 
     try:
-        report, onnx_dir = verify_run(run, atol=atol, data_root=data_root, elbo_tol=elbo_tol)
+        report, onnx_dir = verify_run(_locate(run, output_dir), atol=atol, data_root=data_root, elbo_tol=elbo_tol)
     except _user_errors() as e:
         click.echo(f"error: {e}", err=True)
         sys.exit(EXIT_USAGE)

@@ -111,13 +111,9 @@ def export_run(
     atol: float | None = None,
     data_root: str | Path | None = None,
     elbo_tol: float = ELBO_TOL,
-    images: torch.Tensor | None = None,
 ) -> ExportResult:
     """Export and verify one run (a run directory or its model file); never raises on a failed
-    verification: the result says whether it passed and where the files are.
-
-    `images` (uint8 [N, C, H, W]) replaces the real test split in the verification.
-    """
+    verification: the result says whether it passed and where the files are."""
     run_dir, model_path = resolve_run(run)
     model, meta = artifacts.load_model(model_path)
     specs = vae_specs(model, atol)
@@ -128,7 +124,7 @@ def export_run(
     try:
         for spec in specs:
             export_submodel(model, spec, staging / spec.filename, opset, onnx_metadata(spec, meta, opset, vers))
-        report = verify_export(staging, model, meta, atol, data_root, elbo_tol=elbo_tol, images=images)
+        report = verify_export(staging, model, meta, atol, data_root, elbo_tol=elbo_tol)
         manifest = manifest_lib.new_manifest(run_dir, model_path, meta, opset, vers)
         manifest = manifest_lib.record_verification(manifest, staging, specs, report.to_dict())
         manifest_lib.write_manifest(staging, manifest)
@@ -164,7 +160,6 @@ def verify_run(
     atol: float | None = None,
     data_root: str | Path | None = None,
     elbo_tol: float = ELBO_TOL,
-    images: torch.Tensor | None = None,
 ) -> tuple[Report, Path]:
     """Verify RUN/onnx against RUN's model file and record the verdict in its manifest.
 
@@ -176,11 +171,16 @@ def verify_run(
         raise FileNotFoundError(f"{onnx_dir} not found; export the run first (vae-dist export {run_dir})")
     model, meta = artifacts.load_model(model_path)
     specs = vae_specs(model, atol)
-    report = verify_export(onnx_dir, model, meta, atol, data_root, elbo_tol=elbo_tol, images=images)
-    previous = manifest_lib.read_manifest(onnx_dir)
+    report = verify_export(onnx_dir, model, meta, atol, data_root, elbo_tol=elbo_tol)
+    try:
+        previous = manifest_lib.read_manifest(onnx_dir)
+    except ValueError:  # a damaged manifest is rebuilt; the verdict below is what counts
+        log.warning("%s/manifest.json is not valid JSON; writing a new one", onnx_dir)
+        previous = None
     source = manifest_lib.file_record(model_path)
     if previous is None:
-        previous = manifest_lib.new_manifest(run_dir, model_path, meta, _opset_of(onnx_dir / specs[0].filename), versions())
+        opset = _opset_of(onnx_dir / specs[0].filename)
+        previous = manifest_lib.new_manifest(run_dir, model_path, meta, opset, versions())
     elif previous.get("source", {}).get("sha256") != source["sha256"]:
         report.checks.append(
             Check("", "source", False, f"{model_path.name} changed since the export; export the run again")

@@ -36,8 +36,9 @@ BATCH_SIZES = (1, 7, 128)
 PROB_EPS = 1e-7  # float32 sigmoid reaches exactly 1.0 near logit 17; keeps log(1 - p) finite
 NOISE_SEED = 0  # training's default eval_seed: the torch -ELBO then equals the run's recorded one
 NOISE_STREAM = 2  # training's stream for evaluation noise, see vae_dist.train.evaluate
-REL_FLOOR = 1e-4  # relative difference = |onnx - torch| / max(|torch|, REL_FLOOR): values near 0
-# (background pixels of x_mean) would otherwise turn float32 rounding into large ratios
+# Relative difference = |onnx - torch| / max(|torch|, REL_FLOOR); without the floor, values near 0
+# (the background pixels of x_mean) turn float32 rounding into huge ratios.
+REL_FLOOR = 1e-4
 CHUNK = 1000  # test images per onnxruntime call in the end-to-end check
 
 
@@ -46,7 +47,9 @@ class Check:
     """One verdict. Value checks carry the output, batch size and differences."""
 
     file: str  # "encoder.onnx", or "" for whole-export checks
-    check: str  # checker | self_contained | random_ops | metadata | io | session | names | shape | values | elbo | source
+    # exists | load | checker | self_contained | random_ops | metadata | io | session | run | names
+    # | shape | values | elbo | source
+    check: str
     passed: bool
     detail: str = ""
     output: str | None = None
@@ -72,13 +75,13 @@ class Report:
         return [c for c in self.checks if not c.passed]
 
     def worst_values(self) -> dict[tuple[str, str], Check]:
-        """Per (file, output), the value check with the largest absolute difference."""
+        """Per (file, output), the worst value check: a failing one first, then the largest difference."""
         worst: dict[tuple[str, str], Check] = {}
         for c in self.checks:
             if c.check != "values":
                 continue
             key = (c.file, c.output)
-            if key not in worst or _worse(c.max_abs, worst[key].max_abs):
+            if key not in worst or _worse(c, worst[key]):
                 worst[key] = c
         return worst
 
@@ -86,7 +89,7 @@ class Report:
         """Every failing output once, with its worst difference; then every other failure."""
         lines = [
             f"{c.file}: output {c.output!r} max abs diff {c.max_abs:.3e} (max rel {c.max_rel:.3e}, "
-            f"batch {c.batch}) exceeds atol {c.tol:.1e}"
+            f"batch {c.batch}) exceeds atol {c.tol:.1e}{'; ' + c.detail if c.detail else ''}"
             for c in self.worst_values().values()
             if not c.passed
         ]
@@ -101,10 +104,11 @@ class Report:
         ]
         if self.elbo:
             e = self.elbo
+            recorded = f", training's record {e['recorded']:.4f}" if e.get("recorded") is not None else ""
             lines.append(
-                f"-ELBO on {e['images']} test images: onnx {e['onnx']:.4f}, torch {e['torch']:.4f} "
+                f"-ELBO on {e['images']} test images (nats): onnx {e['onnx']:.4f}, torch {e['torch']:.4f} "
                 f"(|diff| {e['diff']:.1e}), torch from logits {e['torch_native']:.4f} "
-                f"(|diff| {e['diff_native']:.1e}) nats, tolerance {e['tol']} nats"
+                f"(|diff| {e['diff_native']:.1e}){recorded}; tolerance {e['tol']}"
             )
         return lines
 
@@ -114,6 +118,7 @@ class Report:
     def to_dict(self) -> dict[str, Any]:
         return {
             "passed": self.passed,
+            "onnxruntime": ort.__version__,  # the runtime the verdict holds for
             "failures": self.failure_lines(),
             "outputs": {
                 f"{file}:{output}": {"max_abs": c.max_abs, "max_rel": c.max_rel, "atol": c.tol, "passed": c.passed}
@@ -124,10 +129,10 @@ class Report:
         }
 
 
-def _worse(a: float | None, b: float | None) -> bool:
-    if a is None or b is None:
-        return b is None
-    return math.isnan(a) or a > b
+def _worse(a: Check, b: Check) -> bool:
+    if a.passed != b.passed:
+        return not a.passed
+    return math.isnan(a.max_abs) or a.max_abs > b.max_abs
 
 
 # ---------------------------------------------------------------- the graph itself
@@ -163,7 +168,10 @@ def _io_problems(values, specs) -> list[str]:
         tt = v.type.tensor_type
         if tt.elem_type != onnx.TensorProto.FLOAT:
             problems.append(f"{v.name} is {onnx.TensorProto.DataType.Name(tt.elem_type)}, expected FLOAT")
-        dims = [d.dim_param if d.HasField("dim_param") else (d.dim_value if d.HasField("dim_value") else "?") for d in tt.shape.dim]
+        dims = [
+            d.dim_param if d.HasField("dim_param") else (d.dim_value if d.HasField("dim_value") else "?")
+            for d in tt.shape.dim
+        ]
         ok = len(dims) == len(t.dims) and all(
             (isinstance(g, str) and g != "?") if w == BATCH_AXIS else g == w for g, w in zip(dims, t.dims)
         )
@@ -187,7 +195,8 @@ def check_graph(path: Path, spec: SubModelSpec, expected_meta: dict[str, str]) -
         checks.append(Check(name, "checker", False, str(e).strip().splitlines()[0]))
 
     external = [t.name for t in model.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
-    checks.append(Check(name, "self_contained", not external, f"weights stored outside the file: {external[:5]}" if external else ""))
+    detail = f"weights stored outside the file: {external[:5]}" if external else ""
+    checks.append(Check(name, "self_contained", not external, detail))
 
     found = random_ops(model)
     checks.append(Check(name, "random_ops", not found, f"random operators in the graph: {found}" if found else ""))
@@ -230,14 +239,18 @@ def compare(
     got_names = [o.name for o in session.get_outputs()]
     if got_names != spec.output_names:
         return [Check(name, "names", False, f"outputs {got_names}, expected {spec.output_names}", batch=batch)]
-    outputs = session.run(None, {spec.inputs[0].name: inputs})
+    try:
+        outputs = session.run(None, {spec.inputs[0].name: inputs})
+    except Exception as e:  # onnxruntime's own exception types, e.g. a batch size baked into the graph
+        return [Check(name, "run", False, f"onnxruntime failed at batch {batch}: {e}".splitlines()[0], batch=batch)]
     with torch.no_grad():
         expected = [t.numpy() for t in reference(torch.from_numpy(inputs))]
     checks = []
     for t, got, want in zip(spec.outputs, outputs, expected):
         shape = t.shape_for(batch)
         if tuple(got.shape) != shape:
-            checks.append(Check(name, "shape", False, f"{t.name} has shape {list(got.shape)}, expected {list(shape)}", output=t.name, batch=batch))
+            detail = f"{t.name} has shape {list(got.shape)}, expected {list(shape)}"
+            checks.append(Check(name, "shape", False, detail, output=t.name, batch=batch))
             continue
         diff = np.abs(got.astype(np.float64) - want.astype(np.float64))
         max_abs = float(diff.max()) if diff.size else 0.0
@@ -346,17 +359,12 @@ def verify_export(
     data_root: str | Path | None = None,
     batch_sizes: tuple[int, ...] = BATCH_SIZES,
     elbo_tol: float = ELBO_TOL,
-    images: torch.Tensor | None = None,
 ) -> Report:
-    """Verify encoder.onnx and decoder.onnx in `onnx_dir` against `model`.
-
-    `images` (uint8 [N, C, H, W]) replaces the run's real test split, e.g. in tests.
-    """
+    """Verify encoder.onnx and decoder.onnx in `onnx_dir` against `model` on the run's real test split."""
     onnx_dir = Path(onnx_dir)
     model.eval()
     specs = vae_specs(model, atol)
-    if images is None:
-        images = load_test_images(model, model_meta, data_root)
+    images = load_test_images(model, model_meta, data_root)
     if images.shape[0] < max(batch_sizes):
         raise ValueError(f"verification needs at least {max(batch_sizes)} test images, got {images.shape[0]}")
     report = Report()
@@ -392,6 +400,8 @@ def verify_export(
         recorded = model_meta.get("test_neg_elbo")
         if report.elbo and recorded is not None:
             report.elbo["recorded"] = recorded
-    for line in report.failure_lines():
-        log.error("verification failed: %s", line)
+    if report.passed:
+        log.info("%s verified", onnx_dir)
+    else:
+        log.error("%s failed %d check(s)", onnx_dir, len(report.failures()))
     return report

@@ -125,7 +125,9 @@ def test_sigkill_then_resume_gives_the_same_weights(tmp_path, uninterrupted, npr
     if nproc == 1:
         assert all(torch.equal(a[k], b[k]) for k in a), f"resumed from step {killed_at}: weights differ"
     else:
-        assert relative_l2(a, b) <= 1e-6
+        diff = relative_l2(a, b)
+        print(f"2 processes, killed at step {killed_at} and resumed: relative L2 difference {diff:.3e}")
+        assert diff <= 1e-6
     assert [m["epoch"] for m in metrics(run_dir)] == [0, 1]
     assert metrics(run_dir)[-1]["test_neg_elbo"] == pytest.approx(metrics(uninterrupted[nproc])[-1]["test_neg_elbo"], abs=1e-6)
 

@@ -5,6 +5,7 @@ import sys
 
 import click
 
+from export.cli import export_command, verify_command
 from vae_dist import data
 from vae_dist.train import train_command
 
@@ -33,6 +34,8 @@ def data_command(dataset: str, root: str | None, download: bool):
 
 
 main.add_command(train_command)
+main.add_command(export_command)
+main.add_command(verify_command)
 
 if __name__ == "__main__":
     main()

@@ -1,0 +1,393 @@
+"""Sample from, reconstruct with and interpolate through an exported vae-dist VAE.
+
+Needs only numpy, onnxruntime and Pillow: no torch, and nothing else from this project, so the
+file can be copied to a device together with an export folder (encoder.onnx, decoder.onnx,
+manifest.json):
+
+    pip install onnxruntime numpy pillow
+    python sample.py sample --model-dir onnx -n 64 --seed 1 --out samples.png
+    python sample.py reconstruct --model-dir onnx --idx t10k-images-idx3-ubyte.gz -n 8
+    python sample.py reconstruct --model-dir onnx shirt.png boot.png
+    python sample.py interpolate --model-dir onnx a.png b.png --steps 10
+
+In the project, `python -m export.sample ...`; without --model-dir it uses the newest verified
+export under runs/. Latent size and image shape come from the models' own metadata. Files are used
+only if the folder's manifest says they passed verification and their sha256 still matches.
+"""
+from __future__ import annotations
+
+import argparse
+import gzip
+import hashlib
+import json
+import math
+import secrets
+import struct
+import sys
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+# The export contract (mirrors export/spec.py; tests keep the two in step).
+ONNX_FORMAT = "vae-dist-onnx/1"
+MANIFEST_FILE = "manifest.json"
+SIGNATURES = {"encoder": (["x"], ["mu", "logvar"]), "decoder": (["z"], ["x_mean"])}
+PAD = 2  # pixels between grid cells, as in the training grids
+CHUNK = 256  # images per onnxruntime call
+
+
+class SampleError(Exception):
+    """A problem with the user's input; reported as one line, without a traceback."""
+
+
+# ---------------------------------------------------------------- models
+
+
+@dataclass
+class Model:
+    path: Path
+    role: str
+    session: Any  # onnxruntime.InferenceSession
+    latent_dim: int
+    image_shape: tuple[int, int, int]
+    source: str | None  # sha256 of the model file the export came from, per its manifest
+
+    def run(self, inputs: np.ndarray) -> list[np.ndarray]:
+        """All outputs, computed in chunks so that large inputs do not need large buffers."""
+        (name,), outputs = SIGNATURES[self.role]
+        parts = [self.session.run(outputs, {name: inputs[i : i + CHUNK]}) for i in range(0, len(inputs), CHUNK)]
+        return [np.concatenate([p[k] for p in parts]) for k in range(len(outputs))]
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def check_verified(path: Path) -> dict[str, Any]:
+    """Refuse a file that its folder's manifest does not vouch for, byte for byte; the manifest."""
+    manifest_path = path.parent / MANIFEST_FILE
+    if not manifest_path.is_file():
+        raise SampleError(f"no {MANIFEST_FILE} beside {path}; copy the whole export folder, or export the run again")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except ValueError:
+        raise SampleError(f"{manifest_path} is not valid JSON") from None
+    if manifest.get("verified") is not True:
+        raise SampleError(
+            f"{path.parent} did not pass verification (manifest: verified={manifest.get('verified')}); "
+            "refusing to use it; see the manifest's verification failures"
+        )
+    entry = (manifest.get("files") or {}).get(path.name)
+    if not entry or "sha256" not in entry:
+        raise SampleError(f"{path.name} is not listed in {manifest_path}")
+    if _sha256(path) != entry["sha256"]:
+        raise SampleError(f"{path} is not the file that was verified (sha256 differs from {manifest_path}); verify it again")
+    return manifest
+
+
+def load_model(path: Path, role: str, threads: int) -> Model:
+    import onnxruntime as ort
+
+    if not path.is_file():
+        raise SampleError(f"{path}: no such file")
+    options = ort.SessionOptions()
+    # A fixed thread count keeps results independent of the machine's core count; these
+    # models are small enough that one thread is fast.
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.log_severity_level = 3  # errors only
+    try:
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    except Exception as e:  # onnxruntime's own exception types
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise SampleError(f"{path} is not an ONNX model onnxruntime can load ({reason[:160]})") from None
+    meta = session.get_modelmeta().custom_metadata_map
+    if meta.get("format") != ONNX_FORMAT:
+        raise SampleError(
+            f"{path} is not a vae-dist export (metadata format {meta.get('format')!r}, expected {ONNX_FORMAT!r})"
+        )
+    found = meta.get("role")
+    if found != role:
+        hint = "; are --encoder and --decoder swapped?" if found in SIGNATURES else ""
+        raise SampleError(f"{path} is the {found} of a VAE, but is used as the {role}{hint}")
+    inputs, outputs = SIGNATURES[role]
+    got = ([i.name for i in session.get_inputs()], [o.name for o in session.get_outputs()])
+    if got != (inputs, outputs):
+        raise SampleError(f"{path} has inputs {got[0]} and outputs {got[1]}; a vae-dist {role} has {inputs} and {outputs}")
+    try:
+        latent_dim = int(meta["latent_dim"])
+        image_shape = tuple(int(d) for d in json.loads(meta["image_shape"]))
+    except (KeyError, ValueError, TypeError):
+        raise SampleError(f"{path} lacks valid latent_dim/image_shape metadata") from None
+    if len(image_shape) != 3:
+        raise SampleError(f"{path}: image_shape metadata {list(image_shape)} is not [C, H, W]")
+    source = (check_verified(path).get("source") or {}).get("sha256")
+    return Model(path, role, session, latent_dim, image_shape, source)  # type: ignore[arg-type]
+
+
+def find_default_model_dir(runs: Path = Path("runs")) -> Path:
+    """The newest verified export under runs/ (by its manifest's modification time)."""
+    manifests = sorted(runs.glob(f"*/onnx/{MANIFEST_FILE}"), key=lambda p: p.stat().st_mtime, reverse=True)
+    for manifest in manifests:
+        try:
+            if json.loads(manifest.read_text()).get("verified") is True:
+                return manifest.parent
+        except ValueError:
+            continue
+    raise SampleError(f"no --model-dir given and no verified export under {runs}/; pass --model-dir RUN/onnx")
+
+
+def load_models(args: argparse.Namespace, roles: tuple[str, ...]) -> dict[str, Model]:
+    """The models for `roles`: --encoder/--decoder if given, else from the model folder."""
+    explicit = {"encoder": args.encoder, "decoder": args.decoder}
+    folder = None
+    if any(explicit[r] is None for r in roles):
+        folder = args.model_dir
+        if folder is None:
+            folder = find_default_model_dir()
+            print(f"using {folder}", file=sys.stderr)
+        if not folder.is_dir():
+            raise SampleError(f"{folder}: no such folder")
+        if not (folder / "encoder.onnx").exists() and (folder / "onnx").is_dir():
+            folder = folder / "onnx"  # a run directory was given
+    models = {r: load_model(explicit[r] or folder / f"{r}.onnx", r, args.threads) for r in roles}
+    if len(models) == 2:
+        enc, dec = models["encoder"], models["decoder"]
+        if (enc.latent_dim, enc.image_shape) != (dec.latent_dim, dec.image_shape):
+            raise SampleError(
+                f"{enc.path} ({enc.latent_dim} latents, images {list(enc.image_shape)}) and {dec.path} "
+                f"({dec.latent_dim} latents, images {list(dec.image_shape)}) are not one VAE"
+            )
+        if enc.source != dec.source:  # same sizes, but trained separately: the latents differ
+            raise SampleError(f"{enc.path} and {dec.path} were exported from different models")
+    return models
+
+
+# ---------------------------------------------------------------- images in
+
+
+def read_png(path: Path, shape: tuple[int, int, int]) -> np.ndarray:
+    """One image as float32 [C, H, W] in [0, 1]; it must already have the model's size."""
+    from PIL import Image, UnidentifiedImageError
+
+    c, h, w = shape
+    if c not in (1, 3):
+        raise SampleError(f"the model takes {c}-channel images; image files can give 1 or 3 channels")
+    try:
+        with Image.open(path) as img:
+            img.load()
+            if img.size != (w, h):
+                raise SampleError(f"{path} is {img.size[0]}x{img.size[1]} pixels; the model takes {w}x{h}")
+            img = img.convert("L" if c == 1 else "RGB")
+    except FileNotFoundError:
+        raise SampleError(f"{path}: no such file") from None
+    except (UnidentifiedImageError, OSError) as e:
+        raise SampleError(f"{path} is not a readable image ({e})") from None
+    pixels = np.asarray(img, dtype=np.uint8).reshape(h, w, c).transpose(2, 0, 1)
+    return pixels.astype(np.float32) / 255.0
+
+
+def read_idx(path: Path, shape: tuple[int, int, int], indices: list[int]) -> np.ndarray:
+    """Images `indices` of a uint8 IDX file (MNIST layout, plain or gzipped) as float32 [N, C, H, W]."""
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise SampleError(f"{path}: no such file") from None
+    except OSError as e:
+        raise SampleError(f"{path} cannot be read ({e.strerror})") from None
+    if raw[:2] == b"\x1f\x8b":
+        try:
+            raw = gzip.decompress(raw)
+        except (OSError, EOFError, zlib.error):
+            raise SampleError(f"{path} is a damaged gzip file") from None
+    if len(raw) < 4 or raw[:3] != b"\x00\x00\x08" or raw[3] not in (3, 4):
+        raise SampleError(f"{path} is not an IDX file of uint8 images")
+    ndim = raw[3]
+    header = 4 + 4 * ndim
+    if len(raw) < header:
+        raise SampleError(f"{path} is truncated")
+    dims = struct.unpack(f">{ndim}I", raw[4:header])
+    if len(raw) != header + math.prod(dims):
+        raise SampleError(f"{path} is truncated or corrupt ({len(raw)} bytes for images {list(dims)})")
+    images = np.frombuffer(raw, np.uint8, offset=header).reshape(dims[0], -1, *dims[-2:])
+    if tuple(images.shape[1:]) != tuple(shape):
+        raise SampleError(f"{path} holds images of shape {list(images.shape[1:])}; the model takes {list(shape)}")
+    bad = [i for i in indices if not 0 <= i < len(images)]
+    if bad:
+        raise SampleError(f"{path} holds {len(images)} images; index {bad[0]} is out of range")
+    return images[indices].astype(np.float32) / 255.0
+
+
+def input_images(args: argparse.Namespace, shape: tuple[int, int, int], indices: list[int]) -> np.ndarray:
+    if args.images and args.idx:
+        raise SampleError("give image files or --idx, not both")
+    if args.images:
+        return np.stack([read_png(Path(p), shape) for p in args.images])
+    if args.idx:
+        return read_idx(Path(args.idx), shape, indices)
+    raise SampleError("no input images: give PNG files or --idx FILE (e.g. t10k-images-idx3-ubyte.gz)")
+
+
+# ---------------------------------------------------------------- images out
+
+
+def tile(rows: list[list[np.ndarray]]) -> np.ndarray:
+    """Images [C, H, W] in [0, 1] laid out row by row on black, PAD pixels apart -> uint8."""
+    c, h, w = rows[0][0].shape
+    cols = max(len(r) for r in rows)
+    canvas = np.zeros((c, PAD + len(rows) * (h + PAD), PAD + cols * (w + PAD)), np.float32)
+    for i, row in enumerate(rows):
+        for j, img in enumerate(row):
+            y, x = PAD + i * (h + PAD), PAD + j * (w + PAD)
+            canvas[:, y : y + h, x : x + w] = img
+    # Round half up, as torchvision's save_image does for the training grids.
+    return np.clip(canvas * 255.0 + 0.5, 0, 255).astype(np.uint8)
+
+
+def save_png(pixels: np.ndarray, out: Path) -> None:
+    from PIL import Image
+
+    c = pixels.shape[0]
+    # uint8 [H, W] becomes an "L" image, [H, W, 3] an "RGB" one.
+    image = Image.fromarray(pixels[0] if c == 1 else np.ascontiguousarray(pixels.transpose(1, 2, 0)))
+    if not out.parent.is_dir():
+        raise SampleError(f"cannot write {out}: folder {out.parent} does not exist")
+    try:
+        image.save(out, format="PNG")  # Pillow writes no timestamp: same pixels, same bytes
+    except OSError as e:
+        raise SampleError(f"cannot write {out} ({e.strerror or e})") from None
+
+
+def chunks(items: list[np.ndarray], size: int) -> list[list[np.ndarray]]:
+    return [items[i : i + size] for i in range(0, len(items), size)]
+
+
+# ---------------------------------------------------------------- modes
+
+
+def cmd_sample(args: argparse.Namespace) -> str:
+    dec = load_models(args, ("decoder",))["decoder"]
+    seed = args.seed if args.seed is not None else secrets.randbits(32)
+    rng = np.random.default_rng(seed)
+    z = rng.standard_normal((args.num, dec.latent_dim), dtype=np.float32)
+    (x_mean,) = dec.run(z)
+    per_row = args.per_row or max(1, round(math.sqrt(args.num)))
+    save_png(tile(chunks(list(x_mean), per_row)), args.out)
+    return f"wrote {args.out} ({args.num} samples from the prior, seed {seed})"
+
+
+def cmd_reconstruct(args: argparse.Namespace) -> str:
+    models = load_models(args, ("encoder", "decoder"))
+    enc, dec = models["encoder"], models["decoder"]
+    x = input_images(args, enc.image_shape, list(range(args.start, args.start + args.num)))
+    mu, _ = enc.run(x)
+    (recon,) = dec.run(mu)  # the decoder's mean at the posterior mean, as in the training grids
+    rows = []
+    for originals, reconstructions in zip(chunks(list(x), args.per_row), chunks(list(recon), args.per_row)):
+        rows += [originals, reconstructions]
+    save_png(tile(rows), args.out)
+    return f"wrote {args.out} ({len(x)} originals above their reconstructions)"
+
+
+def cmd_interpolate(args: argparse.Namespace) -> str:
+    models = load_models(args, ("encoder", "decoder"))
+    enc, dec = models["encoder"], models["decoder"]
+    if args.images and len(args.images) != 2:
+        raise SampleError(f"interpolate takes exactly two images, got {len(args.images)}")
+    x = input_images(args, enc.image_shape, list(args.pair))
+    mu, _ = enc.run(x)
+    t = np.linspace(0.0, 1.0, args.steps, dtype=np.float32)[:, None]
+    (path,) = dec.run(((1 - t) * mu[0] + t * mu[1]).astype(np.float32))
+    save_png(tile([[x[0], *path, x[1]]]), args.out)
+    return f"wrote {args.out} ({args.steps} steps between the posterior means, originals at the ends)"
+
+
+# ---------------------------------------------------------------- command line
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line instead of usage + message
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def at_least(low: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
+        return value
+
+    return parse
+
+
+def build_parser() -> Parser:
+    common = Parser(add_help=False)
+    common.add_argument(
+        "--model-dir", type=Path, help="export folder RUN/onnx (or the run folder) [default: newest under runs/]"
+    )
+    common.add_argument("--encoder", type=Path, help="encoder file, instead of the one in --model-dir")
+    common.add_argument("--decoder", type=Path, help="decoder file, instead of the one in --model-dir")
+    common.add_argument("--threads", type=at_least(1), default=1, help="onnxruntime threads [default: 1]")
+
+    parser = Parser(description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="mode", required=True, metavar="{sample,reconstruct,interpolate}")
+
+    p = sub.add_parser("sample", parents=[common], help="draw N images from the prior into a grid")
+    p.add_argument("-n", "--num", type=at_least(1), default=64, help="number of samples [default: 64]")
+    p.add_argument("--seed", type=int, help="seed of the latent draws; same seed, same PNG bytes")
+    p.add_argument("--per-row", type=at_least(1), help="images per grid row [default: about sqrt(N)]")
+    p.add_argument("--out", type=Path, default=Path("samples.png"), help="PNG to write [default: samples.png]")
+    p.set_defaults(func=cmd_sample)
+
+    p = sub.add_parser("reconstruct", parents=[common], help="originals above their reconstructions")
+    p.add_argument("images", nargs="*", help="PNG files of the model's image size")
+    p.add_argument("--idx", help="IDX image file (optionally .gz), e.g. the test split")
+    p.add_argument("-n", "--num", type=at_least(1), default=8, help="images taken from --idx [default: 8]")
+    p.add_argument("--start", type=at_least(0), default=0, help="first image taken from --idx [default: 0]")
+    p.add_argument("--per-row", type=at_least(1), default=8, help="pairs per grid row [default: 8]")
+    p.add_argument(
+        "--out", type=Path, default=Path("reconstructions.png"), help="PNG to write [default: reconstructions.png]"
+    )
+    p.set_defaults(func=cmd_reconstruct)
+
+    p = sub.add_parser("interpolate", parents=[common], help="decode a straight line between two images' latents")
+    p.add_argument("images", nargs="*", help="two PNG files of the model's image size")
+    p.add_argument("--idx", help="IDX image file (optionally .gz); see --pair")
+    p.add_argument(
+        "--pair", type=at_least(0), nargs=2, default=[0, 1], metavar=("I", "J"),
+        help="image indices in --idx [default: 0 1]",
+    )
+    p.add_argument("--steps", type=at_least(2), default=10, help="decoded points, ends included [default: 10]")
+    p.add_argument("--out", type=Path, default=Path("interpolation.png"), help="PNG to write [default: interpolation.png]")
+    p.set_defaults(func=cmd_interpolate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        for module in ("onnxruntime", "PIL"):
+            try:
+                __import__(module)
+            except ImportError:
+                raise SampleError(f"{module} is not installed (pip install onnxruntime numpy pillow)") from None
+        print(args.func(args))
+    except SampleError as e:
+        print(f"{parser.prog}: error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

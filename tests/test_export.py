@@ -1,0 +1,373 @@
+"""ONNX export and its verification, on tiny untrained models and the real Fashion-MNIST test split."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import click
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from click.testing import CliRunner
+from onnx import TensorProto, helper
+
+from export import sample as sampler
+from export import spec as spec_lib
+from export.cli import export_command, verify_command
+from export.convert import ExportError, FAILED_DIR, export_run, export_submodel
+from export.manifest import file_record
+from export.runs import find_latest_runs
+from export.verify import Check, Report, check_graph, neg_elbo_from_mean, random_ops
+from vae_dist import artifacts
+from vae_dist.config import ModelConfig
+from vae_dist.losses import negative_elbo
+from vae_dist.models import build_model
+
+ROOT = Path(__file__).resolve().parents[1]
+SHAPE = (1, 28, 28)
+LATENT = 4
+# The linear run uses the Gaussian likelihood so that both -ELBO forms are verified.
+KINDS = {"linear": "gaussian", "conv": "bernoulli"}
+
+
+def make_run(runs: Path, name: str, kind: str, likelihood: str = "bernoulli", seed: int = 0) -> Path:
+    """A finished run holding only a tiny untrained model: all that export needs."""
+    torch.manual_seed(seed)
+    cfg = ModelConfig(kind=kind, latent_dim=LATENT, hidden_dims=[32], channels=[4, 8])
+    run = runs / name
+    run.mkdir(parents=True)
+    extra = {
+        "dataset": "fashion-mnist", "likelihood": likelihood, "epochs": 0, "steps": 0,
+        "test_neg_elbo": 543.21, "versions": {"torch": torch.__version__, "vae_dist": "0.1.0"},
+    }
+    artifacts.save_model(run / artifacts.MODEL_FILE, build_model(cfg, SHAPE), cfg, extra)
+    return run
+
+
+def cli() -> click.Group:
+    group = click.Group("vae-dist")
+    group.add_command(export_command)
+    group.add_command(verify_command)
+    return group
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> Path:
+    """Both kinds exported by `export` without RUN (the latest run of each kind)."""
+    runs = tmp_path_factory.mktemp("runs")
+    for kind, likelihood in KINDS.items():
+        make_run(runs, f"{kind}-old", kind, likelihood, seed=1)
+        old = runs / f"{kind}-old" / artifacts.MODEL_FILE
+        os.utime(old, (old.stat().st_atime, old.stat().st_mtime - 3600))
+        make_run(runs, f"{kind}-new", kind, likelihood)
+    result = CliRunner().invoke(cli(), ["export", "--output-dir", str(runs)])
+    assert result.exit_code == 0, result.output
+    assert result.output.count(": verified") == 2
+    return runs
+
+
+def exported(runs: Path, kind: str) -> Path:
+    return runs / f"{kind}-new" / spec_lib.ONNX_DIR
+
+
+def copy_run(runs: Path, kind: str, dest: Path) -> Path:
+    return Path(shutil.copytree(runs / f"{kind}-new", dest / f"{kind}-copy"))
+
+
+# ---------------------------------------------------------------- the files
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_export_writes_only_the_latest_run_of_each_kind(runs, kind):
+    assert sorted(p.name for p in exported(runs, kind).iterdir()) == ["decoder.onnx", "encoder.onnx", "manifest.json"]
+    assert not (runs / f"{kind}-old" / spec_lib.ONNX_DIR).exists()
+    assert not list((runs / f"{kind}-new").glob(".onnx-*")), "staging folder left behind"
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_files_are_self_contained_valid_and_free_of_random_ops(runs, kind):
+    for role in ("encoder", "decoder"):
+        model = onnx.load(str(exported(runs, kind) / f"{role}.onnx"), load_external_data=False)
+        onnx.checker.check_model(model, full_check=True)
+        assert all(t.data_location != TensorProto.EXTERNAL for t in model.graph.initializer)
+        assert random_ops(model) == []
+        assert {o.domain: o.version for o in model.opset_import}[""] == spec_lib.DEFAULT_OPSET
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_metadata_describes_the_model(runs, kind):
+    for role in ("encoder", "decoder"):
+        model = onnx.load(str(exported(runs, kind) / f"{role}.onnx"))
+        meta = {p.key: p.value for p in model.metadata_props}
+        assert set(spec_lib.METADATA_KEYS) <= set(meta)
+        assert meta["format"] == spec_lib.ONNX_FORMAT
+        assert meta["role"] == role
+        assert meta["model_kind"] == kind
+        assert meta["latent_dim"] == str(LATENT)
+        assert json.loads(meta["image_shape"]) == list(SHAPE)
+        assert meta["dataset"] == "fashion-mnist"
+        assert meta["likelihood"] == KINDS[kind]
+        assert meta["opset"] == str(spec_lib.DEFAULT_OPSET)
+        assert float(meta["test_neg_elbo"]) == pytest.approx(543.21)
+        assert meta["torch_version"] == torch.__version__
+        assert meta["onnx_version"] == onnx.__version__
+        assert meta["vae_dist_version"] == "0.1.0"
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_dynamic_batch_and_contract_shapes(runs, kind):
+    folder = exported(runs, kind)
+    enc = ort.InferenceSession(str(folder / "encoder.onnx"), providers=["CPUExecutionProvider"])
+    dec = ort.InferenceSession(str(folder / "decoder.onnx"), providers=["CPUExecutionProvider"])
+    assert [i.name for i in enc.get_inputs()] == ["x"] and [o.name for o in enc.get_outputs()] == ["mu", "logvar"]
+    assert [i.name for i in dec.get_inputs()] == ["z"] and [o.name for o in dec.get_outputs()] == ["x_mean"]
+    assert isinstance(enc.get_inputs()[0].shape[0], str) and isinstance(dec.get_inputs()[0].shape[0], str)
+    for batch in (1, 3, 50):
+        x = np.random.default_rng(batch).random((batch, *SHAPE), dtype=np.float32)
+        mu, logvar = enc.run(None, {"x": x})
+        assert mu.shape == logvar.shape == (batch, LATENT)
+        (x_mean,) = dec.run(None, {"z": mu})
+        assert x_mean.shape == (batch, *SHAPE) and x_mean.dtype == np.float32
+        assert x_mean.min() >= 0 and x_mean.max() <= 1
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_manifest_records_files_versions_and_verification(runs, kind):
+    folder = exported(runs, kind)
+    manifest = json.loads((folder / spec_lib.MANIFEST_FILE).read_text())
+    assert manifest["format"] == spec_lib.MANIFEST_FORMAT
+    assert manifest["verified"] is True
+    for name in ("encoder.onnx", "decoder.onnx"):
+        record = file_record(folder / name)
+        assert manifest["files"][name]["sha256"] == record["sha256"]
+        assert manifest["files"][name]["size"] == record["size"]
+    assert manifest["source"]["sha256"] == file_record(runs / f"{kind}-new" / artifacts.MODEL_FILE)["sha256"]
+    assert {"torch", "onnx", "onnxruntime", "vae_dist"} <= set(manifest["versions"])
+    assert manifest["model"] == {
+        "kind": kind, "latent_dim": LATENT, "image_shape": list(SHAPE), "dataset": "fashion-mnist",
+        "likelihood": KINDS[kind], "test_neg_elbo": 543.21,
+    }
+    v = manifest["verification"]
+    assert v["passed"] and v["failures"] == []
+    assert set(v["outputs"]) == {"encoder.onnx:mu", "encoder.onnx:logvar", "decoder.onnx:x_mean"}
+    assert all(o["max_abs"] <= 1e-4 and o["max_rel"] >= 0 for o in v["outputs"].values())
+    batches = {(c["file"], c["output"], c["batch"]) for c in v["checks"] if c["check"] == "values"}
+    assert {b for *_, b in batches} == {1, 7, 128}
+    # End to end on the whole real test split, through both ONNX files.
+    assert v["elbo"]["images"] == 10000 and v["elbo"]["likelihood"] == KINDS[kind]
+    assert v["elbo"]["diff"] <= 0.01 and v["elbo"]["diff_native"] <= 0.01
+    assert 100 < v["elbo"]["onnx"] < 5000
+
+
+# ---------------------------------------------------------------- verification failing
+
+
+def _shift_mu_bias(path: Path, by: float) -> None:
+    """Add `by` to the half of the encoder's last bias that produces mu (not logvar)."""
+    model = onnx.load(str(path))
+    (bias,) = [t for t in model.graph.initializer if t.name.endswith("to_stats.bias")]
+    values = onnx.numpy_helper.to_array(bias).copy()
+    values[:LATENT] += by
+    bias.CopyFrom(onnx.numpy_helper.from_array(values, bias.name))
+    onnx.save(model, str(path))
+
+
+def test_verify_passes_on_a_good_export(runs, tmp_path):
+    run = copy_run(runs, "conv", tmp_path)
+    result = CliRunner().invoke(cli(), ["verify", str(run)])
+    assert result.exit_code == 0, result.output
+    assert "verified" in result.output and "FAIL" not in result.output
+    assert "encoder.onnx mu: max abs diff" in result.output and "-ELBO on 10000 test images" in result.output
+
+
+def test_verify_fails_on_a_corrupted_weight_and_names_the_output(runs, tmp_path):
+    run = copy_run(runs, "linear", tmp_path)
+    _shift_mu_bias(run / "onnx" / "encoder.onnx", 0.5)
+    result = CliRunner().invoke(cli(), ["verify", str(run)])
+    assert result.exit_code == 1, result.output
+    fails = [line.strip() for line in result.output.splitlines() if line.strip().startswith("FAIL")]
+    assert any("encoder.onnx: output 'mu' max abs diff 5.000e-01" in f for f in fails), fails
+    assert not any("'logvar'" in f or "x_mean" in f for f in fails), fails
+    assert any("elbo" in f for f in fails), fails  # the corruption shows end to end too
+    manifest = json.loads((run / "onnx" / "manifest.json").read_text())
+    assert manifest["verified"] is False
+    assert any("'mu'" in f for f in manifest["verification"]["failures"])
+    # ...and the sampler will not touch it.
+    out = tmp_path / "r.png"
+    assert sampler.main(["reconstruct", "--model-dir", str(run / "onnx"), "--idx", str(_test_idx()), "--out", str(out)]) == 1
+    assert not out.exists()
+
+
+def test_verify_rejects_a_random_operator(runs, tmp_path):
+    run = copy_run(runs, "conv", tmp_path)
+    path = run / "onnx" / "decoder.onnx"
+    model = onnx.load(str(path))
+    # x_mean + 0 * RandomUniformLike(x_mean): the same numbers, but the graph draws noise.
+    (last,) = [n for n in model.graph.node if "x_mean" in n.output]
+    last.output[0] = "x_mean_raw"
+    model.graph.initializer.append(onnx.numpy_helper.from_array(np.zeros((), np.float32), "zero"))
+    model.graph.node.extend([
+        helper.make_node("RandomUniformLike", ["x_mean_raw"], ["noise"]),
+        helper.make_node("Mul", ["noise", "zero"], ["no_noise"]),
+        helper.make_node("Add", ["x_mean_raw", "no_noise"], ["x_mean"]),
+    ])
+    onnx.save(model, str(path))
+    result = CliRunner().invoke(cli(), ["verify", str(run)])
+    assert result.exit_code == 1, result.output
+    assert "decoder.onnx: random_ops: random operators in the graph: ['RandomUniformLike']" in result.output
+
+
+def test_verify_notices_a_retrained_model(runs, tmp_path):
+    run = copy_run(runs, "linear", tmp_path)
+    (run / artifacts.MODEL_FILE).unlink()
+    make_run(tmp_path / "other", "x", "linear", "gaussian", seed=5)
+    shutil.copy(tmp_path / "other" / "x" / artifacts.MODEL_FILE, run / artifacts.MODEL_FILE)
+    result = CliRunner().invoke(cli(), ["verify", str(run)])
+    assert result.exit_code == 1
+    assert "model.safetensors changed since the export" in result.output
+
+
+def test_random_ops_are_found_in_subgraphs():
+    z = helper.make_tensor_value_info("z", TensorProto.FLOAT, [None, 4])
+    out = helper.make_tensor_value_info("out", TensorProto.FLOAT, [None, 4])
+    branch = helper.make_graph(
+        [helper.make_node("RandomNormalLike", ["z"], ["r"])], "noisy", [],
+        [helper.make_tensor_value_info("r", TensorProto.FLOAT, [None, 4])],
+    )
+    quiet = helper.make_graph(
+        [helper.make_node("Identity", ["z"], ["q"])], "quiet", [],
+        [helper.make_tensor_value_info("q", TensorProto.FLOAT, [None, 4])],
+    )
+    cond = helper.make_tensor("cond", TensorProto.BOOL, [], [True])
+    graph = helper.make_graph(
+        [helper.make_node("If", ["cond"], ["out"], then_branch=branch, else_branch=quiet)], "g", [z], [out], [cond]
+    )
+    assert random_ops(helper.make_model(graph)) == ["RandomNormalLike"]
+    flat = helper.make_graph([helper.make_node("Multinomial", ["z"], ["out"])], "g", [z], [out])
+    assert random_ops(helper.make_model(flat)) == ["Multinomial"]
+
+
+def test_check_graph_flags_wrong_metadata_and_signature(runs, tmp_path):
+    src = exported(runs, "conv") / "encoder.onnx"
+    cfg = ModelConfig(kind="conv", latent_dim=LATENT, hidden_dims=[32], channels=[4, 8])
+    encoder, decoder = spec_lib.vae_specs(build_model(cfg, SHAPE))
+    checks = {c.check: c for c in check_graph(src, decoder, {"role": "decoder", "latent_dim": "7"})}
+    assert not checks["metadata"].passed and "role='encoder'" in checks["metadata"].detail
+    assert not checks["io"].passed and "expected ['z']" in checks["io"].detail
+    assert checks["checker"].passed and checks["random_ops"].passed and checks["self_contained"].passed
+    garbage = tmp_path / "encoder.onnx"
+    garbage.write_text("not a model")
+    (bad,) = check_graph(garbage, encoder, {})
+    assert bad.check == "load" and not bad.passed
+
+
+def test_a_failed_export_is_kept_apart_and_the_good_one_untouched(runs, tmp_path, monkeypatch):
+    run = copy_run(runs, "conv", tmp_path)
+    good = (run / "onnx" / "manifest.json").read_bytes()
+
+    def failing(*args, **kwargs):
+        return Report([Check("decoder.onnx", "values", False, output="x_mean", batch=7, max_abs=0.3, max_rel=0.5, tol=1e-4)])
+
+    monkeypatch.setattr("export.convert.verify_export", failing)
+    result = export_run(run)
+    assert not result.verified and result.onnx_dir == run / FAILED_DIR
+    assert json.loads((run / FAILED_DIR / "manifest.json").read_text())["verified"] is False
+    assert (run / "onnx" / "manifest.json").read_bytes() == good
+    code = sampler.main(["sample", "--model-dir", str(run / FAILED_DIR), "--out", str(tmp_path / "s.png")])
+    assert code == 1 and not (tmp_path / "s.png").exists()
+    assert result.report.failure_lines() == [
+        "decoder.onnx: output 'x_mean' max abs diff 3.000e-01 (max rel 5.000e-01, batch 7) exceeds atol 1.0e-04"
+    ]
+
+
+# ---------------------------------------------------------------- pieces
+
+
+def test_find_latest_runs_uses_metadata_kind_and_mtime(tmp_path):
+    make_run(tmp_path, "linear-looking-but-conv", "conv")
+    make_run(tmp_path, "a", "linear")
+    newest = make_run(tmp_path, "b", "linear")
+    (tmp_path / "junk").mkdir()
+    (tmp_path / "junk" / artifacts.MODEL_FILE).write_bytes(b"\0" * 64)
+    (tmp_path / "unfinished").mkdir()
+    for name, age in (("a", 10), ("b", 100), ("linear-looking-but-conv", 50)):
+        path = tmp_path / name / artifacts.MODEL_FILE
+        os.utime(path, (1e9, 1e9 - age))
+    os.utime(newest / artifacts.MODEL_FILE, (1e9, 1e9))
+    assert find_latest_runs(tmp_path) == {"conv": tmp_path / "linear-looking-but-conv", "linear": newest}
+    assert find_latest_runs(tmp_path / "missing") == {}
+
+
+def test_export_of_a_named_run_with_another_opset(tmp_path):
+    make_run(tmp_path, "fresh", "linear")
+    result = CliRunner().invoke(cli(), ["export", "fresh", "--output-dir", str(tmp_path), "--opset", "20", "--atol", "1e-3"])
+    assert result.exit_code == 0, result.output
+    folder = tmp_path / "fresh" / "onnx"
+    for role in ("encoder", "decoder"):
+        model = onnx.load(str(folder / f"{role}.onnx"))
+        assert {o.domain: o.version for o in model.opset_import}[""] == 20
+        assert {p.key: p.value for p in model.metadata_props}["opset"] == "20"
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert manifest["opset"] == 20 and manifest["verified"] is True
+    assert {o["atol"] for o in manifest["verification"]["outputs"].values()} == {1e-3}
+
+
+def test_an_opset_the_exporter_cannot_reach_is_an_error(tmp_path):
+    model = build_model(ModelConfig(kind="linear", latent_dim=LATENT, hidden_dims=[8]), SHAPE).eval()
+    _, decoder = spec_lib.vae_specs(model)
+    with pytest.raises(ExportError, match="could not target opset 13"):
+        export_submodel(model, decoder, tmp_path / "old.onnx", 13, {"model_kind": "linear"})
+
+
+@pytest.mark.parametrize("likelihood", ["bernoulli", "gaussian"])
+def test_neg_elbo_from_mean_matches_the_training_loss(likelihood):
+    g = torch.Generator().manual_seed(0)
+    # Within +-8: beyond ~16, float32 sigmoid rounds to 1 and the mean alone loses the tail
+    # (bounded by the clip at PROB_EPS); trained models seldom go there, see the end-to-end check.
+    logits = (torch.randn(16, *SHAPE, generator=g) * 3).clamp(-8, 8)
+    x = torch.rand(16, *SHAPE, generator=g)
+    mu, logvar = torch.randn(16, LATENT, generator=g), torch.randn(16, LATENT, generator=g)
+    want = negative_elbo(logits, x, mu, logvar, 1.0, likelihood).neg_elbo().double().numpy()
+    got = neg_elbo_from_mean(torch.sigmoid(logits).numpy(), x.numpy(), mu.numpy(), logvar.numpy(), likelihood)
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+
+
+def test_export_command_errors(tmp_path):
+    result = CliRunner().invoke(cli(), ["export", "--output-dir", str(tmp_path)])
+    assert result.exit_code == 2 and "no finished run under" in result.output
+    result = CliRunner().invoke(cli(), ["verify", str(tmp_path / "nope")])
+    assert result.exit_code == 2 and "not found" in result.output
+    make_run(tmp_path, "fresh", "linear")
+    result = CliRunner().invoke(cli(), ["verify", "fresh", "--output-dir", str(tmp_path)])
+    assert result.exit_code == 2 and "export the run first" in result.output
+
+
+def test_python_dash_m_export_runs_the_export_command(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "export", "--output-dir", str(tmp_path / "none")],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 2 and "no finished run under" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_sampler_contract_matches_the_export_spec():
+    encoder, decoder = spec_lib.vae_specs(build_model(ModelConfig(kind="linear", latent_dim=3, hidden_dims=[4]), SHAPE))
+    assert sampler.ONNX_FORMAT == spec_lib.ONNX_FORMAT
+    assert sampler.MANIFEST_FILE == spec_lib.MANIFEST_FILE
+    assert sampler.SIGNATURES == {
+        s.role: (s.input_names, s.output_names) for s in (encoder, decoder)
+    }
+
+
+def _test_idx() -> Path:
+    from vae_dist import data
+
+    root = data.resolve("fashion-mnist", download=False)
+    return root / "FashionMNIST" / "raw" / "t10k-images-idx3-ubyte"

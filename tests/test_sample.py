@@ -1,0 +1,269 @@
+"""The torch-free sampler, run where torch (and everything that needs it) cannot be imported."""
+from __future__ import annotations
+
+import gzip
+import json
+import shutil
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from PIL import Image
+
+from export import sample as sampler
+from export.convert import export_run
+from vae_dist import artifacts, data
+from vae_dist.config import ModelConfig
+from vae_dist.models import build_model
+
+ROOT = Path(__file__).resolve().parents[1]
+SAMPLE_PY = ROOT / "export" / "sample.py"
+SHAPE = (1, 28, 28)
+CELL = 28 + sampler.PAD
+# What a device without torch lacks: any import of these fails, as if they were not installed.
+BLOCKED = ("torch", "torchvision", "onnx", "onnxscript", "onnx_ir", "vae_dist", "click", "safetensors", "accelerate")
+PRELUDE = """
+import sys
+class _NotInstalled:
+    def find_spec(self, name, path=None, target=None):
+        if name.partition(".")[0] in {blocked!r}:
+            raise ImportError(f"No module named {{name!r}} (blocked: not on the device)")
+sys.meta_path.insert(0, _NotInstalled())
+"""
+
+
+def run_sampler(args: list[str], cwd: Path = ROOT, script: Path | None = None, blocked=BLOCKED):
+    """`python -m export.sample ARGS`, or `python SCRIPT ARGS`, with `blocked` unimportable."""
+    if script:
+        launch = (
+            f"import runpy; sys.argv = [{str(script)!r}, *{args!r}]; "
+            f"runpy.run_path({str(script)!r}, run_name='__main__')"
+        )
+    else:
+        launch = (
+            f"import runpy; sys.argv = ['sample.py', *{args!r}]; "
+            "runpy.run_module('export.sample', run_name='__main__', alter_sys=True)"
+        )
+    code = PRELUDE.format(blocked=set(blocked)) + launch
+    return subprocess.run([sys.executable, "-c", code], cwd=cwd, capture_output=True, text=True, timeout=60)
+
+
+def test_harness_really_blocks_torch():
+    code = PRELUDE.format(blocked=set(BLOCKED)) + "import torch"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode != 0 and "blocked: not on the device" in proc.stderr
+
+
+@pytest.fixture(scope="module")
+def test_images() -> np.ndarray:
+    """The first real Fashion-MNIST test images, uint8 [N, 1, 28, 28]."""
+    root = data.resolve("fashion-mnist", download=False)
+    return data.load_split("fashion-mnist", False, root, subset=10).images.numpy()
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory) -> Path:
+    """A tiny conv VAE, exported and verified."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(kind="conv", latent_dim=3, hidden_dims=[16], channels=[4, 8])
+    run = tmp_path_factory.mktemp("runs") / "conv-tiny"
+    run.mkdir()
+    artifacts.save_model(
+        run / artifacts.MODEL_FILE, build_model(cfg, SHAPE), cfg,
+        {"dataset": "fashion-mnist", "likelihood": "bernoulli", "test_neg_elbo": 500.0},
+    )
+    result = export_run(run)
+    assert result.verified, result.report.failure_lines()
+    return run
+
+
+@pytest.fixture
+def onnx_dir(run, tmp_path) -> Path:
+    """A private copy of the export folder, free to be damaged."""
+    return Path(shutil.copytree(run / "onnx", tmp_path / "onnx"))
+
+
+def write_idx(path: Path, images: np.ndarray) -> Path:
+    """uint8 images [N, H, W] as an IDX file, gzipped when the name ends in .gz."""
+    blob = struct.pack(">BBBB", 0, 0, 8, 3) + struct.pack(">3I", *images.shape) + images.astype(np.uint8).tobytes()
+    path.write_bytes(gzip.compress(blob, mtime=0) if path.suffix == ".gz" else blob)
+    return path
+
+
+def write_png(path: Path, image: np.ndarray) -> Path:
+    Image.fromarray(image.astype(np.uint8)).save(path)
+    return path
+
+
+def cells(png: Path, rows: int, cols: int) -> np.ndarray:
+    """The grid's cells as uint8 [rows, cols, 28, 28], after checking the grid's size."""
+    pixels = np.asarray(Image.open(png))
+    assert pixels.shape == (sampler.PAD + rows * CELL, sampler.PAD + cols * CELL)
+    return np.stack([
+        np.stack([pixels[2 + r * CELL : 2 + r * CELL + 28, 2 + c * CELL : 2 + c * CELL + 28] for c in range(cols)])
+        for r in range(rows)
+    ])
+
+
+# ---------------------------------------------------------------- modes, without torch
+
+
+def test_sample_without_torch_is_byte_identical_for_a_seed(onnx_dir, tmp_path):
+    outs = [tmp_path / f"{name}.png" for name in ("a", "b", "c")]
+    for out, seed in zip(outs, (7, 7, 8)):
+        proc = run_sampler(["sample", "--model-dir", str(onnx_dir), "-n", "6", "--seed", str(seed), "--out", str(out)])
+        assert proc.returncode == 0, proc.stderr
+        assert proc.stdout.strip() == f"wrote {out} (6 samples from the prior, seed {seed})"
+    assert outs[0].read_bytes() == outs[1].read_bytes()
+    assert outs[0].read_bytes() != outs[2].read_bytes()
+    grid = cells(outs[0], rows=3, cols=2)  # about sqrt(6) per row
+    assert Image.open(outs[0]).mode == "L" and grid.std() > 0
+
+
+def test_standalone_copy_reconstructs_and_interpolates(run, tmp_path, test_images):
+    """The device recipe: sample.py and the onnx folder copied somewhere, nothing else."""
+    device = tmp_path / "device"
+    device.mkdir()
+    shutil.copy(SAMPLE_PY, device / "sample.py")
+    shutil.copytree(run / "onnx", device / "onnx")
+    write_idx(device / "t10k-images-idx3-ubyte.gz", test_images[:, 0])
+    blocked = (*BLOCKED, "export")
+    proc = run_sampler(
+        ["reconstruct", "--model-dir", "onnx", "--idx", "t10k-images-idx3-ubyte.gz",
+         "-n", "5", "--start", "2", "--per-row", "3"],
+        cwd=device, script=device / "sample.py", blocked=blocked,
+    )
+    assert proc.returncode == 0, proc.stderr
+    grid = cells(device / "reconstructions.png", rows=4, cols=3)
+    # Rows: originals 2-4, their reconstructions, originals 5-6 (and a blank), theirs.
+    assert np.array_equal(grid[0], test_images[2:5, 0]) and np.array_equal(grid[2, :2], test_images[5:7, 0])
+    assert not grid[2, 2].any() and not grid[3, 2].any()
+
+    write_png(device / "a.png", test_images[0, 0])
+    write_png(device / "b.png", test_images[1, 0])
+    proc = run_sampler(["interpolate", "--model-dir", "onnx", "a.png", "b.png", "--steps", "4"], cwd=device,
+                       script=device / "sample.py", blocked=blocked)
+    assert proc.returncode == 0, proc.stderr
+    grid = cells(device / "interpolation.png", rows=1, cols=6)
+    assert np.array_equal(grid[0, 0], test_images[0, 0]) and np.array_equal(grid[0, 5], test_images[1, 0])
+
+
+def test_reconstructions_match_torch(run, tmp_path, test_images):
+    idx = write_idx(tmp_path / "test.idx", test_images[:, 0])
+    out = tmp_path / "r.png"
+    args = ["reconstruct", "--model-dir", str(run / "onnx"), "--idx", str(idx), "-n", "4", "--out", str(out)]
+    assert sampler.main(args) == 0
+    model, _ = artifacts.load_model(run / artifacts.MODEL_FILE)
+    with torch.no_grad():
+        mu, _ = model.encode(data.to_float(torch.from_numpy(test_images[:4])))
+        want = (torch.sigmoid(model.decode(mu)) * 255 + 0.5).clamp(0, 255).to(torch.uint8).numpy()[:, 0]
+    got = cells(out, rows=2, cols=4)[1]
+    assert np.abs(got.astype(int) - want).max() <= 1  # float32 rounding may flip one grey level
+
+
+def test_default_model_dir_is_the_newest_verified_export(run, tmp_path):
+    shutil.copytree(run / "onnx", tmp_path / "runs" / "conv-tiny" / "onnx")
+    proc = run_sampler(["sample", "-n", "1", "--seed", "0"], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr.strip() == f"using {Path('runs/conv-tiny/onnx')}"
+    assert (tmp_path / "samples.png").is_file()
+    # A run directory is accepted in place of its onnx folder.
+    proc = run_sampler(["sample", "-n", "1", "--model-dir", "runs/conv-tiny", "--out", "x.png"], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+
+
+# ---------------------------------------------------------------- errors
+
+
+def _edit_manifest(folder: Path, **changes) -> None:
+    path = folder / "manifest.json"
+    manifest = json.loads(path.read_text())
+    manifest.update(changes)
+    path.write_text(json.dumps(manifest))
+
+
+def _retouch(path: Path) -> None:
+    """A valid ONNX file with different bytes than the verified one."""
+    model = onnx.load(str(path))
+    model.doc_string += " (edited)"
+    onnx.save(model, str(path))
+
+
+ERRORS = {
+    "missing file": (lambda d, t: ["sample", "--decoder", str(d / "nope.onnx")], "nope.onnx: no such file"),
+    "missing folder": (lambda d, t: ["sample", "--model-dir", str(t / "nowhere")], "no such folder"),
+    "not onnx": (lambda d, t: ["sample", "--decoder", str(_garbage(d))], "is not an ONNX model onnxruntime can load"),
+    "swapped": (
+        lambda d, t: ["reconstruct", "--encoder", str(d / "decoder.onnx"), "--decoder", str(d / "encoder.onnx"), "x.png"],
+        "is the decoder of a VAE, but is used as the encoder; are --encoder and --decoder swapped?",
+    ),
+    "halves of two models": (
+        lambda d, t: ["reconstruct", "--encoder", str(_other_export(d, t) / "encoder.onnx"),
+                      "--decoder", str(d / "decoder.onnx"), "x.png"],
+        "were exported from different models",
+    ),
+    "n zero": (lambda d, t: ["sample", "--model-dir", str(d), "-n", "0"], "argument -n/--num: must be at least 1, got 0"),
+    "n negative": (lambda d, t: ["reconstruct", "--model-dir", str(d), "-n", "-3"], "must be at least 1, got -3"),
+    "steps": (lambda d, t: ["interpolate", "--model-dir", str(d), "--steps", "1"], "must be at least 2"),
+    "png size": (
+        lambda d, t: ["reconstruct", "--model-dir", str(d), str(write_png(t / "big.png", np.zeros((32, 32))))],
+        "big.png is 32x32 pixels; the model takes 28x28",
+    ),
+    "idx size": (
+        lambda d, t: ["reconstruct", "--model-dir", str(d), "--idx", str(write_idx(t / "big.idx.gz", np.zeros((3, 32, 32))))],
+        "holds images of shape [1, 32, 32]; the model takes [1, 28, 28]",
+    ),
+    "not an image": (
+        lambda d, t: ["reconstruct", "--model-dir", str(d), str(_garbage(t, "x.png"))], "is not a readable image"
+    ),
+    "not idx": (
+        lambda d, t: ["reconstruct", "--model-dir", str(d), "--idx", str(_garbage(t, "x.idx"))], "is not an IDX file"
+    ),
+    "two images needed": (
+        lambda d, t: ["interpolate", "--model-dir", str(d), str(write_png(t / "a.png", np.zeros((28, 28))))],
+        "interpolate takes exactly two images, got 1",
+    ),
+    "unverified": (
+        lambda d, t: (_edit_manifest(d, verified=False), ["sample", "--model-dir", str(d)])[1],
+        "did not pass verification (manifest: verified=False); refusing to use it",
+    ),
+    "changed after verification": (
+        lambda d, t: (_retouch(d / "decoder.onnx"), ["sample", "--model-dir", str(d)])[1],
+        "is not the file that was verified",
+    ),
+    "no manifest": (
+        lambda d, t: ((d / "manifest.json").unlink(), ["sample", "--model-dir", str(d)])[1],
+        "no manifest.json beside",
+    ),
+}
+
+
+def _other_export(folder: Path, tmp: Path) -> Path:
+    """A copy of the export that claims to come from another model file."""
+    other = Path(shutil.copytree(folder, tmp / "other"))
+    _edit_manifest(other, source={"file": "model.safetensors", "sha256": "0" * 64})
+    return other
+
+
+def _garbage(folder: Path, name: str = "decoder.onnx") -> Path:
+    folder = folder / "garbage"
+    folder.mkdir(exist_ok=True)
+    (folder / name).write_bytes(b"this is not what it claims to be\n" * 10)
+    return folder / name
+
+
+@pytest.mark.parametrize("case", ERRORS)
+def test_errors_are_one_line_without_traceback(case, onnx_dir, tmp_path):
+    make_args, message = ERRORS[case]
+    args = make_args(onnx_dir, tmp_path)
+    proc = run_sampler([*args, "--out", str(tmp_path / "out.png")] if "--out" not in args else args, cwd=tmp_path)
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], proc.stderr
+    assert not (tmp_path / "out.png").exists()
