@@ -51,15 +51,24 @@ export: data
 verify: data
 	$(BIN)/vae-dist verify $(RUN) --output-dir $(RUNS)
 
-# onnxruntime only (no torch): samples, reconstructions and an interpolation from the latest export.
-sample: setup
-	$(BIN)/python -m export.sample sample $(if $(RUN),--model-dir $(RUN)) -n 64 --seed 1 --out samples.png
+# onnxruntime only (no torch): prior samples, test-set reconstructions and an interpolation,
+# from the export of RUN (default: the newest verified export under runs/), into $(RUNS)/samples/.
+SAMPLER = $(BIN)/python -m export.sample
+TEST_IDX = data/$(if $(filter mnist,$(DATASET)),MNIST,FashionMNIST)/raw/t10k-images-idx3-ubyte
+sample: data
+	mkdir -p $(RUNS)/samples
+	$(SAMPLER) sample $(if $(RUN),--model-dir $(RUN)) -n 64 --seed 1 --out $(RUNS)/samples/prior.png
+	$(SAMPLER) reconstruct $(if $(RUN),--model-dir $(RUN)) --idx $(TEST_IDX) -n 16 --out $(RUNS)/samples/reconstructions.png
+	$(SAMPLER) interpolate $(if $(RUN),--model-dir $(RUN)) --idx $(TEST_IDX) --pair 0 1 --out $(RUNS)/samples/interpolation.png
 
 test: data
 	$(BIN)/pytest -q
 
 bench: data
 	$(BIN)/python -m vae_dist.bench
+
+bench-infer: data
+	$(BIN)/python -m export.bench_infer --output-dir $(RUNS)
 
 clean:
 	rm -rf $(VENV) bench .pytest_cache
