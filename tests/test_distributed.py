@@ -118,7 +118,10 @@ def test_sigkill_then_resume_gives_the_same_weights(tmp_path, uninterrupted, npr
     _kill_when(_start(nproc, [*RESUME, "--output-dir", str(tmp_path), "--name", "r"]), ready)
     assert not (run_dir / "model.safetensors").exists(), "the run finished before the kill"
     killed_at = _step(run_dir)
-    run(launch_cmd(nproc, [*RESUME, "--output-dir", str(tmp_path), "--name", "r", "--resume", "auto"]))
+    if point == "first epoch logged":  # by path, with the configuration saved in the run
+        run(launch_cmd(nproc, ["--resume", str(run_dir)]))
+    else:
+        run(launch_cmd(nproc, [*RESUME, "--output-dir", str(tmp_path), "--name", "r", "--resume", "auto"]))
 
     a = weights(uninterrupted[nproc] / "model.safetensors")
     b = weights(run_dir / "model.safetensors")

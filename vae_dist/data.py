@@ -111,7 +111,8 @@ def _materialise(files: dict[str, Path], cls: type, data_dir: Path) -> None:
     for name, src in files.items():
         dst = raw / name
         if not dst.is_file():
-            tmp = dst.with_suffix(".partial")
+            # Per-process name: several processes of one machine may copy at once.
+            tmp = dst.with_name(f"{dst.name}.partial-{os.getpid()}")
             with _open(src) as fin, open(tmp, "wb") as fout:
                 shutil.copyfileobj(fin, fout)
             tmp.replace(dst)  # a half-written file is never left under the real name

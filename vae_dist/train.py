@@ -430,6 +430,8 @@ def train_command(config_path, overrides, name, output_dir, resume, cpu):
     """Train a VAE (run under `accelerate launch` for several processes)."""
     logging.basicConfig(format="%(asctime)s %(levelname)s %(message)s", level=logging.INFO)
     try:
+        if config_path is None and resume:
+            config_path = _saved_config(resume, name, output_dir)
         extra = [f"run.name={name}"] if name else []
         extra += [f"run.output_dir={output_dir}"] if output_dir else []
         cfg = load_config(config_path, [*overrides, *extra])
@@ -442,6 +444,17 @@ def train_command(config_path, overrides, name, output_dir, resume, cpu):
         sys.exit(2)
     if os.environ.get("RANK", "0") == "0":
         click.echo(str(run_dir))
+
+
+def _saved_config(resume: str, name: str | None, output_dir: str | None) -> str | None:
+    """A resumed run without --config continues with the configuration it was started with."""
+    if resume == "auto":
+        run_dir = Path(output_dir or "runs") / name if name else None
+    else:
+        path = Path(resume)
+        run_dir = path.parent.parent if CHECKPOINT_RE.match(path.name) else path
+    saved = run_dir / "config.yaml" if run_dir else None
+    return str(saved) if saved and saved.is_file() else None
 
 
 if __name__ == "__main__":
