@@ -1,7 +1,8 @@
 """Click commands `export` and `verify`, meant to be added to the `vae-dist` group.
 
 Exit status: 0 when everything exported/verified, 1 when a verification failed, 2 for a usage
-problem (no such run, no data set, bad option).
+problem (no such run, no data set, bad option). The fp32 files decide: an edge variant that is
+rejected or could not be made is reported, and recorded in the manifest, but does not change it.
 """
 from __future__ import annotations
 
@@ -12,16 +13,18 @@ from pathlib import Path
 import click
 
 from export.spec import DEFAULT_OPSET, ELBO_TOL
+from export.variants import QUALITY_BUDGET, VARIANTS, parse_names
 
 EXIT_FAILED = 1
 EXIT_USAGE = 2
 
 
 def _setup_logging() -> None:
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(message)s", level=logging.INFO)
-    # The exporter's optimiser passes log every rewrite at INFO.
-    for name in ("onnxscript", "onnx_ir", "torch.onnx"):
-        logging.getLogger(name).setLevel(logging.WARNING)
+    # Progress from this project only: the exporter's optimiser passes log every rewrite at INFO,
+    # and onnxruntime's quantisers one line per tensor through the root logger.
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(message)s", level=logging.WARNING)
+    for name in ("export", "vae_dist"):
+        logging.getLogger(name).setLevel(logging.INFO)
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
@@ -38,12 +41,26 @@ def _locate(run: Path, output_dir: Path) -> Path:
     return run
 
 
-def _print_report(title: str, report) -> None:
+def _print_report(title: str, report, manifest: dict | None = None) -> None:
     click.echo(f"{title}: {'verified' if report.passed else 'verification FAILED'}")
     for line in report.summary_lines():
         click.echo(f"  {line}")
     for line in report.failure_lines():
         click.echo(f"  FAIL {line}")
+    variants = (manifest or {}).get("variants")
+    if variants:
+        from export.edge import summary_lines
+
+        click.echo(f"  variants (quality budget {manifest['quality_budget']:g} nats of test -ELBO):")
+        for line in summary_lines(variants):
+            click.echo(f"    {line}")
+
+
+def _variant_names(ctx, param, value: str):
+    try:
+        return parse_names(value)
+    except ValueError as e:
+        raise click.BadParameter(str(e)) from None
 
 
 atol_option = click.option(
@@ -58,6 +75,11 @@ output_dir_option = click.option(
     "--output-dir", type=click.Path(path_type=Path), default=Path("runs"), show_default=True,
     help="Folder of runs: searched when RUN is omitted, and for RUN given as a bare run name.",
 )
+quality_budget_option = click.option(
+    "--quality-budget", type=click.FloatRange(min=0), default=None,
+    help=f"Largest |change| of the mean test -ELBO (nats) against fp32 torch for an edge variant to be "
+    f"accepted; beyond it the variant is marked rejected [default: {QUALITY_BUDGET}; for verify, the export's].",
+)
 data_root_option = click.option(
     "--data-root", type=click.Path(file_okay=False), default=None,
     help="Folder with the test split's IDX files [default: data/, then the system data set].",
@@ -70,10 +92,17 @@ data_root_option = click.option(
               help="ONNX opset (ai.onnx) of the written graphs; below 18 the exporter converts down, which can fail.")
 @atol_option
 @elbo_tol_option
+@click.option(
+    "--variants", "variant_names", default="all", show_default=True, callback=_variant_names,
+    help=f"Edge variants to make beside the fp32 files: all, none, or a comma-separated list of "
+    f"{', '.join(VARIANTS)}.",
+)
+@quality_budget_option
 @data_root_option
 @output_dir_option
-def export_command(run, opset, atol, elbo_tol, data_root, output_dir):
-    """Export RUN's encoder and decoder to RUN/onnx and verify them with onnxruntime.
+def export_command(run, opset, atol, elbo_tol, variant_names, quality_budget, data_root, output_dir):
+    """Export RUN's encoder and decoder to RUN/onnx and verify them with onnxruntime; then make
+    and judge the edge variants (fp16, int8, ORT format) beside them.
 
     Without RUN: the latest run of each model kind under --output-dir.
     """
@@ -91,12 +120,15 @@ def export_command(run, opset, atol, elbo_tol, data_root, output_dir):
     status = 0
     for target in targets:  # one bad run does not keep the others from being exported
         try:
-            result = export_run(target, opset=opset, atol=atol, data_root=data_root, elbo_tol=elbo_tol)
+            result = export_run(
+                target, opset=opset, atol=atol, data_root=data_root, elbo_tol=elbo_tol, variants=variant_names,
+                quality_budget=QUALITY_BUDGET if quality_budget is None else quality_budget,
+            )
         except _user_errors() as e:
             click.echo(f"error: {target}: {e}", err=True)
             status = max(status, EXIT_USAGE)
             continue
-        _print_report(str(result.onnx_dir), result.report)
+        _print_report(str(result.onnx_dir), result.report, result.manifest)
         if not result.verified:
             status = max(status, EXIT_FAILED)
     sys.exit(status)
@@ -106,17 +138,22 @@ def export_command(run, opset, atol, elbo_tol, data_root, output_dir):
 @click.argument("run", type=click.Path(path_type=Path))
 @atol_option
 @elbo_tol_option
+@quality_budget_option
 @data_root_option
 @output_dir_option
-def verify_command(run, atol, elbo_tol, data_root, output_dir):
-    """Verify RUN/onnx against RUN's model file; the verdict goes into RUN/onnx/manifest.json."""
+def verify_command(run, atol, elbo_tol, quality_budget, data_root, output_dir):
+    """Verify RUN/onnx against RUN's model file, and judge its edge variants again; the verdicts
+    go into RUN/onnx/manifest.json."""
     _setup_logging()
     from export.convert import verify_run
+    from export.manifest import read_manifest
 
     try:
-        report, onnx_dir = verify_run(_locate(run, output_dir), atol=atol, data_root=data_root, elbo_tol=elbo_tol)
+        report, onnx_dir = verify_run(
+            _locate(run, output_dir), atol=atol, data_root=data_root, elbo_tol=elbo_tol, quality_budget=quality_budget
+        )
     except _user_errors() as e:
         click.echo(f"error: {e}", err=True)
         sys.exit(EXIT_USAGE)
-    _print_report(str(onnx_dir), report)
+    _print_report(str(onnx_dir), report, read_manifest(onnx_dir))
     sys.exit(0 if report.passed else EXIT_FAILED)

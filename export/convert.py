@@ -1,8 +1,11 @@
-"""The export: a run's model file -> RUN/onnx/{encoder.onnx, decoder.onnx, manifest.json}.
+"""The export: a run's model file -> RUN/onnx/{encoder.onnx, decoder.onnx, manifest.json}, and
+beside them the edge variants (export.variants) made from the verified fp32 files.
 
 The files are written and verified in a staging folder inside the run, which is renamed to
-RUN/onnx only when every check passed. A failed export lands in RUN/onnx-failed with
+RUN/onnx only when every fp32 check passed. A failed export lands in RUN/onnx-failed with
 "verified": false in its manifest, for inspection; a good RUN/onnx from before is left alone.
+A variant that cannot be made or does not pass never fails the export: it gets a status in the
+manifest instead (export.edge).
 """
 from __future__ import annotations
 
@@ -17,9 +20,11 @@ from typing import Any
 import onnx
 import torch
 
+from export import edge
 from export import manifest as manifest_lib
 from export.runs import resolve_run
 from export.spec import DEFAULT_OPSET, ELBO_TOL, ONNX_DIR, SubModelSpec, onnx_metadata, vae_specs
+from export.variants import QUALITY_BUDGET
 from export.verify import Check, Report, verify_export
 from vae_dist import artifacts
 from vae_dist.models import VAE
@@ -111,9 +116,16 @@ def export_run(
     atol: float | None = None,
     data_root: str | Path | None = None,
     elbo_tol: float = ELBO_TOL,
+    variants: list[str] | None = None,
+    quality_budget: float = QUALITY_BUDGET,
 ) -> ExportResult:
     """Export and verify one run (a run directory or its model file); never raises on a failed
-    verification: the result says whether it passed and where the files are."""
+    verification: the result says whether it passed and where the files are.
+
+    `variants`: the edge variants to make beside the fp32 files (None: all that apply to the
+    model kind; []: none); `quality_budget`: largest |change| of the test -ELBO, in nats, for a
+    variant to be "verified" rather than "rejected".
+    """
     run_dir, model_path = resolve_run(run)
     model, meta = artifacts.load_model(model_path)
     specs = vae_specs(model, atol)
@@ -127,6 +139,14 @@ def export_run(
         report = verify_export(staging, model, meta, atol, data_root, elbo_tol=elbo_tol)
         manifest = manifest_lib.new_manifest(run_dir, model_path, meta, opset, vers)
         manifest = manifest_lib.record_verification(manifest, staging, specs, report.to_dict())
+        manifest["quality_budget"] = quality_budget
+        if report.passed:
+            manifest["variants"] = edge.make_variants(
+                staging, model, meta, variants, quality_budget, data_root, fp32_report=report
+            )
+            manifest["required_operators"] = edge.write_operator_config(staging, manifest["variants"])
+        else:  # variants are made from verified fp32 files only
+            manifest["variants"] = {}
         manifest_lib.write_manifest(staging, manifest)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -160,10 +180,13 @@ def verify_run(
     atol: float | None = None,
     data_root: str | Path | None = None,
     elbo_tol: float = ELBO_TOL,
+    quality_budget: float | None = None,
 ) -> tuple[Report, Path]:
     """Verify RUN/onnx against RUN's model file and record the verdict in its manifest.
 
-    A failure marks the manifest "verified": false, so consumers refuse the files.
+    A failure marks the manifest "verified": false, so consumers refuse the files. The variants
+    the manifest lists are judged again too, against `quality_budget` (default: the one the
+    export used); their verdicts do not change the returned report.
     """
     run_dir, model_path = resolve_run(run)
     onnx_dir = run_dir / ONNX_DIR
@@ -186,6 +209,12 @@ def verify_run(
             Check("", "source", False, f"{model_path.name} changed since the export; export the run again")
         )
     manifest = manifest_lib.record_verification(previous, onnx_dir, specs, report.to_dict())
+    if manifest.get("variants"):
+        budget = quality_budget if quality_budget is not None else manifest.get("quality_budget", QUALITY_BUDGET)
+        manifest["quality_budget"] = budget
+        manifest["variants"] = edge.reverify_variants(
+            onnx_dir, model, meta, manifest["variants"], budget, data_root, fp32_report=report
+        )
     manifest_lib.write_manifest(onnx_dir, manifest)
     return report, onnx_dir
 

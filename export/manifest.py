@@ -9,11 +9,15 @@
       "versions": {...},                      # software that produced the files
       "files": {"encoder.onnx": {"size", "sha256", "inputs", "outputs"}, "decoder.onnx": {...}},
       "verified": true,
-      "verification": {...}                   # export.verify.Report.to_dict()
+      "verification": {...},                  # export.verify.Report.to_dict()
+      "quality_budget": 0.5,                  # nats of test -ELBO a variant may move
+      "variants": {"fp16": {"status", "reasons", "files", "quality", ...}, ...},  # see export.edge
+      "required_operators": {"file": "required_operators.config", ...}          # for the .ort files
     }
 
 Consumers (export/sample.py) trust the files only when "verified" is true and the hashes match,
-so a file changed after verification is refused until it is verified again.
+so a file changed after verification is refused until it is verified again; a variant's files
+only when its own status is "verified" too (or "rejected", when the user says so).
 """
 from __future__ import annotations
 

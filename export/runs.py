@@ -1,6 +1,8 @@
-"""Finding runs: a run directory from a path, and the latest run of each model kind."""
+"""Finding runs: a run directory from a path, the latest run of each model kind, and the latest
+export of each model kind."""
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
@@ -42,4 +44,25 @@ def find_latest_runs(output_dir: str | Path) -> dict[str, Path]:
         mtime = model_path.stat().st_mtime
         if kind not in newest or mtime > newest[kind][0]:
             newest[kind] = (mtime, model_path.parent)
+    return {kind: run_dir for kind, (_, run_dir) in sorted(newest.items())}
+
+
+def find_latest_exports(output_dir: str | Path, onnx_dir: str = "onnx") -> dict[str, Path]:
+    """The run with the newest verified export of each model kind under `output_dir`, as
+    {kind: run directory}; "newest" is the manifest's modification time (the last export or verify)."""
+    output_dir = Path(output_dir)
+    newest: dict[str, tuple[float, Path]] = {}
+    for manifest_path in sorted(output_dir.glob(f"*/{onnx_dir}/manifest.json")):
+        try:
+            manifest = json.loads(manifest_path.read_text())
+            kind = manifest["model"]["kind"]
+        except (ValueError, KeyError, TypeError) as e:
+            log.warning("skipping %s: %s", manifest_path, e)
+            continue
+        if manifest.get("verified") is not True:
+            log.warning("skipping %s: not verified", manifest_path.parent)
+            continue
+        mtime = manifest_path.stat().st_mtime
+        if kind not in newest or mtime > newest[kind][0]:
+            newest[kind] = (mtime, manifest_path.parent.parent)
     return {kind: run_dir for kind, (_, run_dir) in sorted(newest.items())}

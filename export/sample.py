@@ -13,6 +13,16 @@ manifest.json):
 In the project, `python -m export.sample ...`; without --model-dir it uses the newest verified
 export under runs/. Latent size and image shape come from the models' own metadata. Files are used
 only if the folder's manifest says they passed verification and their sha256 still matches.
+
+Edge variants (smaller, faster, slightly less exact; listed with their measured quality cost in
+the manifest) are picked with --variant and --format:
+
+    python sample.py sample --model-dir onnx --variant int8 --format ort
+
+--variant fp32 (default), fp16, int8-dynamic, int8-static, or int8: int8-static where it exists
+and was accepted, else int8-dynamic. --format onnx (default) or ort (the ORT-format copy, for
+mobile and minimal onnxruntime builds). A variant the export rejected (its quality cost is over
+the budget, or it failed a check) is refused unless --allow-rejected is given.
 """
 from __future__ import annotations
 
@@ -35,6 +45,11 @@ import numpy as np
 ONNX_FORMAT = "vae-dist-onnx/1"
 MANIFEST_FILE = "manifest.json"
 SIGNATURES = {"encoder": (["x"], ["mu", "logvar"]), "decoder": (["z"], ["x_mean"])}
+# Edge variants (mirrors export/variants.py): file name = role + infix + format extension, and
+# the manifest's variant name is NAME, or NAME-ort for the ORT format (fp32 ONNX is the export itself).
+VARIANT_INFIXES = {"fp32": "", "fp16": ".fp16", "int8-dynamic": ".int8-dynamic", "int8-static": ".int8-static"}
+FORMAT_EXTENSIONS = {"onnx": ".onnx", "ort": ".ort"}
+INT8_PREFERENCE = ("int8-static", "int8-dynamic")  # --variant int8: the first accepted one
 PAD = 2  # pixels between grid cells, as in the training grids
 CHUNK = 256  # images per onnxruntime call
 
@@ -54,6 +69,9 @@ class Model:
     latent_dim: int
     image_shape: tuple[int, int, int]
     source: str | None  # sha256 of the model file the export came from, per its manifest
+    variant: str = "fp32"  # as the manifest names it
+    status: str = "verified"
+    reasons: tuple[str, ...] = ()
 
     def run(self, inputs: np.ndarray) -> list[np.ndarray]:
         """All outputs, computed in chunks so that large inputs do not need large buffers."""
@@ -70,29 +88,82 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def check_verified(path: Path) -> dict[str, Any]:
-    """Refuse a file that its folder's manifest does not vouch for, byte for byte; the manifest."""
+def read_manifest(folder: Path) -> dict[str, Any]:
+    manifest_path = folder / MANIFEST_FILE
+    if not manifest_path.is_file():
+        raise SampleError(f"no {MANIFEST_FILE} in {folder}; copy the whole export folder, or export the run again")
+    try:
+        return json.loads(manifest_path.read_text())
+    except ValueError:
+        raise SampleError(f"{manifest_path} is not valid JSON") from None
+
+
+def check_verified(path: Path, allow_rejected: bool = False) -> tuple[dict[str, Any], str, dict[str, Any]]:
+    """Refuse a file that its folder's manifest does not vouch for, byte for byte.
+
+    Returns the manifest, the variant the file belongs to ("fp32" for the export itself) and that
+    variant's manifest entry. A rejected variant passes only with `allow_rejected`.
+    """
     manifest_path = path.parent / MANIFEST_FILE
     if not manifest_path.is_file():
         raise SampleError(f"no {MANIFEST_FILE} beside {path}; copy the whole export folder, or export the run again")
-    try:
-        manifest = json.loads(manifest_path.read_text())
-    except ValueError:
-        raise SampleError(f"{manifest_path} is not valid JSON") from None
+    manifest = read_manifest(path.parent)
     if manifest.get("verified") is not True:
         raise SampleError(
             f"{path.parent} did not pass verification (manifest: verified={manifest.get('verified')}); "
             "refusing to use it; see the manifest's verification failures"
         )
+    name, variant = "fp32", {"status": "verified"}
     entry = (manifest.get("files") or {}).get(path.name)
+    if not entry:
+        for candidate, record in (manifest.get("variants") or {}).items():
+            if path.name in (record.get("files") or {}):
+                name, variant, entry = candidate, record, record["files"][path.name]
+                break
     if not entry or "sha256" not in entry:
         raise SampleError(f"{path.name} is not listed in {manifest_path}")
+    status = variant.get("status")
+    reasons = "; ".join(variant.get("reasons") or []) or "no reason recorded"
+    if status == "rejected" and not allow_rejected:
+        raise SampleError(
+            f"{path.name} belongs to the variant {name}, which the export rejected ({reasons}); "
+            "refusing to use it; pass --allow-rejected to use it anyway"
+        )
+    if status not in ("verified", "rejected"):
+        raise SampleError(f"{path.name} belongs to the variant {name}, which has status {status!r} ({reasons})")
     if _sha256(path) != entry["sha256"]:
         raise SampleError(f"{path} is not the file that was verified (sha256 differs from {manifest_path}); verify it again")
-    return manifest
+    return manifest, name, variant
 
 
-def load_model(path: Path, role: str, threads: int) -> Model:
+def variant_files(folder: Path, variant: str, fmt: str, allow_rejected: bool) -> tuple[str, str]:
+    """(manifest variant name, file suffix) for --variant and --format in export folder `folder`."""
+    extension = FORMAT_EXTENSIONS[fmt]
+    if variant == "fp32" and fmt == "onnx":
+        return "fp32", extension  # the export itself: no variant entry needed
+    listed = read_manifest(folder).get("variants") or {}
+    # manifest name -> base variant, in order of preference
+    candidates = {
+        (base if fmt == "onnx" else f"{base}-ort"): base for base in (INT8_PREFERENCE if variant == "int8" else (variant,))
+    }
+    status = {name: (listed.get(name) or {}).get("status") for name in candidates}
+    for acceptable in ("verified", "rejected") if allow_rejected else ("verified",):
+        for name, base in candidates.items():
+            if status[name] == acceptable:
+                return name, VARIANT_INFIXES[base] + extension
+    wanted = " or ".join(candidates)
+    present = [name for name in candidates if status[name]]
+    if not present:
+        have = ", ".join(f"{name} ({entry.get('status')})" for name, entry in listed.items()) or "none"
+        raise SampleError(f"{folder} has no {wanted} variant (it has: {have}); export the run again to make it")
+    why = "; ".join(
+        f"{name} {status[name]}: {(listed[name].get('reasons') or ['no reason recorded'])[0]}" for name in present
+    )
+    hint = "; pass --allow-rejected to use a rejected one anyway" if "rejected" in status.values() else ""
+    raise SampleError(f"no accepted {wanted} variant in {folder} ({why}){hint}")
+
+
+def load_model(path: Path, role: str, threads: int, allow_rejected: bool = False) -> Model:
     import onnxruntime as ort
 
     if not path.is_file():
@@ -128,8 +199,12 @@ def load_model(path: Path, role: str, threads: int) -> Model:
         raise SampleError(f"{path} lacks valid latent_dim/image_shape metadata") from None
     if len(image_shape) != 3:
         raise SampleError(f"{path}: image_shape metadata {list(image_shape)} is not [C, H, W]")
-    source = (check_verified(path).get("source") or {}).get("sha256")
-    return Model(path, role, session, latent_dim, image_shape, source)  # type: ignore[arg-type]
+    manifest, variant, entry = check_verified(path, allow_rejected)
+    source = (manifest.get("source") or {}).get("sha256")
+    return Model(
+        path, role, session, latent_dim, image_shape, source,  # type: ignore[arg-type]
+        variant, entry.get("status", "verified"), tuple(entry.get("reasons") or ()),
+    )
 
 
 def find_default_model_dir(runs: Path = Path("runs")) -> Path:
@@ -147,7 +222,7 @@ def find_default_model_dir(runs: Path = Path("runs")) -> Path:
 def load_models(args: argparse.Namespace, roles: tuple[str, ...]) -> dict[str, Model]:
     """The models for `roles`: --encoder/--decoder if given, else from the model folder."""
     explicit = {"encoder": args.encoder, "decoder": args.decoder}
-    folder = None
+    folder, suffix = None, ".onnx"
     if any(explicit[r] is None for r in roles):
         folder = args.model_dir
         if folder is None:
@@ -157,7 +232,13 @@ def load_models(args: argparse.Namespace, roles: tuple[str, ...]) -> dict[str, M
             raise SampleError(f"{folder}: no such folder")
         if not (folder / "encoder.onnx").exists() and (folder / "onnx").is_dir():
             folder = folder / "onnx"  # a run directory was given
-    models = {r: load_model(explicit[r] or folder / f"{r}.onnx", r, args.threads) for r in roles}
+        variant, suffix = variant_files(folder, args.variant, args.format, args.allow_rejected)
+        if variant != "fp32":
+            print(f"using variant {variant} ({', '.join(r + suffix for r in roles)})", file=sys.stderr)
+    models = {r: load_model(explicit[r] or folder / f"{r}{suffix}", r, args.threads, args.allow_rejected) for r in roles}
+    for name in sorted({m.variant for m in models.values() if m.status == "rejected"}):
+        reasons = next(m.reasons for m in models.values() if m.variant == name)
+        print(f"warning: using {name}, which the export rejected ({'; '.join(reasons)})", file=sys.stderr)
     if len(models) == 2:
         enc, dec = models["encoder"], models["decoder"]
         if (enc.latent_dim, enc.image_shape) != (dec.latent_dim, dec.image_shape):
@@ -338,6 +419,18 @@ def build_parser() -> Parser:
     common.add_argument("--encoder", type=Path, help="encoder file, instead of the one in --model-dir")
     common.add_argument("--decoder", type=Path, help="decoder file, instead of the one in --model-dir")
     common.add_argument("--threads", type=at_least(1), default=1, help="onnxruntime threads [default: 1]")
+    common.add_argument(
+        "--variant", choices=[*VARIANT_INFIXES, "int8"], default="fp32",
+        help="edge variant from the manifest; int8: int8-static if accepted, else int8-dynamic [default: fp32]",
+    )
+    common.add_argument(
+        "--format", choices=list(FORMAT_EXTENSIONS), default="onnx",
+        help="onnx, or ort: the variant's ORT-format copy (mobile and minimal builds) [default: onnx]",
+    )
+    common.add_argument(
+        "--allow-rejected", action="store_true",
+        help="use a variant even though the export rejected it (over its quality budget, or a failed check)",
+    )
 
     parser = Parser(description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="mode", required=True, metavar="{sample,reconstruct,interpolate}")

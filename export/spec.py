@@ -14,7 +14,7 @@ Neither graph draws noise: the host samples z = mu + exp(logvar / 2) * eps itsel
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable
 
 import torch
@@ -64,10 +64,17 @@ class SubModelSpec:
     outputs: tuple[TensorSpec, ...]
     atol: float
     wrap: Callable[[VAE], nn.Module]
+    # File name after the role: ".onnx" for the fp32 export, e.g. ".int8-dynamic.onnx" or ".ort"
+    # for an edge variant (export.variants), which keeps the same inputs and outputs.
+    suffix: str = ".onnx"
 
     @property
     def filename(self) -> str:
-        return f"{self.role}.onnx"
+        return f"{self.role}{self.suffix}"
+
+    def with_file(self, suffix: str, atol: float) -> "SubModelSpec":
+        """The same contract in another file, checked against its own tolerance."""
+        return replace(self, suffix=suffix, atol=atol)
 
     @property
     def input_names(self) -> list[str]:

@@ -10,6 +10,11 @@ same fixed noise as the torch side, must equal torch's within `ELBO_TOL` nats. T
 contract output is the mean x_mean, not logits, so the Bernoulli NLL is computed from
 probabilities (float64, clipped to [PROB_EPS, 1 - PROB_EPS]); torch's value is computed the same
 way from its own sigmoid output, and also the native way from logits (as training reports it).
+The reconstruction error (decode(mu) against the image) is recorded beside it.
+
+The same pieces judge the edge variants (export.quality): `verify_files` checks any encoder and
+decoder pair of a spec, ORT-format files included (through their onnxruntime session, since the
+onnx package cannot read them), and `torch_scores`/`onnx_scores` measure a pipeline's quality.
 """
 from __future__ import annotations
 
@@ -158,25 +163,41 @@ def random_ops(model: onnx.ModelProto) -> list[str]:
     return sorted({n.op_type for n in nodes if n.op_type in RANDOM_OPS})
 
 
-def _io_problems(values, specs) -> list[str]:
-    problems = []
-    got = [v.name for v in values]
-    want = [t.name for t in specs]
-    if got != want:
-        return [f"expected {want}, found {got}"]
-    for v, t in zip(values, specs):
+def _graph_io(values) -> list[tuple[str, str, list]]:
+    """(name, element type, dims) of graph inputs or outputs; '?' for an unknown dimension."""
+    found = []
+    for v in values:
         tt = v.type.tensor_type
-        if tt.elem_type != onnx.TensorProto.FLOAT:
-            problems.append(f"{v.name} is {onnx.TensorProto.DataType.Name(tt.elem_type)}, expected FLOAT")
         dims = [
             d.dim_param if d.HasField("dim_param") else (d.dim_value if d.HasField("dim_value") else "?")
             for d in tt.shape.dim
         ]
+        found.append((v.name, onnx.TensorProto.DataType.Name(tt.elem_type), dims))
+    return found
+
+
+def _session_io(args) -> list[tuple[str, str, list]]:
+    """The same view of an onnxruntime session's inputs or outputs ("tensor(float)" -> "FLOAT")."""
+    return [
+        (a.name, a.type.removeprefix("tensor(").removesuffix(")").upper(), [d if d is not None else "?" for d in a.shape])
+        for a in args
+    ]
+
+
+def _io_problems(found: list[tuple[str, str, list]], specs) -> list[str]:
+    problems = []
+    got = [name for name, _, _ in found]
+    want = [t.name for t in specs]
+    if got != want:
+        return [f"expected {want}, found {got}"]
+    for (name, elem_type, dims), t in zip(found, specs):
+        if elem_type != "FLOAT":
+            problems.append(f"{name} is {elem_type}, expected FLOAT")
         ok = len(dims) == len(t.dims) and all(
             (isinstance(g, str) and g != "?") if w == BATCH_AXIS else g == w for g, w in zip(dims, t.dims)
         )
         if not ok:
-            problems.append(f"{v.name} has dims {dims}, expected {list(t.dims)} (dynamic {BATCH_AXIS!r} axis)")
+            problems.append(f"{name} has dims {dims}, expected {list(t.dims)} (dynamic {BATCH_AXIS!r} axis)")
     return problems
 
 
@@ -205,9 +226,30 @@ def check_graph(path: Path, spec: SubModelSpec, expected_meta: dict[str, str]) -
     wrong = [f"{k}={meta.get(k)!r} (expected {v!r})" for k, v in expected_meta.items() if meta.get(k) != v]
     checks.append(Check(name, "metadata", not wrong, "; ".join(wrong)))
 
-    problems = _io_problems(model.graph.input, spec.inputs) + _io_problems(model.graph.output, spec.outputs)
+    problems = _io_problems(_graph_io(model.graph.input), spec.inputs) + _io_problems(
+        _graph_io(model.graph.output), spec.outputs
+    )
     checks.append(Check(name, "io", not problems, "; ".join(problems)))
     return checks
+
+
+ORT_FORMAT_ID = b"ORTM"  # flatbuffers file identifier of onnxruntime's ORT format, at bytes 4-8
+
+
+def is_ort_format(path: Path) -> bool:
+    with open(path, "rb") as f:
+        return f.read(8)[4:8] == ORT_FORMAT_ID
+
+
+def check_session(session: ort.InferenceSession, spec: SubModelSpec, expected_meta: dict[str, str]) -> list[Check]:
+    """Checks of a file that only onnxruntime can read (ORT format): metadata and signature."""
+    name = spec.filename
+    meta = session.get_modelmeta().custom_metadata_map
+    wrong = [f"{k}={meta.get(k)!r} (expected {v!r})" for k, v in expected_meta.items() if meta.get(k) != v]
+    problems = _io_problems(_session_io(session.get_inputs()), spec.inputs) + _io_problems(
+        _session_io(session.get_outputs()), spec.outputs
+    )
+    return [Check(name, "metadata", not wrong, "; ".join(wrong)), Check(name, "io", not problems, "; ".join(problems))]
 
 
 def expected_metadata(spec: SubModelSpec, model: VAE, model_meta: dict[str, Any]) -> dict[str, str]:
@@ -280,6 +322,58 @@ def neg_elbo_from_mean(
     return nll + kl
 
 
+@dataclass
+class Scores:
+    """Mean scores of one pipeline over the test images, both computed in float64."""
+
+    neg_elbo: float  # -ELBO from the decoder mean, with the fixed noise (see `evaluation_noise`)
+    recon_mse: float  # squared error per pixel of decode(mu), the reconstruction, against x
+
+
+def evaluation_noise(n: int, latent_dim: int, seed: int = NOISE_SEED) -> torch.Tensor:
+    """One fixed eps row per test image, as in training's evaluation."""
+    return torch.randn(n, latent_dim, generator=data.generator(seed, NOISE_STREAM))
+
+
+def torch_scores(model: VAE, images: torch.Tensor, eps: torch.Tensor, likelihood: str) -> tuple[Scores, float]:
+    """The fp32 torch model's scores on uint8 `images`, and its -ELBO from logits (training's form)."""
+    n = images.shape[0]
+    neg_elbo = native = sq_err = 0.0
+    with torch.no_grad():
+        for lo in range(0, n, CHUNK):
+            x = data.to_float(images[lo : lo + CHUNK])
+            mu, logvar = model.encode(x)
+            logits = model.decode(model.reparameterize(mu, logvar, eps[lo : lo + CHUNK]))
+            native += negative_elbo(logits, x, mu, logvar, 1.0, likelihood).neg_elbo().double().sum().item()
+            neg_elbo += neg_elbo_from_mean(
+                torch.sigmoid(logits).numpy(), x.numpy(), mu.numpy(), logvar.numpy(), likelihood
+            ).sum()
+            sq_err += _squared_error(torch.sigmoid(model.decode(mu)).numpy(), x.numpy())
+    return Scores(neg_elbo / n, sq_err / images[0].numel() / n), native / n
+
+
+def onnx_scores(
+    encoder: ort.InferenceSession, decoder: ort.InferenceSession, images: torch.Tensor, eps: torch.Tensor, likelihood: str
+) -> Scores:
+    """The same scores through an encoder and a decoder session, the host reparameterising
+    exactly like export/sample.py does."""
+    n = images.shape[0]
+    neg_elbo = sq_err = 0.0
+    for lo in range(0, n, CHUNK):
+        x = data.to_float(images[lo : lo + CHUNK]).numpy()
+        mu, logvar = encoder.run(["mu", "logvar"], {"x": x})
+        z = mu + np.exp(np.float32(0.5) * logvar) * eps[lo : lo + CHUNK].numpy()
+        (x_mean,) = decoder.run(["x_mean"], {"z": z.astype(np.float32)})
+        neg_elbo += neg_elbo_from_mean(x_mean, x, mu, logvar, likelihood).sum()
+        (recon,) = decoder.run(["x_mean"], {"z": mu})
+        sq_err += _squared_error(recon, x)
+    return Scores(neg_elbo / n, sq_err / images[0].numel() / n)
+
+
+def _squared_error(got: np.ndarray, want: np.ndarray) -> float:
+    return float(np.square(got.astype(np.float64) - want.astype(np.float64)).sum())
+
+
 def elbo_check(
     encoder: ort.InferenceSession,
     decoder: ort.InferenceSession,
@@ -291,30 +385,16 @@ def elbo_check(
 ) -> tuple[dict[str, Any], list[Check]]:
     """Mean -ELBO over `images` (uint8 [N, C, H, W]) through ONNX and through torch, same noise."""
     n = images.shape[0]
-    # One fixed eps row per image, as in training's evaluation; the host side of the ONNX
-    # pipeline reparameterises exactly like export/sample.py does.
-    eps = torch.randn(n, model.latent_dim, generator=data.generator(seed, NOISE_STREAM))
-    sums = {"onnx": 0.0, "torch": 0.0, "torch_native": 0.0}
-    with torch.no_grad():
-        for lo in range(0, n, CHUNK):
-            x = data.to_float(images[lo : lo + CHUNK])
-            e = eps[lo : lo + CHUNK]
-            mu, logvar = model.encode(x)
-            logits = model.decode(model.reparameterize(mu, logvar, e))
-            sums["torch_native"] += negative_elbo(logits, x, mu, logvar, 1.0, likelihood).neg_elbo().double().sum().item()
-            sums["torch"] += neg_elbo_from_mean(
-                torch.sigmoid(logits).numpy(), x.numpy(), mu.numpy(), logvar.numpy(), likelihood
-            ).sum()
-
-            x_np = x.numpy()
-            mu_o, logvar_o = encoder.run(["mu", "logvar"], {"x": x_np})
-            z = mu_o + np.exp(np.float32(0.5) * logvar_o) * e.numpy()
-            (x_mean,) = decoder.run(["x_mean"], {"z": z.astype(np.float32)})
-            sums["onnx"] += neg_elbo_from_mean(x_mean, x_np, mu_o, logvar_o, likelihood).sum()
-    result = {k: float(v) / n for k, v in sums.items()}
+    eps = evaluation_noise(n, model.latent_dim, seed)
+    reference, native = torch_scores(model, images, eps, likelihood)
+    got = onnx_scores(encoder, decoder, images, eps, likelihood)
+    result = {"onnx": got.neg_elbo, "torch": reference.neg_elbo, "torch_native": native}
     result["diff"] = abs(result["onnx"] - result["torch"])
     result["diff_native"] = abs(result["onnx"] - result["torch_native"])
-    result.update(images=n, tol=tol, likelihood=likelihood, noise_seed=seed)
+    result.update(
+        images=n, tol=tol, likelihood=likelihood, noise_seed=seed,
+        recon_mse_onnx=got.recon_mse, recon_mse_torch=reference.recon_mse,
+    )
     checks = [
         Check("", "elbo", _within(result["diff"], tol),
               f"-ELBO onnx {result['onnx']:.4f} vs torch {result['torch']:.4f} nats: |diff| {result['diff']:.4f} > {tol}",
@@ -351,6 +431,53 @@ def load_test_images(model: VAE, model_meta: dict[str, Any], data_root: str | Pa
     return images
 
 
+def verify_files(
+    onnx_dir: Path,
+    specs: tuple[SubModelSpec, ...],
+    model: VAE,
+    model_meta: dict[str, Any],
+    images: torch.Tensor,
+    batch_sizes: tuple[int, ...] = BATCH_SIZES,
+) -> tuple[list[Check], dict[str, ort.InferenceSession]]:
+    """Every file of `specs` in `onnx_dir` against `model`: its static checks, then onnxruntime
+    against torch at `batch_sizes` (encoder on real test images, decoder on N(0, I) latents),
+    each output within its spec's atol. ORT-format files (onnxruntime's own format, which the
+    onnx package cannot read) are checked through their session. Returns the checks and the
+    sessions that could be opened, by role."""
+    if images.shape[0] < max(batch_sizes):
+        raise ValueError(f"verification needs at least {max(batch_sizes)} test images, got {images.shape[0]}")
+    model.eval()
+    checks: list[Check] = []
+    sessions: dict[str, ort.InferenceSession] = {}
+    latents = np.random.default_rng(NOISE_SEED).standard_normal((max(batch_sizes), model.latent_dim), dtype=np.float32)
+    for spec in specs:
+        path = onnx_dir / spec.filename
+        if not path.is_file():
+            checks.append(Check(spec.filename, "exists", False, f"{path} not found"))
+            continue
+        expected = expected_metadata(spec, model, model_meta)
+        ort_format = is_ort_format(path)
+        if not ort_format:
+            checks += check_graph(path, spec, expected)
+        elif not spec.suffix.endswith(".ort"):
+            checks.append(Check(spec.filename, "load", False, "an ORT-format file under an .onnx name"))
+        try:
+            session = open_session(path)
+        except Exception as e:  # onnxruntime raises its own exception types
+            checks.append(Check(spec.filename, "session", False, f"onnxruntime cannot load it: {e}".splitlines()[0]))
+            continue
+        if ort_format:
+            checks += check_session(session, spec, expected)
+        sessions[spec.role] = session
+        if spec.role == "encoder":
+            reference, batches = model.encode, [data.to_float(images[:b]).numpy() for b in batch_sizes]
+        else:
+            reference, batches = (lambda z: (torch.sigmoid(model.decode(z)),)), [latents[:b] for b in batch_sizes]
+        for inputs in batches:
+            checks += compare(spec, session, reference, np.ascontiguousarray(inputs))
+    return checks, sessions
+
+
 def verify_export(
     onnx_dir: Path,
     model: VAE,
@@ -363,31 +490,9 @@ def verify_export(
     """Verify encoder.onnx and decoder.onnx in `onnx_dir` against `model` on the run's real test split."""
     onnx_dir = Path(onnx_dir)
     model.eval()
-    specs = vae_specs(model, atol)
     images = load_test_images(model, model_meta, data_root)
-    if images.shape[0] < max(batch_sizes):
-        raise ValueError(f"verification needs at least {max(batch_sizes)} test images, got {images.shape[0]}")
     report = Report()
-    sessions: dict[str, ort.InferenceSession] = {}
-    latents = np.random.default_rng(NOISE_SEED).standard_normal((max(batch_sizes), model.latent_dim), dtype=np.float32)
-    for spec in specs:
-        path = onnx_dir / spec.filename
-        if not path.is_file():
-            report.checks.append(Check(spec.filename, "exists", False, f"{path} not found"))
-            continue
-        report.checks += check_graph(path, spec, expected_metadata(spec, model, model_meta))
-        try:
-            sessions[spec.role] = open_session(path)
-        except Exception as e:  # onnxruntime raises its own exception types
-            report.checks.append(Check(spec.filename, "session", False, f"onnxruntime cannot load it: {e}".splitlines()[0]))
-            continue
-        if spec.role == "encoder":
-            reference, batches = model.encode, [data.to_float(images[:b]).numpy() for b in batch_sizes]
-        else:
-            reference, batches = (lambda z: (torch.sigmoid(model.decode(z)),)), [latents[:b] for b in batch_sizes]
-        for inputs in batches:
-            report.checks += compare(spec, sessions[spec.role], reference, np.ascontiguousarray(inputs))
-
+    report.checks, sessions = verify_files(onnx_dir, vae_specs(model, atol), model, model_meta, images, batch_sizes)
     if len(sessions) == 2:
         try:
             report.elbo, checks = elbo_check(

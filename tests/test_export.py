@@ -66,7 +66,8 @@ def runs(tmp_path_factory) -> Path:
         old = runs / f"{kind}-old" / artifacts.MODEL_FILE
         os.utime(old, (old.stat().st_atime, old.stat().st_mtime - 3600))
         make_run(runs, f"{kind}-new", kind, likelihood)
-    result = CliRunner().invoke(cli(), ["export", "--output-dir", str(runs)])
+    # The edge variants are covered by test_variants.py.
+    result = CliRunner().invoke(cli(), ["export", "--output-dir", str(runs), "--variants", "none"])
     assert result.exit_code == 0, result.output
     assert result.output.count(": verified") == 2
     return runs
@@ -306,7 +307,9 @@ def test_find_latest_runs_uses_metadata_kind_and_mtime(tmp_path):
 
 def test_export_of_a_named_run_with_another_opset(tmp_path):
     make_run(tmp_path, "fresh", "linear")
-    result = CliRunner().invoke(cli(), ["export", "fresh", "--output-dir", str(tmp_path), "--opset", "20", "--atol", "1e-3"])
+    result = CliRunner().invoke(
+        cli(), ["export", "fresh", "--output-dir", str(tmp_path), "--opset", "20", "--atol", "1e-3", "--variants", "none"]
+    )
     assert result.exit_code == 0, result.output
     folder = tmp_path / "fresh" / "onnx"
     for role in ("encoder", "decoder"):
