@@ -114,17 +114,17 @@ def main(batch_size: int, seconds: float, json_path: str):
         r["layer_matmul_flops_per_s"] = layer
         r["fraction_of_matmul"] = r["achieved_flops_per_s"] / peak
         r["classic_fraction_of_matmul"] = r["classic_achieved_flops_per_s"] / peak
-    print(f"torch.mm 2048x2048 float32, {torch.get_num_threads()} threads: {peak / 1e9:.1f} GFLOP/s")
-    print(f"torch.mm {batch_size}x784x400 (the linear VAE's largest layer) alone: {layer / 1e9:.1f} GFLOP/s = {layer / peak:.0%}")
-    print(f"{'model':<7} {'batch':>5} {'MFLOP/step':>10} {'images/s':>9} {'of mm':>6} | {'classic images/s':>16} {'of mm':>6}")
+    click.echo(f"torch.mm 2048x2048 float32, {torch.get_num_threads()} threads: {peak / 1e9:.1f} GFLOP/s")
+    click.echo(f"torch.mm {batch_size}x784x400 (the linear VAE's largest layer) alone: {layer / 1e9:.1f} GFLOP/s = {layer / peak:.0%}")
+    click.echo(f"{'model':<7} {'batch':>5} {'MFLOP/step':>10} {'images/s':>9} {'of mm':>6} | {'classic images/s':>16} {'of mm':>6}")
     for r in rows:
-        print(
+        click.echo(
             f"{r['model']:<7} {r['batch_size']:>5} {r['step_flops'] / 1e6:>10.1f} {r['images_per_s']:>9.0f} "
             f"{r['fraction_of_matmul']:>6.0%} | {r['classic_images_per_s']:>16.0f} {r['classic_fraction_of_matmul']:>6.0%}"
         )
     Path(json_path).parent.mkdir(parents=True, exist_ok=True)
     Path(json_path).write_text(json.dumps(rows, indent=1))
-    print(f"written to {json_path}")
+    click.echo(f"written to {json_path}")
 
 
 if __name__ == "__main__":
