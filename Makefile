@@ -27,7 +27,7 @@ data: setup
 	@$(BIN)/vae-dist data --dataset $(DATASET) --no-download >/dev/null 2>&1 || { \
 	  if [ "$(DATASET)" = fashion-mnist ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	    apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1 || \
-	    { apt-get update -q >/dev/null && apt-get install -y -q dataset-fashion-mnist; }; \
+	    { apt-get update -q >/dev/null && apt-get install -y -q dataset-fashion-mnist; } || true; \
 	  fi; }
 	$(BIN)/vae-dist data --dataset $(DATASET)
 

@@ -35,6 +35,7 @@ def launch_cmd(nproc: int, script_args: list[str], extra: list[str] | None = Non
 def env() -> dict[str, str]:
     e = dict(os.environ)
     e.setdefault("OMP_NUM_THREADS", "1")  # two processes on two cores
+    e["CUDA_VISIBLE_DEVICES"] = ""  # the guarantees under test are the CPU/gloo ones, GPU or not
     return e
 
 

@@ -33,6 +33,8 @@ def test_overrides_are_typed():
         ("train.epochs=true", "train.epochs"),
         ("train.lr=0", "train.lr"),
         ("train.lr=-1e-3", "train.lr"),
+        ("train.lr=nan", "train.lr"),
+        ("loss.beta=.inf", "loss.beta"),
         ("train.batch_size=0", "train.batch_size"),
         ("model.latent_dim=0", "model.latent_dim"),
         ("model.kind=rnn", "model.kind"),
@@ -59,7 +61,7 @@ def test_cli_reports_one_line_and_exits_nonzero(tmp_path):
     result = CliRunner().invoke(main, ["train", "--config", "configs/linear.yaml", "--set", "train.lr=-1", "--output-dir", str(tmp_path)])
     assert result.exit_code == 2
     lines = result.output.strip().splitlines()
-    assert lines == ["error: train.lr must be > 0, got -1.0"]
+    assert lines == ["error: train.lr must be a finite number > 0, got -1.0"]
     assert not any(tmp_path.iterdir())  # nothing written
 
 
@@ -69,3 +71,17 @@ def test_train_script_is_importable_and_runnable():
     assert callable(t.train)
     out = subprocess.run([sys.executable, str(ROOT / "vae_dist/train.py"), "--help"], capture_output=True, text=True, cwd=ROOT)
     assert out.returncode == 0 and "--config" in out.stdout
+
+
+def test_fp16_on_the_cpu_is_refused(tmp_path):
+    result = CliRunner().invoke(main, ["train", "--config", "configs/linear.yaml", "--cpu", "--set", "train.mixed_precision=fp16", "--output-dir", str(tmp_path)])
+    assert result.exit_code == 2 and "fp16 needs a GPU" in result.output
+    assert not any(tmp_path.iterdir())
+
+
+def test_a_torn_last_metrics_line_is_dropped(tmp_path):
+    from vae_dist.artifacts import read_jsonl
+
+    f = tmp_path / "metrics.jsonl"
+    f.write_text('{"epoch": 0}\n{"epoch": 1, "te')
+    assert read_jsonl(f) == [{"epoch": 0}]

@@ -193,3 +193,17 @@ def test_two_machines_on_loopback_match_one_process(tmp_path, one_process):
     diff = relative_l2(weights(one_process / "model.safetensors"), weights(tmp_path / "r" / "model.safetensors"))
     print(f"relative L2 difference, 1 process vs 2 machines: {diff:.3e}")
     assert diff <= 1e-5
+
+
+def test_resume_from_an_older_checkpoint_or_into_fewer_epochs_is_refused(tmp_path, uninterrupted):
+    import shutil
+
+    shutil.copytree(uninterrupted[1], tmp_path / "r")
+    older, newest = list_checkpoints(tmp_path / "r")[-2:]
+    model_before = (tmp_path / "r" / "model.safetensors").read_bytes()
+    out = run(launch_cmd(1, ["--resume", str(older)]), check=False)
+    assert out.returncode != 0 and f"newer than {older.name} ({newest.name})" in out.stderr
+    out = run(launch_cmd(1, ["--resume", str(tmp_path / "r"), "--set", "train.epochs=1"]), check=False)
+    assert out.returncode != 0 and "beyond train.epochs=1" in out.stderr
+    assert (tmp_path / "r" / "model.safetensors").read_bytes() == model_before  # nothing overwritten
+    assert list_checkpoints(tmp_path / "r")[-2:] == [older, newest]

@@ -5,6 +5,7 @@ Unknown keys, values of the wrong type and impossible values are errors that nam
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -135,11 +136,11 @@ def validate(cfg: Config) -> Config:
         if value not in allowed:
             raise ConfigError(f"{key}: {value!r} is not one of {', '.join(allowed)}")
     for key in POSITIVE:
-        if get(cfg, key) <= 0:
-            raise ConfigError(f"{key} must be > 0, got {get(cfg, key)!r}")
+        if not get(cfg, key) > 0 or not math.isfinite(get(cfg, key)):
+            raise ConfigError(f"{key} must be a finite number > 0, got {get(cfg, key)!r}")
     for key in NON_NEGATIVE:
-        if get(cfg, key) < 0:
-            raise ConfigError(f"{key} must be >= 0, got {get(cfg, key)!r}")
+        if not get(cfg, key) >= 0 or not math.isfinite(get(cfg, key)):
+            raise ConfigError(f"{key} must be a finite number >= 0, got {get(cfg, key)!r}")
     for key in ("model.hidden_dims", "model.channels"):
         if any(v < 1 for v in get(cfg, key)):
             raise ConfigError(f"{key}: every width must be >= 1, got {get(cfg, key)!r}")

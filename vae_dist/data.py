@@ -13,6 +13,7 @@ import hashlib
 import logging
 import os
 import shutil
+import socket
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -112,7 +113,7 @@ def _materialise(files: dict[str, Path], cls: type, data_dir: Path) -> None:
         dst = raw / name
         if not dst.is_file():
             # Per-process name: several processes of one machine may copy at once.
-            tmp = dst.with_name(f"{dst.name}.partial-{os.getpid()}")
+            tmp = dst.with_name(f"{dst.name}.partial-{socket.gethostname()}-{os.getpid()}")
             with _open(src) as fin, open(tmp, "wb") as fout:
                 shutil.copyfileobj(fin, fout)
             tmp.replace(dst)  # a half-written file is never left under the real name
@@ -142,7 +143,10 @@ def resolve(
             check_idx(path)
         if _in_torchvision_layout(files, directory, info.cls):
             return directory
-        _materialise(files, info.cls, data_dir)
+        try:
+            _materialise(files, info.cls, data_dir)
+        except OSError as e:
+            raise DataError(f"cannot copy {info.pretty} into {data_dir} ({e}); make it writable or set data.root") from e
         return data_dir
     if download:
         try:

@@ -58,6 +58,14 @@ def make_accelerator(cfg: Config, cpu: bool | None = None) -> Accelerator:
     # Without cpu=True on a machine without a GPU, `accelerate launch --num_processes 2` would
     # start two processes that each train alone; with it, they form one gloo process group.
     cpu = (not torch.cuda.is_available()) if cpu is None else cpu
+    launched = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+    if launched != "no" and launched != cfg.train.mixed_precision:
+        raise ConfigError(
+            f"the launcher asks for mixed precision {launched!r} but train.mixed_precision is "
+            f"{cfg.train.mixed_precision!r}; set it with --set train.mixed_precision={launched}"
+        )
+    if cpu and cfg.train.mixed_precision == "fp16":
+        raise ConfigError("train.mixed_precision=fp16 needs a GPU; on the CPU use bf16 or no")
     try:
         accelerator = Accelerator(
             cpu=cpu,
@@ -71,10 +79,11 @@ def make_accelerator(cfg: Config, cpu: bool | None = None) -> Accelerator:
 
 
 def check_launch(accelerator: Accelerator) -> None:
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    sizes = {k: int(os.environ.get(k, "1") or 1) for k in ("WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "MV2_COMM_WORLD_SIZE")}
+    name, world = max(sizes.items(), key=lambda kv: kv[1])
     if world > 1 and accelerator.num_processes != world:
         raise LaunchError(
-            f"WORLD_SIZE={world} but this process is not part of a {world}-process group "
+            f"{name}={world} but this process is not part of a {world}-process group "
             f"(distributed type {accelerator.distributed_type}); the processes would train "
             "independently. Launch with `accelerate launch` and a config from configs/accelerate/"
         )
@@ -156,11 +165,17 @@ def save_checkpoint(accelerator: Accelerator, run_dir: Path, state: TrainerState
     if accelerator.is_main_process:
         artifacts.atomic_write_text(tmp / STATE_FILE, json.dumps(state.__dict__, indent=1))
         if final.exists():  # the same step saved twice (e.g. epoch end after a step save)
-            shutil.rmtree(final)
+            _remove_checkpoint(final)
         os.replace(tmp, final)
         for old in list_checkpoints(run_dir)[:-keep]:
-            shutil.rmtree(old)
+            _remove_checkpoint(old)
     accelerator.wait_for_everyone()
+
+
+def _remove_checkpoint(path: Path) -> None:
+    # The state file goes first: a kill during the removal leaves a folder that is never picked.
+    (path / STATE_FILE).unlink(missing_ok=True)
+    shutil.rmtree(path)
 
 
 def load_checkpoint(accelerator: Accelerator, checkpoint: Path) -> TrainerState:
@@ -269,19 +284,29 @@ def train(cfg: Config, resume: str | None = None, cpu: bool | None = None) -> Tr
             decided = [str(run_dir), str(checkpoint) if checkpoint else None, None]
             if checkpoint:
                 saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+                if not isinstance(saved, dict):
+                    raise ResumeError(f"{run_dir / 'config.yaml'} is not a saved configuration")
                 diff = config_differences(saved, cfg)
                 if diff:
                     raise ResumeError(
                         f"cannot resume {run_dir} with a different configuration: {'; '.join(diff)}"
                     )
-        except (ResumeError, OSError, yaml.YAMLError) as e:
-            decided = [None, None, str(e)]
+                newer = [p.name for p in list_checkpoints(run_dir) if p.name > checkpoint.name]
+                if newer:
+                    raise ResumeError(
+                        f"{run_dir} has checkpoints newer than {checkpoint.name} ({', '.join(newer)}); "
+                        "move them away to restart from an older one"
+                    )
+            (run_dir / "images").mkdir(parents=True, exist_ok=True)  # fails here, before any collective
+        except Exception as e:  # every rank must learn of it, or the others wait forever
+            decided = [None, None, f"{e}".splitlines()[0] if str(e) else type(e).__name__]
     broadcast_object_list(decided)
     if decided[2]:
         raise ResumeError(decided[2])
     run_dir, checkpoint = Path(decided[0]), (Path(decided[1]) if decided[1] else None)
 
-    train_split, test_split = data.load_splits(cfg.data)
+    with accelerator.local_main_process_first():  # one copy or download per machine
+        train_split, test_split = data.load_splits(cfg.data)
     image_shape = train_split.image_shape
     steps_per_epoch = len(train_split) // cfg.train.batch_size
     if steps_per_epoch < 1:
@@ -300,6 +325,11 @@ def train(cfg: Config, resume: str | None = None, cpu: bool | None = None) -> Tr
     state = TrainerState()
     if checkpoint:
         state = load_checkpoint(accelerator, checkpoint)
+        if state.epoch > cfg.train.epochs or (state.epoch == cfg.train.epochs and state.step_in_epoch):
+            raise ResumeError(
+                f"{checkpoint} is at epoch {state.epoch}, beyond train.epochs={cfg.train.epochs}; "
+                "resume with at least as many epochs"
+            )
         log.info(f"resumed from {checkpoint} (epoch {state.epoch}, step {state.global_step})", main_process_only=True)
     metrics_path = run_dir / "metrics.jsonl"
     if accelerator.is_main_process:
@@ -413,7 +443,7 @@ def _version() -> str:
 
 # ---------------------------------------------------------------- command line
 
-USER_ERRORS = (ConfigError, data.DataError, LaunchError, ResumeError)
+USER_ERRORS = (ConfigError, data.DataError, LaunchError, ResumeError, OSError)
 
 
 @click.command("train")
@@ -432,9 +462,11 @@ def train_command(config_path, overrides, name, output_dir, resume, cpu):
     try:
         if config_path is None and resume:
             config_path = _saved_config(resume, name, output_dir)
-        extra = [f"run.name={name}"] if name else []
-        extra += [f"run.output_dir={output_dir}"] if output_dir else []
-        cfg = load_config(config_path, [*overrides, *extra])
+            if config_path is None:
+                raise ResumeError(f"--resume {resume}: no run with a saved config.yaml there; check --name/--output-dir or pass --config")
+        cfg = load_config(config_path, overrides)
+        cfg.run.name = name or cfg.run.name
+        cfg.run.output_dir = output_dir or cfg.run.output_dir
         if resume == "auto" and not cfg.run.name:
             raise ConfigError("--resume auto needs --name (the run to continue)")
         run_dir = train(cfg, resume=resume, cpu=cpu).run_dir
