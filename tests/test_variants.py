@@ -9,26 +9,24 @@ import subprocess
 import sys
 from pathlib import Path
 
-import click
 import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-import torch
 from click.testing import CliRunner
 from PIL import Image
 
 from export import sample as sampler
 from export import variants as variants_lib
-from export.cli import export_command, verify_command
 from export.convert import export_run
 from export.manifest import file_record
 from export.produce import census
 from export.variants import QUALITY_BUDGET, VARIANTS
 from export.verify import ORT_FORMAT_ID
-from vae_dist import artifacts, data
-from vae_dist.config import ModelConfig
-from vae_dist.models import build_model
+from vae_dist import data
+
+from test_export import cli, make_run  # the same tiny runs and CLI group as the export tests
+from test_sample import BLOCKED
 
 ROOT = Path(__file__).resolve().parents[1]
 SHAPE = (1, 28, 28)
@@ -39,7 +37,6 @@ EXPECTED = {
     "conv": ["fp16", "int8-dynamic", "int8-static", "fp32-ort", "int8-dynamic-ort", "int8-static-ort"],
 }
 # What a device without torch lacks (as in test_sample.py).
-BLOCKED = ("torch", "torchvision", "onnx", "onnxscript", "onnx_ir", "vae_dist", "click", "safetensors", "accelerate")
 PRELUDE = """
 import sys
 class _NotInstalled:
@@ -57,23 +54,6 @@ def run_sampler(args: list[str]) -> subprocess.CompletedProcess:
     """`python -m export.sample ARGS` where torch and the project's other modules cannot be imported."""
     code = PRELUDE.format(blocked=set(BLOCKED), args=args)
     return subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
-
-
-def make_run(runs: Path, name: str, kind: str, likelihood: str, seed: int = 0) -> Path:
-    torch.manual_seed(seed)
-    cfg = ModelConfig(kind=kind, latent_dim=LATENT, hidden_dims=[32], channels=[4, 8])
-    run = runs / name
-    run.mkdir(parents=True)
-    extra = {"dataset": "fashion-mnist", "likelihood": likelihood, "test_neg_elbo": 543.21}
-    artifacts.save_model(run / artifacts.MODEL_FILE, build_model(cfg, SHAPE), cfg, extra)
-    return run
-
-
-def cli() -> click.Group:
-    group = click.Group("vae-dist")
-    group.add_command(export_command)
-    group.add_command(verify_command)
-    return group
 
 
 def manifest_of(folder: Path) -> dict:
