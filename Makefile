@@ -42,7 +42,9 @@ demo: data
 	$(BIN)/vae-dist train --config configs/linear.yaml --output-dir $(RUNS) --set train.epochs=$(EPOCHS)
 	$(BIN)/vae-dist train --config configs/conv.yaml --output-dir $(RUNS) --set train.epochs=$(EPOCHS)
 	$(BIN)/vae-dist export --output-dir $(RUNS)
-	$(MAKE) --no-print-directory sample
+	for kind in linear conv; do \
+	  $(MAKE) --no-print-directory sample RUN=$$(ls -td $(RUNS)/$$kind-*/onnx | head -n 1) SAMPLES=$(RUNS)/samples/$$kind || exit 1; \
+	done
 
 # RUN: a run folder or name; empty = the latest run of each model.
 export: data
@@ -52,14 +54,15 @@ verify: data
 	$(BIN)/vae-dist verify $(RUN) --output-dir $(RUNS)
 
 # onnxruntime only (no torch): prior samples, test-set reconstructions and an interpolation,
-# from the export of RUN (default: the newest verified export under runs/), into $(RUNS)/samples/.
+# from the export of RUN (default: the newest verified export under runs/), into SAMPLES.
 SAMPLER = $(BIN)/python -m export.sample
 TEST_IDX = data/$(if $(filter mnist,$(DATASET)),MNIST,FashionMNIST)/raw/t10k-images-idx3-ubyte
+SAMPLES ?= $(RUNS)/samples
 sample: data
-	mkdir -p $(RUNS)/samples
-	$(SAMPLER) sample $(if $(RUN),--model-dir $(RUN)) -n 64 --seed 1 --out $(RUNS)/samples/prior.png
-	$(SAMPLER) reconstruct $(if $(RUN),--model-dir $(RUN)) --idx $(TEST_IDX) -n 16 --out $(RUNS)/samples/reconstructions.png
-	$(SAMPLER) interpolate $(if $(RUN),--model-dir $(RUN)) --idx $(TEST_IDX) --pair 0 1 --out $(RUNS)/samples/interpolation.png
+	mkdir -p $(SAMPLES)
+	$(SAMPLER) sample $(if $(RUN),--model-dir $(RUN)) -n 64 --seed 1 --out $(SAMPLES)/prior.png
+	$(SAMPLER) reconstruct $(if $(RUN),--model-dir $(RUN)) --idx $(TEST_IDX) -n 16 --out $(SAMPLES)/reconstructions.png
+	$(SAMPLER) interpolate $(if $(RUN),--model-dir $(RUN)) --idx $(TEST_IDX) --pair 0 1 --out $(SAMPLES)/interpolation.png
 
 test: data
 	$(BIN)/pytest -q
