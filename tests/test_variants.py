@@ -5,8 +5,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +24,7 @@ from export.verify import ORT_FORMAT_ID
 from vae_dist import data
 
 from test_export import cli, make_run  # the same tiny runs and CLI group as the export tests
-from test_sample import BLOCKED
+from test_sample import run_sampler  # torch and the project made unimportable
 
 ROOT = Path(__file__).resolve().parents[1]
 SHAPE = (1, 28, 28)
@@ -36,26 +34,6 @@ EXPECTED = {
     "linear": ["fp16", "int8-dynamic", "fp32-ort", "int8-dynamic-ort"],
     "conv": ["fp16", "int8-dynamic", "int8-static", "fp32-ort", "int8-dynamic-ort", "int8-static-ort"],
 }
-# What a device without torch lacks (as in test_sample.py).
-PRELUDE = """
-import sys
-class _NotInstalled:
-    def find_spec(self, name, path=None, target=None):
-        if name.partition(".")[0] in {blocked!r}:
-            raise ImportError(f"No module named {{name!r}} (blocked: not on the device)")
-sys.meta_path.insert(0, _NotInstalled())
-import runpy
-sys.argv = ['sample.py', *{args!r}]
-runpy.run_module('export.sample', run_name='__main__', alter_sys=True)
-"""
-
-
-def run_sampler(args: list[str]) -> subprocess.CompletedProcess:
-    """`python -m export.sample ARGS` where torch and the project's other modules cannot be imported."""
-    code = PRELUDE.format(blocked=set(BLOCKED), args=args)
-    return subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
-
-
 def manifest_of(folder: Path) -> dict:
     return json.loads((folder / "manifest.json").read_text())
 

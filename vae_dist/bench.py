@@ -19,9 +19,11 @@ from accelerate import Accelerator
 from torch.utils.flop_counter import FlopCounterMode
 
 from vae_dist import data
-from vae_dist.config import Config
+from vae_dist.config import load_config
 from vae_dist.models import build_model
 from vae_dist.train import make_optimizer, micro_step
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
 def matmul_flops_per_s(m: int = 2048, k: int = 2048, n: int = 2048, seconds: float = 3.0) -> float:
@@ -51,10 +53,7 @@ def time_steps(step, seconds: float) -> tuple[int, float]:
 
 
 def bench_model(kind: str, accelerator, train: data.Split, root: Path, batch: int, seconds: float) -> dict:
-    cfg = Config()
-    cfg.model.kind = kind
-    if kind == "conv":
-        cfg.model.hidden_dims = [256]
+    cfg = load_config(CONFIGS / f"{kind}.yaml")  # the shipped models, as `make train` builds them
     torch.manual_seed(0)
     model = build_model(cfg.model, train.image_shape)
     optimizer = make_optimizer(model, cfg, accelerator.device)
