@@ -12,7 +12,10 @@ NPROC   ?= 2
 ARGS    ?=
 RUN     ?=
 
-.PHONY: setup data train train-ddp demo export verify sample test bench bench-infer clean
+# The folders the commands use (vae_dist/paths.py): runs under $(RUNS), data under ./data.
+export VAE_DIST_RUNS := $(RUNS)
+
+.PHONY: setup data train train-ddp demo export verify sample test test-fast lint bench bench-infer clean
 
 setup: $(VENV)/.installed
 
@@ -54,18 +57,29 @@ verify: data
 	$(BIN)/vae-dist verify $(RUN) --output-dir $(RUNS)
 
 # onnxruntime only (no torch): prior samples, test-set reconstructions and an interpolation,
-# from the export of RUN (default: the newest verified export under runs/), into SAMPLES.
+# from the export of RUN (default: the newest verified export under $(RUNS)), into SAMPLES.
 SAMPLER = $(BIN)/python -m export.sample
-TEST_IDX = data/$(if $(filter mnist,$(DATASET)),MNIST,FashionMNIST)/raw/t10k-images-idx3-ubyte
 SAMPLES ?= $(RUNS)/samples
 sample: data
 	mkdir -p $(SAMPLES)
-	$(SAMPLER) sample $(if $(RUN),--model-dir $(RUN)) -n 64 --seed 1 --out $(SAMPLES)/prior.png
-	$(SAMPLER) reconstruct $(if $(RUN),--model-dir $(RUN)) --idx $(TEST_IDX) -n 16 --out $(SAMPLES)/reconstructions.png
-	$(SAMPLER) interpolate $(if $(RUN),--model-dir $(RUN)) --idx $(TEST_IDX) --pair 0 1 --out $(SAMPLES)/interpolation.png
+	@test_idx=$$($(BIN)/vae-dist data --dataset $(DATASET) --no-download --test-images 2>/dev/null) && \
+	set -x && \
+	$(SAMPLER) sample $(if $(RUN),--model-dir $(RUN)) -n 64 --seed 1 --out $(SAMPLES)/prior.png && \
+	$(SAMPLER) reconstruct $(if $(RUN),--model-dir $(RUN)) --idx $$test_idx -n 16 --out $(SAMPLES)/reconstructions.png && \
+	$(SAMPLER) interpolate $(if $(RUN),--model-dir $(RUN)) --idx $$test_idx --pair 0 1 --out $(SAMPLES)/interpolation.png
 
+# Everything, nothing skipped (CI runs this); then the linter.
 test: data
+	$(BIN)/ruff check .
 	$(BIN)/pytest -q
+
+# The edit-test loop: no test that launches training or other processes.
+test-fast: data
+	$(BIN)/ruff check .
+	$(BIN)/pytest -q -m "not slow"
+
+lint: setup
+	$(BIN)/ruff check .
 
 bench: data
 	$(BIN)/python -m vae_dist.bench
@@ -74,4 +88,4 @@ bench-infer: data
 	$(BIN)/python -m export.bench_infer --output-dir $(RUNS)
 
 clean:
-	rm -rf $(VENV) bench .pytest_cache
+	rm -rf $(VENV) bench .pytest_cache .ruff_cache

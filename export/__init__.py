@@ -4,16 +4,18 @@
     vae-dist verify RUN
     python -m export.sample sample --model-dir runs/RUN/onnx   # needs only onnxruntime, numpy, Pillow
 
-The pieces, in the order an export uses them:
-    export.spec     what is exported: graph wrappers, tensor names, dynamic axes, tolerances, metadata
-    export.convert  the export itself (torch.onnx.export), run discovery, the atomic hand-over
-    export.verify   checks of a written export against the torch model, and the manifest
-    export.variants the edge variants (fp16, int8 dynamic, int8 static, ORT format): what each one is
-    export.produce  how each variant is made (onnxruntime's converters and quantisers)
-    export.quality  how a variant is judged: checks against its own tolerance, quality cost
-    export.edge     the variants of one export folder: made, judged, recorded in the manifest
-    export.sample   the torch-free consumer (onnxruntime, numpy and Pillow only)
+The modules, in the order an export uses them:
+    export.spec         what is exported: graph wrappers, tensor names, dynamic axes, tolerances, metadata keys
+    export.convert      the export of one sub-model (torch.onnx.export) into one self-contained file
+    export.verify       checks of written files against the torch model, and a variant's quality cost
+    export.variants     the edge variants (fp16, int8 dynamic, int8 static, ORT format): what each is, how it is made
+    export.manifest     manifest.json: the only writer of its keys
+    export.pipeline     finding runs; export -> verify -> variants -> manifest, and `verify` of an export
+    export.cli          the `export` and `verify` commands
+    export.sample       the torch-free consumer (onnxruntime, numpy and Pillow only)
     export.bench_infer  latency and throughput of every variant against PyTorch eager
+
+Dependencies point one way: export uses vae_dist, never the reverse. See docs/export.md.
 
 This file imports nothing on purpose: `python -m export.sample` imports it first, and the
 sampler must run where torch is not installed.

@@ -23,6 +23,7 @@ Targets, each reported as passed or missed in the output and the JSON (see TARGE
     every int8 decoder file <= 30% of the fp32 decoder file
     every int8 variant's quality cost within the export's budget (from the manifest)
 """
+
 from __future__ import annotations
 
 import gc
@@ -32,10 +33,11 @@ import os
 import platform
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import click
 import numpy as np
@@ -43,10 +45,11 @@ import onnxruntime as ort
 import torch
 
 from export.manifest import read_manifest
-from export.runs import find_latest_exports, resolve_run
+from export.pipeline import find_latest_exports, resolve_run
 from export.spec import ONNX_DIR, SubModelSpec, vae_specs
 from export.variants import FP32, VARIANTS
-from vae_dist import artifacts
+from vae_dist import artifacts, paths
+from vae_dist.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +113,9 @@ def time_interleaved(
 def _timing(durations_ns: list[int], batch: int) -> Timing:
     ms = np.asarray(durations_ns, dtype=np.float64) / 1e6
     total = ms.sum() / 1e3
-    return Timing(len(ms), float(total), float(np.percentile(ms, 50)), float(np.percentile(ms, 90)), batch * len(ms) / total)
+    return Timing(
+        len(ms), float(total), float(np.percentile(ms, 50)), float(np.percentile(ms, 90)), batch * len(ms) / total
+    )
 
 
 def ort_session(path: Path, threads: int) -> ort.InferenceSession:
@@ -123,7 +128,9 @@ def ort_session(path: Path, threads: int) -> ort.InferenceSession:
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
-def ort_call(session: ort.InferenceSession, spec: SubModelSpec, inputs: np.ndarray, io_binding: bool) -> Callable[[], Any]:
+def ort_call(
+    session: ort.InferenceSession, spec: SubModelSpec, inputs: np.ndarray, io_binding: bool
+) -> Callable[[], Any]:
     """One inference as a deployment would call it: output names given once (looking them up on
     every call costs microseconds at batch 1), or with `io_binding` the input bound once and the
     outputs written into preallocated buffers, so no output array is made per call."""
@@ -133,7 +140,9 @@ def ort_call(session: ort.InferenceSession, spec: SubModelSpec, inputs: np.ndarr
     binding = session.io_binding()
     binding.bind_ortvalue_input(spec.inputs[0].name, ort.OrtValue.ortvalue_from_numpy(inputs))
     for t in spec.outputs:
-        binding.bind_ortvalue_output(t.name, ort.OrtValue.ortvalue_from_shape_and_type(t.shape_for(len(inputs)), np.float32))
+        binding.bind_ortvalue_output(
+            t.name, ort.OrtValue.ortvalue_from_shape_and_type(t.shape_for(len(inputs)), np.float32)
+        )
     return lambda: session.run_with_iobinding(binding)
 
 
@@ -159,17 +168,24 @@ def used_parameter_bytes(module: torch.nn.Module, example: torch.Tensor) -> int:
 def export_files(onnx_dir: Path, manifest: dict[str, Any]) -> list[dict[str, Any]]:
     """fp32 and every variant whose files exist: name, format, status, files by role, quality."""
     status = "verified" if manifest.get("verified") is True else "unverified"
-    entries = [{"variant": FP32, "format": "onnx", "status": status, "files": {r: f"{r}.onnx" for r in ROLES}, "quality": None}]
+    entries = [
+        {"variant": FP32, "format": "onnx", "status": status, "files": {r: f"{r}.onnx" for r in ROLES}, "quality": None}
+    ]
     for name, entry in (manifest.get("variants") or {}).items():
         spec = VARIANTS.get(name)
         if spec is None or entry.get("status") == "failed":
             continue
         files = {r: spec.filename(r) for r in ROLES}
         if all((onnx_dir / f).is_file() for f in files.values()):
-            entries.append({
-                "variant": name, "format": spec.format, "status": entry.get("status"), "files": files,
-                "quality": entry.get("quality"),
-            })
+            entries.append(
+                {
+                    "variant": name,
+                    "format": spec.format,
+                    "status": entry.get("status"),
+                    "files": files,
+                    "quality": entry.get("quality"),
+                }
+            )
     return entries
 
 
@@ -181,7 +197,7 @@ def bench_run(
     onnx_dir = run_dir / ONNX_DIR
     manifest = read_manifest(onnx_dir)
     if manifest is None:
-        raise FileNotFoundError(f"{onnx_dir} holds no export; run `vae-dist export {run_dir}` first")
+        raise UserError(f"{onnx_dir} holds no export; run `vae-dist export {run_dir}` first")
     model, meta = artifacts.load_model(model_path)
     kind = meta["model"]["kind"]
     files = export_files(onnx_dir, manifest)
@@ -190,7 +206,11 @@ def bench_run(
     for spec in vae_specs(model):
         module = spec.wrap(model).eval()
         shape = spec.inputs[0].shape_for(max(batch_sizes))
-        pool = (rng.random(shape, dtype=np.float32) if spec.role == "encoder" else rng.standard_normal(shape, dtype=np.float32))
+        pool = (
+            rng.random(shape, dtype=np.float32)
+            if spec.role == "encoder"
+            else rng.standard_normal(shape, dtype=np.float32)
+        )
         param_bytes = used_parameter_bytes(module, torch.from_numpy(pool[:1]))
         sessions = {f["variant"]: ort_session(onnx_dir / f["files"][spec.role], threads) for f in files}
         for batch in batch_sizes:
@@ -198,26 +218,48 @@ def bench_run(
             x = torch.from_numpy(inputs)
             base = {"kind": kind, "run": run_dir.name, "role": spec.role, "batch": batch}
 
-            calls = {TORCH: lambda: module(x)}
+            calls = {TORCH: lambda module=module, x=x: module(x)}
             calls.update({name: ort_call(sess, spec, inputs, io_binding) for name, sess in sessions.items()})
             with torch.inference_mode():  # entered once: its own cost is not the model's
                 timings = time_interleaved(calls, batch, seconds, warmup)
             torch_p50 = timings[TORCH].p50_ms
-            rows.append({
-                **base, "variant": TORCH, "runtime": "torch", "format": "torch", "status": None, "file": None,
-                "size_bytes": param_bytes, **asdict(timings[TORCH]), "vs_torch": 1.0,
-            })
+            rows.append(
+                {
+                    **base,
+                    "variant": TORCH,
+                    "runtime": "torch",
+                    "format": "torch",
+                    "status": None,
+                    "file": None,
+                    "size_bytes": param_bytes,
+                    **asdict(timings[TORCH]),
+                    "vs_torch": 1.0,
+                }
+            )
             for f in files:
                 path, timing = onnx_dir / f["files"][spec.role], timings[f["variant"]]
-                rows.append({
-                    **base, "variant": f["variant"], "runtime": "onnxruntime", "format": f["format"],
-                    "status": f["status"], "file": path.name, "size_bytes": path.stat().st_size, **asdict(timing),
-                    "vs_torch": torch_p50 / timing.p50_ms,
-                })
+                rows.append(
+                    {
+                        **base,
+                        "variant": f["variant"],
+                        "runtime": "onnxruntime",
+                        "format": f["format"],
+                        "status": f["status"],
+                        "file": path.name,
+                        "size_bytes": path.stat().st_size,
+                        **asdict(timing),
+                        "vs_torch": torch_p50 / timing.p50_ms,
+                    }
+                )
             log.info("%s %s batch %d done", kind, spec.role, batch)
     quality = {f["variant"]: {"status": f["status"], **(f["quality"] or {})} for f in files if f["variant"] != FP32}
     return {
-        "model": {"kind": kind, "run": run_dir.name, "onnx_dir": str(onnx_dir), "quality_budget": manifest.get("quality_budget")},
+        "model": {
+            "kind": kind,
+            "run": run_dir.name,
+            "onnx_dir": str(onnx_dir),
+            "quality_budget": manifest.get("quality_budget"),
+        },
         "rows": rows,
         "quality": quality,
     }
@@ -254,30 +296,51 @@ def evaluate_targets(models: list[dict[str, Any]], rows: list[dict[str, Any]]) -
             r = next((r for r in rows if (r["kind"], r["variant"], r["role"]) == (kind, variant, "decoder")), None)
             if r is not None and fp32 is not None:
                 share = r["size_bytes"] / fp32["size_bytes"]
-                targets.append(_target(
-                    f"{kind} {variant} decoder file <= {INT8_SIZE_TARGET:.0%} of fp32's", kind, variant, share,
-                    INT8_SIZE_TARGET, f"{r['size_bytes']:,} of {fp32['size_bytes']:,} bytes: {share:.1%}",
-                ))
+                targets.append(
+                    _target(
+                        f"{kind} {variant} decoder file <= {INT8_SIZE_TARGET:.0%} of fp32's",
+                        kind,
+                        variant,
+                        share,
+                        INT8_SIZE_TARGET,
+                        f"{r['size_bytes']:,} of {fp32['size_bytes']:,} bytes: {share:.1%}",
+                    )
+                )
             q = model["quality"][variant]
             change = q.get("neg_elbo_change")
             name = f"{kind} {variant} quality: |test -ELBO change| <= budget"
             if change is None or budget is None:
                 targets.append(_target(name, kind, variant, None, budget, f"not measured (status {q.get('status')})"))
             else:
-                targets.append(_target(name, kind, variant, abs(change), budget, f"{change:+.4f} nats, budget {budget:g}"))
+                targets.append(
+                    _target(name, kind, variant, abs(change), budget, f"{change:+.4f} nats, budget {budget:g}")
+                )
     return targets
 
 
-def _target(name: str, kind: str, variant: str, measured: float | None, limit: float | None, detail: str) -> dict[str, Any]:
+def _target(
+    name: str, kind: str, variant: str, measured: float | None, limit: float | None, detail: str
+) -> dict[str, Any]:
     passed = None if measured is None or limit is None else bool(measured <= limit)
-    return {"name": name, "kind": kind, "variant": variant, "measured": measured, "limit": limit, "passed": passed, "detail": detail}
+    return {
+        "name": name,
+        "kind": kind,
+        "variant": variant,
+        "measured": measured,
+        "limit": limit,
+        "passed": passed,
+        "detail": detail,
+    }
 
 
 # ---------------------------------------------------------------- output
 
 
 def table_lines(rows: list[dict[str, Any]]) -> list[str]:
-    head = f"{'model':<7} {'part':<8} {'variant':<17} {'status':<9} {'size':>9} {'batch':>5} {'p50 ms':>9} {'p90 ms':>9} {'images/s':>10} {'vs torch':>8}"
+    head = (
+        f"{'model':<7} {'part':<8} {'variant':<17} {'status':<9} {'size':>9} {'batch':>5} "
+        f"{'p50 ms':>9} {'p90 ms':>9} {'images/s':>10} {'vs torch':>8}"
+    )
     lines = [head, "-" * len(head)]
     for r in rows:
         size = f"{r['size_bytes'] / 1e6:.2f} MB" + ("*" if r["runtime"] == "torch" else " ")
@@ -303,11 +366,18 @@ def machine() -> dict[str, Any]:
     cpu = platform.processor() or ""
     try:
         cpu = next(
-            line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name")
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
         )
     except (OSError, StopIteration):
         pass
-    return {"cpu": cpu, "logical_cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()}
+    return {
+        "cpu": cpu,
+        "logical_cpus": os.cpu_count(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+    }
 
 
 def _batch_sizes(ctx, param, value: str) -> list[int]:
@@ -322,27 +392,56 @@ def _batch_sizes(ctx, param, value: str) -> list[int]:
 
 @click.command()
 @click.argument("runs", nargs=-1, type=click.Path(path_type=Path))
-@click.option("--output-dir", type=click.Path(path_type=Path), default=Path("runs"), show_default=True,
-              help="Folder of runs: without RUN, the newest verified export of each model kind in it is benchmarked.")
-@click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True,
-              help="Threads for both onnxruntime (intra-op) and torch.")
-@click.option("--seconds", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True,
-              help="Timed loop per measurement (after the warm-up).")
-@click.option("--warmup", type=click.FloatRange(min=0), default=0.2, show_default=True,
-              help="Warm-up per measurement, in seconds (at least 3 calls).")
+@click.option(
+    "--output-dir",
+    type=click.Path(path_type=Path),
+    default=paths.runs_dir,
+    show_default="$VAE_DIST_RUNS or runs",
+    help="Folder of runs: without RUN, the newest verified export of each model kind in it is benchmarked.",
+)
+@click.option(
+    "--threads",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Threads for both onnxruntime (intra-op) and torch.",
+)
+@click.option(
+    "--seconds",
+    type=click.FloatRange(min=0, min_open=True),
+    default=1.0,
+    show_default=True,
+    help="Timed loop per measurement (after the warm-up).",
+)
+@click.option(
+    "--warmup",
+    type=click.FloatRange(min=0),
+    default=0.2,
+    show_default=True,
+    help="Warm-up per measurement, in seconds (at least 3 calls).",
+)
 @click.option("--batch-sizes", default="1,64", show_default=True, callback=_batch_sizes)
-@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path),
-              default=Path("bench/infer.json"), show_default=True)
-@click.option("--io-binding", is_flag=True,
-              help="Call onnxruntime through IOBinding (input bound once, outputs preallocated) instead of session.run.")
+@click.option(
+    "--json",
+    "json_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=Path("bench/infer.json"),
+    show_default=True,
+)
+@click.option(
+    "--io-binding",
+    is_flag=True,
+    help="Call onnxruntime through IOBinding (input bound once, outputs preallocated) instead of session.run.",
+)
 @click.option("--check", is_flag=True, help="Exit with status 1 when a target is missed.")
 def main(runs, output_dir, threads, seconds, warmup, batch_sizes, json_path, io_binding, check):
     """Benchmark exported VAEs and their edge variants on onnxruntime CPU against PyTorch eager."""
     logging.basicConfig(format="%(asctime)s %(levelname)s %(message)s", level=logging.WARNING)
-    targets = list(runs) or list(find_latest_exports(output_dir, ONNX_DIR).values())
+    targets = list(runs) or list(find_latest_exports(output_dir).values())
     if not targets:
         click.echo(
-            f"error: no verified export under {output_dir}/; run `vae-dist export --output-dir {output_dir}` first", err=True
+            f"error: no verified export under {output_dir}/; run `vae-dist export --output-dir {output_dir}` first",
+            err=True,
         )
         sys.exit(2)
     torch.set_num_threads(threads)
@@ -350,7 +449,7 @@ def main(runs, output_dir, threads, seconds, warmup, batch_sizes, json_path, io_
     for run in targets:
         try:
             models.append(bench_run(run, threads, batch_sizes, seconds, warmup, io_binding))
-        except (FileNotFoundError, ValueError) as e:
+        except UserError as e:
             click.echo(f"error: {run}: {e}", err=True)
             sys.exit(2)
     rows = [r for m in models for r in m["rows"]]
@@ -362,9 +461,14 @@ def main(runs, output_dir, threads, seconds, warmup, batch_sizes, json_path, io_
         "machine": machine(),
         "versions": {"onnxruntime": ort.__version__, "torch": torch.__version__, "numpy": np.__version__},
         "settings": {
-            "threads": threads, "inter_op_threads": 1, "seconds": seconds, "warmup_seconds": warmup,
-            "batch_sizes": batch_sizes, "graph_optimization_level": OPTIMIZATION_LEVEL.name,
-            "onnxruntime_call": "run_with_iobinding" if io_binding else "run", "torch_threads": torch.get_num_threads(),
+            "threads": threads,
+            "inter_op_threads": 1,
+            "seconds": seconds,
+            "warmup_seconds": warmup,
+            "batch_sizes": batch_sizes,
+            "graph_optimization_level": OPTIMIZATION_LEVEL.name,
+            "onnxruntime_call": "run_with_iobinding" if io_binding else "run",
+            "torch_threads": torch.get_num_threads(),
         },
         "models": [m["model"] for m in models],
         "results": rows,
@@ -372,8 +476,10 @@ def main(runs, output_dir, threads, seconds, warmup, batch_sizes, json_path, io_
         "targets": verdicts,
     }
     m = result["machine"]
-    click.echo(f"{m['cpu']}, {m['logical_cpus']} logical CPUs; onnxruntime {ort.__version__}, torch {torch.__version__}; "
-               f"{threads} thread(s), {seconds:g} s per measurement, onnxruntime via {result['settings']['onnxruntime_call']}")
+    click.echo(
+        f"{m['cpu']}, {m['logical_cpus']} logical CPUs; onnxruntime {ort.__version__}, torch {torch.__version__}; "
+        f"{threads} thread(s), {seconds:g} s per measurement, onnxruntime via {result['settings']['onnxruntime_call']}"
+    )
     for line in table_lines(rows):
         click.echo(line)
     click.echo("\nquality cost against fp32 torch, whole test split (from the manifests):")

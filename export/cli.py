@@ -4,6 +4,7 @@ Exit status: 0 when everything exported/verified, 1 when a verification failed, 
 problem (no such run, no data set, bad option). The fp32 files decide: an edge variant that is
 rejected or could not be made is reported, and recorded in the manifest, but does not change it.
 """
+
 from __future__ import annotations
 
 import logging
@@ -14,6 +15,8 @@ import click
 
 from export.spec import DEFAULT_OPSET, ELBO_TOL
 from export.variants import QUALITY_BUDGET, VARIANTS, parse_names
+from vae_dist import paths
+from vae_dist.errors import UserError
 
 EXIT_FAILED = 1
 EXIT_USAGE = 2
@@ -27,13 +30,6 @@ def _setup_logging() -> None:
         logging.getLogger(name).setLevel(logging.INFO)
 
 
-def _user_errors() -> tuple[type[BaseException], ...]:
-    from export.convert import ExportError
-    from vae_dist.data import DataError
-
-    return (FileNotFoundError, ValueError, DataError, ExportError)
-
-
 def _locate(run: Path, output_dir: Path) -> Path:
     """A path as given, or else a run name under `output_dir` (`vae-dist export conv-2024...`)."""
     if not run.exists() and not run.is_absolute() and (output_dir / run).exists():
@@ -42,18 +38,29 @@ def _locate(run: Path, output_dir: Path) -> Path:
 
 
 def _print_report(title: str, report, manifest: dict | None = None) -> None:
-    click.echo(f"{title}: {'verified' if report.passed else 'verification FAILED'}")
     for line in report.summary_lines():
         click.echo(f"  {line}")
     for line in report.failure_lines():
         click.echo(f"  FAIL {line}")
     variants = (manifest or {}).get("variants")
     if variants:
-        from export.edge import summary_lines
-
         click.echo(f"  variants (quality budget {manifest['quality_budget']:g} nats of test -ELBO):")
-        for line in summary_lines(variants):
+        for line in variant_lines(variants):
             click.echo(f"    {line}")
+    # The verdict is the last line a user reads.
+    click.echo(f"{title}: {'verified' if report.passed else 'verification FAILED'}")
+
+
+def variant_lines(section: dict) -> list[str]:
+    """One line per variant of a manifest's "variants" section."""
+    lines = []
+    for name, entry in section.items():
+        q = entry.get("quality")
+        sizes = ", ".join(f"{f} {r['size'] / 1e6:.2f} MB" for f, r in entry.get("files", {}).items() if "size" in r)
+        cost = f"-ELBO {q['neg_elbo_change']:+.4f} nats, recon MSE {q['recon_mse_change']:+.2e}; " if q else ""
+        lines.append(f"{name:<16} {entry['status']:<8}  {cost}{sizes}")
+        lines += [f"    {reason}" for reason in entry.get("reasons", [])]
+    return lines
 
 
 def _variant_names(ctx, param, value: str):
@@ -64,38 +71,58 @@ def _variant_names(ctx, param, value: str):
 
 
 atol_option = click.option(
-    "--atol", type=click.FloatRange(min=0, min_open=True), default=None,
+    "--atol",
+    type=click.FloatRange(min=0, min_open=True),
+    default=None,
     help="Absolute tolerance for every output, onnxruntime vs torch [default: per sub-model, 1e-4].",
 )
 elbo_tol_option = click.option(
-    "--elbo-tol", type=click.FloatRange(min=0, min_open=True), default=ELBO_TOL, show_default=True,
+    "--elbo-tol",
+    type=click.FloatRange(min=0, min_open=True),
+    default=ELBO_TOL,
+    show_default=True,
     help="Largest allowed |ONNX - torch| mean test -ELBO, in nats.",
 )
 output_dir_option = click.option(
-    "--output-dir", type=click.Path(path_type=Path), default=Path("runs"), show_default=True,
+    "--output-dir",
+    type=click.Path(path_type=Path),
+    default=paths.runs_dir,
+    show_default="$VAE_DIST_RUNS or runs",
     help="Folder of runs: searched when RUN is omitted, and for RUN given as a bare run name.",
 )
 quality_budget_option = click.option(
-    "--quality-budget", type=click.FloatRange(min=0), default=None,
+    "--quality-budget",
+    type=click.FloatRange(min=0),
+    default=None,
     help=f"Largest |change| of the mean test -ELBO (nats) against fp32 torch for an edge variant to be "
     f"accepted; beyond it the variant is marked rejected [default: {QUALITY_BUDGET}; for verify, the export's].",
 )
 data_root_option = click.option(
-    "--data-root", type=click.Path(file_okay=False), default=None,
+    "--data-root",
+    type=click.Path(file_okay=False),
+    default=None,
     help="Folder with the test split's IDX files [default: data/, then the system data set].",
 )
 
 
 @click.command("export")
 @click.argument("run", required=False, type=click.Path(path_type=Path))
-@click.option("--opset", type=click.IntRange(min=7), default=DEFAULT_OPSET, show_default=True,
-              help="ONNX opset (ai.onnx) of the written graphs; below 18 the exporter converts down, which can fail.")
+@click.option(
+    "--opset",
+    type=click.IntRange(min=7),
+    default=DEFAULT_OPSET,
+    show_default=True,
+    help="ONNX opset (ai.onnx) of the written graphs; below 18 the exporter converts down, which can fail.",
+)
 @atol_option
 @elbo_tol_option
 @click.option(
-    "--variants", "variant_names", default="all", show_default=True, callback=_variant_names,
-    help=f"Edge variants to make beside the fp32 files: all, none, or a comma-separated list of "
-    f"{', '.join(VARIANTS)}.",
+    "--variants",
+    "variant_names",
+    default="all",
+    show_default=True,
+    callback=_variant_names,
+    help=f"Edge variants to make beside the fp32 files: all, none, or a comma-separated list of {', '.join(VARIANTS)}.",
 )
 @quality_budget_option
 @data_root_option
@@ -107,8 +134,7 @@ def export_command(run, opset, atol, elbo_tol, variant_names, quality_budget, da
     Without RUN: the latest run of each model kind under --output-dir.
     """
     _setup_logging()
-    from export.convert import export_run
-    from export.runs import find_latest_runs
+    from export.pipeline import export_run, find_latest_runs
 
     if run is not None:
         targets = [_locate(run, output_dir)]
@@ -121,10 +147,15 @@ def export_command(run, opset, atol, elbo_tol, variant_names, quality_budget, da
     for target in targets:  # one bad run does not keep the others from being exported
         try:
             result = export_run(
-                target, opset=opset, atol=atol, data_root=data_root, elbo_tol=elbo_tol, variants=variant_names,
+                target,
+                opset=opset,
+                atol=atol,
+                data_root=data_root,
+                elbo_tol=elbo_tol,
+                variants=variant_names,
                 quality_budget=QUALITY_BUDGET if quality_budget is None else quality_budget,
             )
-        except _user_errors() as e:
+        except UserError as e:
             click.echo(f"error: {target}: {e}", err=True)
             status = max(status, EXIT_USAGE)
             continue
@@ -145,14 +176,14 @@ def verify_command(run, atol, elbo_tol, quality_budget, data_root, output_dir):
     """Verify RUN/onnx against RUN's model file, and judge its edge variants again; the verdicts
     go into RUN/onnx/manifest.json."""
     _setup_logging()
-    from export.convert import verify_run
     from export.manifest import read_manifest
+    from export.pipeline import verify_run
 
     try:
         report, onnx_dir = verify_run(
             _locate(run, output_dir), atol=atol, data_root=data_root, elbo_tol=elbo_tol, quality_budget=quality_budget
         )
-    except _user_errors() as e:
+    except UserError as e:
         click.echo(f"error: {e}", err=True)
         sys.exit(EXIT_USAGE)
     _print_report(str(onnx_dir), report, read_manifest(onnx_dir))

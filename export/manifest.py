@@ -11,14 +11,30 @@
       "verified": true,
       "verification": {...},                  # export.verify.Report.to_dict()
       "quality_budget": 0.5,                  # nats of test -ELBO a variant may move
-      "variants": {"fp16": {"status", "reasons", "files", "quality", ...}, ...},  # see export.edge
+      "variants": {"int8-static": VARIANT ENTRY, ...},
       "required_operators": {"file": "required_operators.config", ...}          # for the .ort files
     }
+
+A variant entry:
+
+    {
+      "status": "verified" | "rejected" | "failed",
+      "reasons": [...],                     # why it is not "verified"
+      "description", "format", "source",
+      "files": {"encoder.int8-static.onnx": {"size", "sha256", "inputs", "outputs"}, ...},
+      "tolerance": {"encoder": atol, "decoder": atol},
+      "production": {"encoder": {tool, options, op census, what was quantised...}, "decoder": {...}},
+      "verification": {...},                # export.verify.Report.to_dict()
+      "quality": {"neg_elbo_change", "recon_mse_change", "budget", "within_budget", ...}
+    }
+
+This module is the only one that sets these keys; the others read them.
 
 Consumers (export/sample.py) trust the files only when "verified" is true and the hashes match,
 so a file changed after verification is refused until it is verified again; a variant's files
 only when its own status is "verified" too (or "rejected", when the user says so).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -26,9 +42,14 @@ import json
 import os
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from export.spec import MANIFEST_FILE, MANIFEST_FORMAT, SubModelSpec
+from vae_dist.errors import UserError
+
+if TYPE_CHECKING:
+    from export.variants import VariantSpec
+    from export.verify import Verdict
 
 
 def file_record(path: Path) -> dict[str, Any]:
@@ -85,11 +106,76 @@ def record_verification(
     return manifest
 
 
+def record_variants(
+    manifest: dict[str, Any], section: dict[str, Any], budget: float, required_operators: dict[str, Any] | None
+) -> dict[str, Any]:
+    """The manifest with the variants' entries, the budget they were judged against, and the
+    operator list of their ORT files."""
+    manifest = dict(manifest)
+    manifest["quality_budget"] = budget
+    manifest["variants"] = section
+    if required_operators is not None or "required_operators" in manifest:
+        manifest["required_operators"] = required_operators
+    return manifest
+
+
+def variant_entry(variant: VariantSpec) -> dict[str, Any]:
+    """A variant's entry before it is made: what it is."""
+    return {
+        "status": None,
+        "reasons": [],
+        "description": variant.description,
+        "format": variant.format,
+        "source": variant.source,
+        "tolerance": dict(variant.atol),
+    }
+
+
+def record_production(entry: dict[str, Any], production: dict[str, Any]) -> None:
+    entry["production"] = production
+
+
+def record_failure(entry: dict[str, Any], reason: str) -> None:
+    """A variant that could not be made (its files are removed)."""
+    entry.update(status="failed", reasons=[reason])
+
+
+def record_rejection(entry: dict[str, Any], reason: str) -> None:
+    """A variant whose files exist but could not be judged."""
+    entry.update(status="rejected", reasons=[reason])
+
+
+def record_verdict(entry: dict[str, Any], onnx_dir: Path, variant: VariantSpec, verdict: Verdict) -> None:
+    entry.update(
+        status=verdict.status,
+        reasons=verdict.reasons,
+        files=files_section(onnx_dir, verdict.specs),
+        tolerance=dict(variant.atol),
+        verification=verdict.report.to_dict(),
+        quality=verdict.quality,
+    )
+
+
+def operators_record(path: Path, models: list[Path]) -> dict[str, Any]:
+    return {"file": path.name, "models": [f.name for f in models], **file_record(path)}
+
+
+class ManifestError(UserError, ValueError):
+    """A manifest.json that is not a JSON object."""
+
+
 def read_manifest(onnx_dir: Path) -> dict[str, Any] | None:
+    """The manifest of an export folder; None when there is none."""
     path = onnx_dir / MANIFEST_FILE
     if not path.is_file():
         return None
-    return json.loads(path.read_text())
+    try:
+        manifest = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError):
+        raise ManifestError(f"{path} is not valid JSON; verify or export the run again") from None
+    if not isinstance(manifest, dict):
+        raise ManifestError(f"{path} is not a manifest (a JSON object); verify or export the run again")
+    return manifest
 
 
 def write_manifest(onnx_dir: Path, manifest: dict[str, Any]) -> Path:

@@ -11,8 +11,9 @@ manifest.json):
     python sample.py interpolate --model-dir onnx a.png b.png --steps 10
 
 In the project, `python -m export.sample ...`; without --model-dir it uses the newest verified
-export under runs/. Latent size and image shape come from the models' own metadata. Files are used
-only if the folder's manifest says they passed verification and their sha256 still matches.
+export under --runs (default $VAE_DIST_RUNS, else runs/). Latent size and image shape come from
+the models' own metadata. Files are used only if the folder's manifest says they passed
+verification and their sha256 still matches.
 
 Edge variants (smaller, faster, slightly less exact; listed with their measured quality cost in
 the manifest) are picked with --variant and --format:
@@ -24,6 +25,7 @@ and was accepted, else int8-dynamic. --format onnx (default) or ort (the ORT-for
 mobile and minimal onnxruntime builds). A variant the export rejected (its quality cost is over
 the budget, or it failed a check) is refused unless --allow-rejected is given.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,6 +33,7 @@ import gzip
 import hashlib
 import json
 import math
+import os
 import secrets
 import struct
 import sys
@@ -44,13 +47,17 @@ import numpy as np
 # The export contract (mirrors export/spec.py; tests keep the two in step).
 ONNX_FORMAT = "vae-dist-onnx/1"
 MANIFEST_FILE = "manifest.json"
+ONNX_DIR = "onnx"
 SIGNATURES = {"encoder": (["x"], ["mu", "logvar"]), "decoder": (["z"], ["x_mean"])}
+# Where runs live (mirrors vae_dist/paths.py) and how grids are drawn (mirrors vae_dist/artifacts.py).
+RUNS_ENV, DEFAULT_RUNS = "VAE_DIST_RUNS", "runs"
+MIN_CELL_PIXELS = 84
 # Edge variants (mirrors export/variants.py): file name = role + infix + format extension, and
 # the manifest's variant name is NAME, or NAME-ort for the ORT format (fp32 ONNX is the export itself).
 VARIANT_INFIXES = {"fp32": "", "fp16": ".fp16", "int8-dynamic": ".int8-dynamic", "int8-static": ".int8-static"}
 FORMAT_EXTENSIONS = {"onnx": ".onnx", "ort": ".ort"}
 INT8_PREFERENCE = ("int8-static", "int8-dynamic")  # --variant int8: the first accepted one
-PAD = 2  # pixels between grid cells, as in the training grids
+PAD = 2  # pixels between grid cells, as in the training grids (before upscaling)
 CHUNK = 256  # images per onnxruntime call
 
 
@@ -93,9 +100,12 @@ def read_manifest(folder: Path) -> dict[str, Any]:
     if not manifest_path.is_file():
         raise SampleError(f"no {MANIFEST_FILE} in {folder}; copy the whole export folder, or export the run again")
     try:
-        return json.loads(manifest_path.read_text())
+        manifest = json.loads(manifest_path.read_text())
     except ValueError:
         raise SampleError(f"{manifest_path} is not valid JSON") from None
+    if not isinstance(manifest, dict):
+        raise SampleError(f"{manifest_path} is not a manifest (a JSON object); export the run again")
+    return manifest
 
 
 def check_verified(path: Path, allow_rejected: bool = False) -> tuple[dict[str, Any], str, dict[str, Any]]:
@@ -132,7 +142,9 @@ def check_verified(path: Path, allow_rejected: bool = False) -> tuple[dict[str, 
     if status not in ("verified", "rejected"):
         raise SampleError(f"{path.name} belongs to the variant {name}, which has status {status!r} ({reasons})")
     if _sha256(path) != entry["sha256"]:
-        raise SampleError(f"{path} is not the file that was verified (sha256 differs from {manifest_path}); verify it again")
+        raise SampleError(
+            f"{path} is not the file that was verified (sha256 differs from {manifest_path}); verify it again"
+        )
     return manifest, name, variant
 
 
@@ -144,7 +156,8 @@ def variant_files(folder: Path, variant: str, fmt: str, allow_rejected: bool) ->
     listed = read_manifest(folder).get("variants") or {}
     # manifest name -> base variant, in order of preference
     candidates = {
-        (base if fmt == "onnx" else f"{base}-ort"): base for base in (INT8_PREFERENCE if variant == "int8" else (variant,))
+        (base if fmt == "onnx" else f"{base}-ort"): base
+        for base in (INT8_PREFERENCE if variant == "int8" else (variant,))
     }
     status = {name: (listed.get(name) or {}).get("status") for name in candidates}
     for acceptable in ("verified", "rejected") if allow_rejected else ("verified",):
@@ -191,7 +204,9 @@ def load_model(path: Path, role: str, threads: int, allow_rejected: bool = False
     inputs, outputs = SIGNATURES[role]
     got = ([i.name for i in session.get_inputs()], [o.name for o in session.get_outputs()])
     if got != (inputs, outputs):
-        raise SampleError(f"{path} has inputs {got[0]} and outputs {got[1]}; a vae-dist {role} has {inputs} and {outputs}")
+        raise SampleError(
+            f"{path} has inputs {got[0]} and outputs {got[1]}; a vae-dist {role} has {inputs} and {outputs}"
+        )
     try:
         latent_dim = int(meta["latent_dim"])
         image_shape = tuple(int(d) for d in json.loads(meta["image_shape"]))
@@ -202,14 +217,25 @@ def load_model(path: Path, role: str, threads: int, allow_rejected: bool = False
     manifest, variant, entry = check_verified(path, allow_rejected)
     source = (manifest.get("source") or {}).get("sha256")
     return Model(
-        path, role, session, latent_dim, image_shape, source,  # type: ignore[arg-type]
-        variant, entry.get("status", "verified"), tuple(entry.get("reasons") or ()),
+        path,
+        role,
+        session,
+        latent_dim,
+        image_shape,
+        source,  # type: ignore[arg-type]
+        variant,
+        entry.get("status", "verified"),
+        tuple(entry.get("reasons") or ()),
     )
 
 
-def find_default_model_dir(runs: Path = Path("runs")) -> Path:
-    """The newest verified export under runs/ (by its manifest's modification time)."""
-    manifests = sorted(runs.glob(f"*/onnx/{MANIFEST_FILE}"), key=lambda p: p.stat().st_mtime, reverse=True)
+def default_runs() -> Path:
+    return Path(os.environ.get(RUNS_ENV) or DEFAULT_RUNS)
+
+
+def find_default_model_dir(runs: Path) -> Path:
+    """The newest verified export under `runs` (by its manifest's modification time)."""
+    manifests = sorted(runs.glob(f"*/{ONNX_DIR}/{MANIFEST_FILE}"), key=lambda p: p.stat().st_mtime, reverse=True)
     for manifest in manifests:
         try:
             if json.loads(manifest.read_text()).get("verified") is True:
@@ -226,16 +252,18 @@ def load_models(args: argparse.Namespace, roles: tuple[str, ...]) -> dict[str, M
     if any(explicit[r] is None for r in roles):
         folder = args.model_dir
         if folder is None:
-            folder = find_default_model_dir()
+            folder = find_default_model_dir(args.runs)
             print(f"using {folder}", file=sys.stderr)
         if not folder.is_dir():
             raise SampleError(f"{folder}: no such folder")
-        if not (folder / "encoder.onnx").exists() and (folder / "onnx").is_dir():
-            folder = folder / "onnx"  # a run directory was given
+        if not (folder / "encoder.onnx").exists() and (folder / ONNX_DIR).is_dir():
+            folder = folder / ONNX_DIR  # a run directory was given
         variant, suffix = variant_files(folder, args.variant, args.format, args.allow_rejected)
         if variant != "fp32":
             print(f"using variant {variant} ({', '.join(r + suffix for r in roles)})", file=sys.stderr)
-    models = {r: load_model(explicit[r] or folder / f"{r}{suffix}", r, args.threads, args.allow_rejected) for r in roles}
+    models = {
+        r: load_model(explicit[r] or folder / f"{r}{suffix}", r, args.threads, args.allow_rejected) for r in roles
+    }
     for name in sorted({m.variant for m in models.values() if m.status == "rejected"}):
         reasons = next(m.reasons for m in models.values() if m.variant == name)
         print(f"warning: using {name}, which the export rejected ({'; '.join(reasons)})", file=sys.stderr)
@@ -319,8 +347,14 @@ def input_images(args: argparse.Namespace, shape: tuple[int, int, int], indices:
 # ---------------------------------------------------------------- images out
 
 
-def tile(rows: list[list[np.ndarray]]) -> np.ndarray:
-    """Images [C, H, W] in [0, 1] laid out row by row on black, PAD pixels apart -> uint8."""
+def grid_scale(width: int) -> int:
+    """The nearest-neighbour upscale that makes an image `width` pixels wide at least MIN_CELL_PIXELS."""
+    return max(1, math.ceil(MIN_CELL_PIXELS / width))
+
+
+def tile(rows: list[list[np.ndarray]], scale: int | None = None) -> np.ndarray:
+    """Images [C, H, W] in [0, 1] laid out row by row on black, PAD pixels apart, then upscaled
+    (nearest neighbour; `scale` None: by `grid_scale`) -> uint8 [C, H', W']."""
     c, h, w = rows[0][0].shape
     cols = max(len(r) for r in rows)
     canvas = np.zeros((c, PAD + len(rows) * (h + PAD), PAD + cols * (w + PAD)), np.float32)
@@ -328,8 +362,10 @@ def tile(rows: list[list[np.ndarray]]) -> np.ndarray:
         for j, img in enumerate(row):
             y, x = PAD + i * (h + PAD), PAD + j * (w + PAD)
             canvas[:, y : y + h, x : x + w] = img
-    # Round half up, as torchvision's save_image does for the training grids.
-    return np.clip(canvas * 255.0 + 0.5, 0, 255).astype(np.uint8)
+    # Round half up, as the training grids do.
+    pixels = np.clip(canvas * 255.0 + 0.5, 0, 255).astype(np.uint8)
+    s = grid_scale(w) if scale is None else scale
+    return pixels.repeat(s, axis=1).repeat(s, axis=2)
 
 
 def save_png(pixels: np.ndarray, out: Path) -> None:
@@ -360,7 +396,7 @@ def cmd_sample(args: argparse.Namespace) -> str:
     z = rng.standard_normal((args.num, dec.latent_dim), dtype=np.float32)
     (x_mean,) = dec.run(z)
     per_row = args.per_row or max(1, round(math.sqrt(args.num)))
-    save_png(tile(chunks(list(x_mean), per_row)), args.out)
+    save_png(tile(chunks(list(x_mean), per_row), args.scale), args.out)
     return f"wrote {args.out} ({args.num} samples from the prior, seed {seed})"
 
 
@@ -373,7 +409,7 @@ def cmd_reconstruct(args: argparse.Namespace) -> str:
     rows = []
     for originals, reconstructions in zip(chunks(list(x), args.per_row), chunks(list(recon), args.per_row)):
         rows += [originals, reconstructions]
-    save_png(tile(rows), args.out)
+    save_png(tile(rows, args.scale), args.out)
     return f"wrote {args.out} ({len(x)} originals above their reconstructions)"
 
 
@@ -386,7 +422,7 @@ def cmd_interpolate(args: argparse.Namespace) -> str:
     mu, _ = enc.run(x)
     t = np.linspace(0.0, 1.0, args.steps, dtype=np.float32)[:, None]
     (path,) = dec.run(((1 - t) * mu[0] + t * mu[1]).astype(np.float32))
-    save_png(tile([[x[0], *path, x[1]]]), args.out)
+    save_png(tile([[x[0], *path, x[1]]], args.scale), args.out)
     return f"wrote {args.out} ({args.steps} steps between the posterior means, originals at the ends)"
 
 
@@ -414,21 +450,37 @@ def at_least(low: int):
 def build_parser() -> Parser:
     common = Parser(add_help=False)
     common.add_argument(
-        "--model-dir", type=Path, help="export folder RUN/onnx (or the run folder) [default: newest under runs/]"
+        "--model-dir", type=Path, help="export folder RUN/onnx (or the run folder) [default: newest under --runs]"
+    )
+    common.add_argument(
+        "--runs",
+        type=Path,
+        default=default_runs(),
+        help=f"folder of runs searched without --model-dir [default: ${RUNS_ENV}, else {DEFAULT_RUNS}]",
+    )
+    common.add_argument(
+        "--scale",
+        type=at_least(1),
+        help=f"pixels per image pixel in the PNG [default: enough for images {MIN_CELL_PIXELS} pixels wide]",
     )
     common.add_argument("--encoder", type=Path, help="encoder file, instead of the one in --model-dir")
     common.add_argument("--decoder", type=Path, help="decoder file, instead of the one in --model-dir")
     common.add_argument("--threads", type=at_least(1), default=1, help="onnxruntime threads [default: 1]")
     common.add_argument(
-        "--variant", choices=[*VARIANT_INFIXES, "int8"], default="fp32",
+        "--variant",
+        choices=[*VARIANT_INFIXES, "int8"],
+        default="fp32",
         help="edge variant from the manifest; int8: int8-static if accepted, else int8-dynamic [default: fp32]",
     )
     common.add_argument(
-        "--format", choices=list(FORMAT_EXTENSIONS), default="onnx",
+        "--format",
+        choices=list(FORMAT_EXTENSIONS),
+        default="onnx",
         help="onnx, or ort: the variant's ORT-format copy (mobile and minimal builds) [default: onnx]",
     )
     common.add_argument(
-        "--allow-rejected", action="store_true",
+        "--allow-rejected",
+        action="store_true",
         help="use a variant even though the export rejected it (over its quality budget, or a failed check)",
     )
 
@@ -457,11 +509,17 @@ def build_parser() -> Parser:
     p.add_argument("images", nargs="*", help="two PNG files of the model's image size")
     p.add_argument("--idx", help="IDX image file (optionally .gz); see --pair")
     p.add_argument(
-        "--pair", type=at_least(0), nargs=2, default=[0, 1], metavar=("I", "J"),
+        "--pair",
+        type=at_least(0),
+        nargs=2,
+        default=[0, 1],
+        metavar=("I", "J"),
         help="image indices in --idx [default: 0 1]",
     )
     p.add_argument("--steps", type=at_least(2), default=10, help="decoded points, ends included [default: 10]")
-    p.add_argument("--out", type=Path, default=Path("interpolation.png"), help="PNG to write [default: interpolation.png]")
+    p.add_argument(
+        "--out", type=Path, default=Path("interpolation.png"), help="PNG to write [default: interpolation.png]"
+    )
     p.set_defaults(func=cmd_interpolate)
     return parser
 

@@ -3,6 +3,7 @@
 A spec names the graph's inputs and outputs, marks the dynamic batch axis, says how to wrap the
 VAE into the module that is traced, how to make example inputs, and how close onnxruntime must
 come to torch. The exporter (export.convert) and the verifier (export.verify) only read specs.
+The metadata every file carries is declared here once (METADATA_KEYS, `onnx_metadata`).
 
 The contract seen by a consumer such as export/sample.py:
 
@@ -11,11 +12,13 @@ The contract seen by a consumer such as export/sample.py:
 
 Neither graph draws noise: the host samples z = mu + exp(logvar / 2) * eps itself.
 """
+
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -39,11 +42,20 @@ RANDOM_OPS = frozenset(
     {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial", "Bernoulli"}
 )
 
-# metadata_props keys written into every file (values are strings; JSON for lists).
+# metadata_props keys written into every file (values are strings; JSON for lists). The first
+# IDENTITY_KEYS say what the file is; a file must carry them to be used for a model.
+IDENTITY_KEYS = ("format", "role", "model_kind", "latent_dim", "image_shape")
 METADATA_KEYS = (
-    "format", "role", "model_kind", "latent_dim", "image_shape", "dataset", "likelihood", "opset",
-    "test_neg_elbo", "torch_version", "onnx_version", "vae_dist_version",
+    *IDENTITY_KEYS,
+    "dataset",
+    "likelihood",
+    "opset",
+    "test_neg_elbo",
+    "torch_version",
+    "onnx_version",
+    "vae_dist_version",
 )
+VARIANT_KEY = "variant"  # added to the files of an edge variant (export.variants), e.g. "int8-static"
 
 
 @dataclass(frozen=True)
@@ -72,7 +84,7 @@ class SubModelSpec:
     def filename(self) -> str:
         return f"{self.role}{self.suffix}"
 
-    def with_file(self, suffix: str, atol: float) -> "SubModelSpec":
+    def with_file(self, suffix: str, atol: float) -> SubModelSpec:
         """The same contract in another file, checked against its own tolerance."""
         return replace(self, suffix=suffix, atol=atol)
 
@@ -138,15 +150,13 @@ def vae_specs(model: VAE, atol: float | None = None) -> tuple[SubModelSpec, SubM
     return encoder, decoder
 
 
-def onnx_metadata(spec: SubModelSpec, model_meta: dict[str, Any], opset: int, versions: dict[str, str]) -> dict[str, str]:
+def onnx_metadata(
+    spec: SubModelSpec, model_meta: dict[str, Any], opset: int, versions: dict[str, str]
+) -> dict[str, str]:
     """metadata_props for one file, from the run's model metadata (see vae_dist.artifacts)."""
     neg_elbo = model_meta.get("test_neg_elbo")
-    return {
-        "format": ONNX_FORMAT,
-        "role": spec.role,
-        "model_kind": model_meta["model"]["kind"],
-        "latent_dim": str(model_meta["model"]["latent_dim"]),
-        "image_shape": json.dumps(list(model_meta["image_shape"])),
+    values = {
+        **identity_metadata(spec.role, model_meta),
         "dataset": str(model_meta.get("dataset", "")),
         "likelihood": str(model_meta.get("likelihood", "bernoulli")),
         "opset": str(opset),
@@ -154,4 +164,16 @@ def onnx_metadata(spec: SubModelSpec, model_meta: dict[str, Any], opset: int, ve
         "torch_version": versions["torch"],
         "onnx_version": versions["onnx"],
         "vae_dist_version": versions["vae_dist"],
+    }
+    return {k: values[k] for k in METADATA_KEYS}
+
+
+def identity_metadata(role: str, model_meta: dict[str, Any]) -> dict[str, str]:
+    """The IDENTITY_KEYS values of a file describing the model of `model_meta` in `role`."""
+    return {
+        "format": ONNX_FORMAT,
+        "role": role,
+        "model_kind": model_meta["model"]["kind"],
+        "latent_dim": str(model_meta["model"]["latent_dim"]),
+        "image_shape": json.dumps(list(model_meta["image_shape"])),
     }

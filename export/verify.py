@@ -8,39 +8,51 @@ names first, then shapes, then values.
 End to end: the mean -ELBO over the whole test split computed through the two ONNX files, with the
 same fixed noise as the torch side, must equal torch's within `ELBO_TOL` nats. The decoder's
 contract output is the mean x_mean, not logits, so the Bernoulli NLL is computed from
-probabilities (float64, clipped to [PROB_EPS, 1 - PROB_EPS]); torch's value is computed the same
+probabilities (float64, clipped to [PROB_EPS, 1 - PROB_EPS], vae_dist.losses); torch's value is computed the same
 way from its own sigmoid output, and also the native way from logits (as training reports it).
 The reconstruction error (decode(mu) against the image) is recorded beside it.
 
-The same pieces judge the edge variants (export.quality): `verify_files` checks any encoder and
-decoder pair of a spec, ORT-format files included (through their onnxruntime session, since the
-onnx package cannot read them), and `torch_scores`/`onnx_scores` measure a pipeline's quality.
+The same pieces judge the edge variants (`judge`): `verify_files` checks any encoder and decoder
+pair of a spec against the variant's own tolerance, ORT-format files included (through their
+onnxruntime session, since the onnx package cannot read them), then the variant's quality cost on
+the whole test split is measured against the fp32 torch model:
+
+    neg_elbo_change   mean test -ELBO through the variant's encoder and decoder, minus fp32 torch's
+    recon_mse_change  mean squared error per pixel of decode(mu) against the image, minus fp32 torch's
+
+A variant is "verified" when every check passed and |neg_elbo_change| is within the budget;
+otherwise it is "rejected", with the reasons. See docs/export.md.
 """
+
 from __future__ import annotations
 
-import json
 import logging
 import math
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import onnx
 import onnxruntime as ort
 import torch
 
-from export.spec import BATCH_AXIS, ELBO_TOL, ONNX_FORMAT, RANDOM_OPS, SubModelSpec, vae_specs
+from export.spec import BATCH_AXIS, ELBO_TOL, RANDOM_OPS, SubModelSpec, identity_metadata, vae_specs
 from vae_dist import data
-from vae_dist.losses import negative_elbo
+from vae_dist.config import TrainConfig
+from vae_dist.evaluation import evaluation_noise
+from vae_dist.losses import neg_elbo_from_mean, negative_elbo
 from vae_dist.models import VAE
+from vae_dist.rng import Stream, generator
+
+if TYPE_CHECKING:
+    from export.variants import VariantSpec
 
 log = logging.getLogger(__name__)
 
 BATCH_SIZES = (1, 7, 128)
-PROB_EPS = 1e-7  # float32 sigmoid reaches exactly 1.0 near logit 17; keeps log(1 - p) finite
-NOISE_SEED = 0  # training's default eval_seed: the torch -ELBO then equals the run's recorded one
-NOISE_STREAM = 2  # training's stream for evaluation noise, see vae_dist.train.evaluate
+LATENT_SEED = 0  # the decoder is checked on N(0, I) latents from Stream.VERIFY_LATENTS with this seed
 # Relative difference = |onnx - torch| / max(|torch|, REL_FLOOR); without the floor, values near 0
 # (the background pixels of x_mean) turn float32 rounding into huge ratios.
 REL_FLOOR = 1e-4
@@ -179,7 +191,11 @@ def _graph_io(values) -> list[tuple[str, str, list]]:
 def _session_io(args) -> list[tuple[str, str, list]]:
     """The same view of an onnxruntime session's inputs or outputs ("tensor(float)" -> "FLOAT")."""
     return [
-        (a.name, a.type.removeprefix("tensor(").removesuffix(")").upper(), [d if d is not None else "?" for d in a.shape])
+        (
+            a.name,
+            a.type.removeprefix("tensor(").removesuffix(")").upper(),
+            [d if d is not None else "?" for d in a.shape],
+        )
         for a in args
     ]
 
@@ -252,15 +268,9 @@ def check_session(session: ort.InferenceSession, spec: SubModelSpec, expected_me
     return [Check(name, "metadata", not wrong, "; ".join(wrong)), Check(name, "io", not problems, "; ".join(problems))]
 
 
-def expected_metadata(spec: SubModelSpec, model: VAE, model_meta: dict[str, Any]) -> dict[str, str]:
-    """The metadata a file must carry to describe `model` (the rest is informational)."""
-    return {
-        "format": ONNX_FORMAT,
-        "role": spec.role,
-        "model_kind": model_meta["model"]["kind"],
-        "latent_dim": str(model.latent_dim),
-        "image_shape": json.dumps(list(model.image_shape)),
-    }
+def eval_seed(model_meta: dict[str, Any]) -> int:
+    """The evaluation seed the run used (recorded in its model file; older files: the default)."""
+    return int(model_meta.get("eval_seed", TrainConfig().eval_seed))
 
 
 # ---------------------------------------------------------------- numbers
@@ -303,36 +313,18 @@ def compare(
     return checks
 
 
-def neg_elbo_from_mean(
-    x_mean: np.ndarray, x: np.ndarray, mu: np.ndarray, logvar: np.ndarray, likelihood: str
-) -> np.ndarray:
-    """Per-image -ELBO in float64 from the decoder's mean (what the ONNX decoder returns)."""
-    n = x.shape[0]
-    p = x_mean.astype(np.float64).reshape(n, -1)
-    x = x.astype(np.float64).reshape(n, -1)
-    if likelihood == "bernoulli":
-        p = np.clip(p, PROB_EPS, 1.0 - PROB_EPS)
-        nll = -(x * np.log(p) + (1.0 - x) * np.log1p(-p)).sum(axis=1)
-    elif likelihood == "gaussian":  # N(x; mean, 1/2), as in vae_dist.losses
-        nll = ((p - x) ** 2 + 0.5 * math.log(math.pi)).sum(axis=1)
-    else:
-        raise ValueError(f"unknown likelihood {likelihood!r}")
-    mu, logvar = mu.astype(np.float64), logvar.astype(np.float64)
-    kl = -0.5 * np.sum(1.0 + logvar - mu**2 - np.exp(logvar), axis=1)
-    return nll + kl
+def _neg_elbo_sum(x_mean, x, mu, logvar, likelihood: str) -> float:
+    """Sum over images of the -ELBO from the decoder's mean (vae_dist.losses), arrays or tensors."""
+    t = [torch.as_tensor(a) for a in (x_mean, x, mu, logvar)]
+    return neg_elbo_from_mean(*t, likelihood).sum().item()
 
 
 @dataclass
 class Scores:
     """Mean scores of one pipeline over the test images, both computed in float64."""
 
-    neg_elbo: float  # -ELBO from the decoder mean, with the fixed noise (see `evaluation_noise`)
+    neg_elbo: float  # -ELBO from the decoder mean, with the fixed evaluation noise
     recon_mse: float  # squared error per pixel of decode(mu), the reconstruction, against x
-
-
-def evaluation_noise(n: int, latent_dim: int, seed: int = NOISE_SEED) -> torch.Tensor:
-    """One fixed eps row per test image, as in training's evaluation."""
-    return torch.randn(n, latent_dim, generator=data.generator(seed, NOISE_STREAM))
 
 
 def torch_scores(model: VAE, images: torch.Tensor, eps: torch.Tensor, likelihood: str) -> tuple[Scores, float]:
@@ -345,15 +337,17 @@ def torch_scores(model: VAE, images: torch.Tensor, eps: torch.Tensor, likelihood
             mu, logvar = model.encode(x)
             logits = model.decode(model.reparameterize(mu, logvar, eps[lo : lo + CHUNK]))
             native += negative_elbo(logits, x, mu, logvar, 1.0, likelihood).neg_elbo().double().sum().item()
-            neg_elbo += neg_elbo_from_mean(
-                torch.sigmoid(logits).numpy(), x.numpy(), mu.numpy(), logvar.numpy(), likelihood
-            ).sum()
+            neg_elbo += _neg_elbo_sum(torch.sigmoid(logits), x, mu, logvar, likelihood)
             sq_err += _squared_error(torch.sigmoid(model.decode(mu)).numpy(), x.numpy())
     return Scores(neg_elbo / n, sq_err / images[0].numel() / n), native / n
 
 
 def onnx_scores(
-    encoder: ort.InferenceSession, decoder: ort.InferenceSession, images: torch.Tensor, eps: torch.Tensor, likelihood: str
+    encoder: ort.InferenceSession,
+    decoder: ort.InferenceSession,
+    images: torch.Tensor,
+    eps: torch.Tensor,
+    likelihood: str,
 ) -> Scores:
     """The same scores through an encoder and a decoder session, the host reparameterising
     exactly like export/sample.py does."""
@@ -364,7 +358,7 @@ def onnx_scores(
         mu, logvar = encoder.run(["mu", "logvar"], {"x": x})
         z = mu + np.exp(np.float32(0.5) * logvar) * eps[lo : lo + CHUNK].numpy()
         (x_mean,) = decoder.run(["x_mean"], {"z": z.astype(np.float32)})
-        neg_elbo += neg_elbo_from_mean(x_mean, x, mu, logvar, likelihood).sum()
+        neg_elbo += _neg_elbo_sum(x_mean, x, mu, logvar, likelihood)
         (recon,) = decoder.run(["x_mean"], {"z": mu})
         sq_err += _squared_error(recon, x)
     return Scores(neg_elbo / n, sq_err / images[0].numel() / n)
@@ -380,8 +374,8 @@ def elbo_check(
     model: VAE,
     images: torch.Tensor,
     likelihood: str,
-    tol: float = ELBO_TOL,
-    seed: int = NOISE_SEED,
+    tol: float,
+    seed: int,
 ) -> tuple[dict[str, Any], list[Check]]:
     """Mean -ELBO over `images` (uint8 [N, C, H, W]) through ONNX and through torch, same noise."""
     n = images.shape[0]
@@ -392,17 +386,32 @@ def elbo_check(
     result["diff"] = abs(result["onnx"] - result["torch"])
     result["diff_native"] = abs(result["onnx"] - result["torch_native"])
     result.update(
-        images=n, tol=tol, likelihood=likelihood, noise_seed=seed,
-        recon_mse_onnx=got.recon_mse, recon_mse_torch=reference.recon_mse,
+        images=n,
+        tol=tol,
+        likelihood=likelihood,
+        noise_seed=seed,
+        recon_mse_onnx=got.recon_mse,
+        recon_mse_torch=reference.recon_mse,
     )
     checks = [
-        Check("", "elbo", _within(result["diff"], tol),
-              f"-ELBO onnx {result['onnx']:.4f} vs torch {result['torch']:.4f} nats: |diff| {result['diff']:.4f} > {tol}",
-              max_abs=result["diff"], tol=tol),
-        Check("", "elbo", _within(result["diff_native"], tol),
-              f"-ELBO onnx {result['onnx']:.4f} vs torch from logits {result['torch_native']:.4f} nats: "
-              f"|diff| {result['diff_native']:.4f} > {tol}",
-              output="native", max_abs=result["diff_native"], tol=tol),
+        Check(
+            "",
+            "elbo",
+            _within(result["diff"], tol),
+            f"-ELBO onnx {result['onnx']:.4f} vs torch {result['torch']:.4f} nats: |diff| {result['diff']:.4f} > {tol}",
+            max_abs=result["diff"],
+            tol=tol,
+        ),
+        Check(
+            "",
+            "elbo",
+            _within(result["diff_native"], tol),
+            f"-ELBO onnx {result['onnx']:.4f} vs torch from logits {result['torch_native']:.4f} nats: "
+            f"|diff| {result['diff_native']:.4f} > {tol}",
+            output="native",
+            max_abs=result["diff_native"],
+            tol=tol,
+        ),
     ]
     for c in checks:
         if c.passed:
@@ -445,17 +454,18 @@ def verify_files(
     onnx package cannot read) are checked through their session. Returns the checks and the
     sessions that could be opened, by role."""
     if images.shape[0] < max(batch_sizes):
-        raise ValueError(f"verification needs at least {max(batch_sizes)} test images, got {images.shape[0]}")
+        raise data.DataError(f"verification needs at least {max(batch_sizes)} test images, got {images.shape[0]}")
     model.eval()
     checks: list[Check] = []
     sessions: dict[str, ort.InferenceSession] = {}
-    latents = np.random.default_rng(NOISE_SEED).standard_normal((max(batch_sizes), model.latent_dim), dtype=np.float32)
+    g = generator(LATENT_SEED, Stream.VERIFY_LATENTS)
+    latents = torch.randn(max(batch_sizes), model.latent_dim, generator=g).numpy()
     for spec in specs:
         path = onnx_dir / spec.filename
         if not path.is_file():
             checks.append(Check(spec.filename, "exists", False, f"{path} not found"))
             continue
-        expected = expected_metadata(spec, model, model_meta)
+        expected = identity_metadata(spec.role, model_meta)
         ort_format = is_ort_format(path)
         if not ort_format:
             checks += check_graph(path, spec, expected)
@@ -496,8 +506,13 @@ def verify_export(
     if len(sessions) == 2:
         try:
             report.elbo, checks = elbo_check(
-                sessions["encoder"], sessions["decoder"], model, images,
-                model_meta.get("likelihood", "bernoulli"), elbo_tol,
+                sessions["encoder"],
+                sessions["decoder"],
+                model,
+                images,
+                model_meta.get("likelihood", "bernoulli"),
+                elbo_tol,
+                eval_seed(model_meta),
             )
         except Exception as e:  # e.g. a graph that runs at batch 128 but not at 1000
             checks = [Check("", "elbo", False, f"end-to-end run failed: {e}".splitlines()[0])]
@@ -505,8 +520,96 @@ def verify_export(
         recorded = model_meta.get("test_neg_elbo")
         if report.elbo and recorded is not None:
             report.elbo["recorded"] = recorded
-    if report.passed:
-        log.info("%s verified", onnx_dir)
-    else:
-        log.error("%s failed %d check(s)", onnx_dir, len(report.failures()))
     return report
+
+
+# ---------------------------------------------------------------- edge variants
+
+
+@dataclass
+class Reference:
+    """The fp32 torch model on the test split: computed once, shared by every variant."""
+
+    images: torch.Tensor  # uint8 [N, C, H, W]
+    eps: torch.Tensor  # the fixed noise, one row per image
+    likelihood: str
+    scores: Scores
+    seed: int
+
+    @classmethod
+    def compute(cls, model: VAE, model_meta: dict[str, Any], images: torch.Tensor) -> Reference:
+        seed, likelihood = eval_seed(model_meta), model_meta.get("likelihood", "bernoulli")
+        eps = evaluation_noise(images.shape[0], model.latent_dim, seed)
+        scores, _ = torch_scores(model.eval(), images, eps, likelihood)
+        return cls(images, eps, likelihood, scores, seed)
+
+    @classmethod
+    def from_elbo(cls, elbo: dict[str, Any], model: VAE, images: torch.Tensor) -> Reference:
+        """The reference that the fp32 verification (`elbo_check`) already computed."""
+        assert elbo.get("images") == images.shape[0], "the -ELBO record covers other images"
+        seed = elbo["noise_seed"]
+        eps = evaluation_noise(images.shape[0], model.latent_dim, seed)
+        return cls(images, eps, elbo["likelihood"], Scores(elbo["torch"], elbo["recon_mse_torch"]), seed)
+
+
+@dataclass
+class Verdict:
+    status: str  # "verified" | "rejected"
+    reasons: list[str]
+    report: Report
+    quality: dict[str, Any] | None = None
+    specs: tuple[SubModelSpec, ...] = field(default_factory=tuple)
+
+
+def variant_specs(model: VAE, variant: VariantSpec) -> tuple[SubModelSpec, ...]:
+    """The fp32 contract, in the variant's files, with the variant's tolerances."""
+    return tuple(s.with_file(variant.suffix, variant.atol[s.role]) for s in vae_specs(model))
+
+
+def judge(
+    onnx_dir: Path,
+    variant: VariantSpec,
+    model: VAE,
+    model_meta: dict[str, Any],
+    reference: Reference,
+    budget: float,
+    batch_sizes: tuple[int, ...] = BATCH_SIZES,
+) -> Verdict:
+    """Check the variant's files in `onnx_dir` and measure what the conversion costs."""
+    specs = variant_specs(model, variant)
+    checks, sessions = verify_files(Path(onnx_dir), specs, model, model_meta, reference.images, batch_sizes)
+    report = Report(checks)
+    quality = None
+    if len(sessions) == 2:
+        try:
+            got = onnx_scores(
+                sessions["encoder"], sessions["decoder"], reference.images, reference.eps, reference.likelihood
+            )
+            quality = quality_record(got, reference, budget)
+        except Exception as e:  # onnxruntime's own exception types, e.g. at batch 1000
+            report.checks.append(Check("", "quality", False, f"end-to-end run failed: {e}".splitlines()[0]))
+    reasons = report.failure_lines()
+    if quality is not None and not quality["within_budget"]:
+        reasons.append(
+            f"quality: mean test -ELBO changed by {quality['neg_elbo_change']:+.4f} nats against fp32 torch; "
+            f"the budget is {budget:g}"
+        )
+    return Verdict("rejected" if reasons else "verified", reasons, report, quality, specs)
+
+
+def quality_record(got: Scores, reference: Reference, budget: float) -> dict[str, Any]:
+    change = got.neg_elbo - reference.scores.neg_elbo
+    return {
+        "images": int(reference.images.shape[0]),
+        "likelihood": reference.likelihood,
+        "noise_seed": reference.seed,
+        "neg_elbo": got.neg_elbo,
+        "neg_elbo_fp32_torch": reference.scores.neg_elbo,
+        "neg_elbo_change": change,
+        "recon_mse": got.recon_mse,
+        "recon_mse_fp32_torch": reference.scores.recon_mse,
+        "recon_mse_change": got.recon_mse - reference.scores.recon_mse,
+        "budget": budget,
+        # NaN (a broken graph) is never within budget
+        "within_budget": bool(math.isfinite(change) and abs(change) <= budget),
+    }

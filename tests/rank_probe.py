@@ -1,5 +1,6 @@
 """Launched by the tests under `accelerate launch`: trains like vae_dist/train.py, then every
 process saves its own copy of the weights, so the tests can compare the ranks."""
+
 import json
 import os
 import sys

@@ -1,5 +1,6 @@
 """The inference benchmark on tiny exports with a very short time budget: the output's shape, not
 its timings."""
+
 from __future__ import annotations
 
 import json
@@ -8,16 +9,11 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from export import bench_infer
-from export.convert import export_run
-from vae_dist import artifacts
-from vae_dist.config import ModelConfig
-from vae_dist.models import build_model
+from export.pipeline import export_run
+from helpers import ROOT, make_run
 
-ROOT = Path(__file__).resolve().parents[1]
-SHAPE = (1, 28, 28)
 # A few variants keep the export short; the benchmark takes whatever the manifest lists.
 VARIANTS = {"linear": ["int8-dynamic", "fp32-ort"], "conv": ["int8-static", "fp32-ort"]}
 FAST = ["--seconds", "0.02", "--warmup", "0"]
@@ -33,20 +29,8 @@ def bench(args: list[str]) -> subprocess.CompletedProcess:
 def runs(tmp_path_factory) -> Path:
     runs = tmp_path_factory.mktemp("runs")
     for kind, variants in VARIANTS.items():
-        torch.manual_seed(0)
-        cfg = ModelConfig(kind=kind, latent_dim=4, hidden_dims=[32], channels=[4, 8])
-        run = runs / kind
-        run.mkdir()
-        artifacts.save_model(
-            run / artifacts.MODEL_FILE, build_model(cfg, SHAPE), cfg,
-            {"dataset": "fashion-mnist", "likelihood": "bernoulli", "test_neg_elbo": 500.0},
-        )
-        assert export_run(run, variants=variants).verified
-    (runs / "not-exported").mkdir()  # a run without an export is not a benchmark target
-    artifacts.save_model(
-        runs / "not-exported" / artifacts.MODEL_FILE, build_model(ModelConfig(kind="linear", latent_dim=2), SHAPE),
-        ModelConfig(kind="linear", latent_dim=2), {"dataset": "fashion-mnist"},
-    )
+        assert export_run(make_run(runs, kind, kind), variants=variants).verified
+    make_run(runs, "not-exported", "linear", latent_dim=2)  # a run without an export is not a benchmark target
     return runs
 
 
@@ -104,8 +88,21 @@ def test_every_target_has_a_verdict(result):
 def test_printed_table_and_verdicts(result):
     proc, doc = result
     lines = proc.stdout.splitlines()
-    assert lines[1].split() == ["model", "part", "variant", "status", "size", "batch", "p50", "ms", "p90", "ms",
-                                "images/s", "vs", "torch"]
+    assert lines[1].split() == [
+        "model",
+        "part",
+        "variant",
+        "status",
+        "size",
+        "batch",
+        "p50",
+        "ms",
+        "p90",
+        "ms",
+        "images/s",
+        "vs",
+        "torch",
+    ]
     assert sum(line.startswith(("conv ", "linear ")) and " ms" not in line for line in lines) >= len(doc["results"])
     assert "quality cost against fp32 torch" in proc.stdout
     verdicts = [line.split()[0] for line in lines if line.startswith("  ") and ": " in line]
@@ -135,12 +132,22 @@ def test_target_verdicts():
         return {"kind": kind, "variant": variant, "role": role, "batch": batch, "p50_ms": p50, "size_bytes": size}
 
     rows = [
-        row("linear", "torch-eager", 1.0), row("linear", "fp32", 0.6, 1000), row("linear", "int8-dynamic", 0.3, 250),
-        row("conv", "torch-eager", 1.0), row("conv", "fp32", 0.9, 1000), row("conv", "int8-static", 0.5, 400),
+        row("linear", "torch-eager", 1.0),
+        row("linear", "fp32", 0.6, 1000),
+        row("linear", "int8-dynamic", 0.3, 250),
+        row("conv", "torch-eager", 1.0),
+        row("conv", "fp32", 0.9, 1000),
+        row("conv", "int8-static", 0.5, 400),
     ]
     models = [
-        {"model": {"kind": "linear", "quality_budget": 0.5}, "quality": {"int8-dynamic": {"status": "verified", "neg_elbo_change": -0.2}}},
-        {"model": {"kind": "conv", "quality_budget": 0.5}, "quality": {"int8-static": {"status": "rejected", "neg_elbo_change": 0.7}}},
+        {
+            "model": {"kind": "linear", "quality_budget": 0.5},
+            "quality": {"int8-dynamic": {"status": "verified", "neg_elbo_change": -0.2}},
+        },
+        {
+            "model": {"kind": "conv", "quality_budget": 0.5},
+            "quality": {"int8-static": {"status": "rejected", "neg_elbo_change": 0.7}},
+        },
     ]
     verdicts = {t["name"]: t["passed"] for t in bench_infer.evaluate_targets(models, rows)}
     assert verdicts == {

@@ -4,10 +4,9 @@ import sys
 import pytest
 from click.testing import CliRunner
 
+from helpers import ROOT
 from vae_dist.cli import main
 from vae_dist.config import ConfigError, load_config, parse_override
-
-from conftest import ROOT
 
 
 @pytest.mark.parametrize("name,kind", [("linear", "linear"), ("conv", "conv")])
@@ -17,7 +16,10 @@ def test_shipped_configs_load(name, kind):
 
 
 def test_overrides_are_typed():
-    cfg = load_config(ROOT / "configs/linear.yaml", ["train.epochs=5", "train.lr=3e-4", "model.hidden_dims=[64, 32]", "data.root=null"])
+    cfg = load_config(
+        ROOT / "configs/linear.yaml",
+        ["train.epochs=5", "train.lr=3e-4", "model.hidden_dims=[64, 32]", "data.root=null"],
+    )
     assert cfg.train.epochs == 5 and cfg.train.lr == 3e-4 and cfg.model.hidden_dims == [64, 32]
     assert cfg.data.root is None
     assert parse_override("loss.beta=2") == ("loss.beta", 2)
@@ -58,7 +60,9 @@ def test_unknown_key_in_yaml(tmp_path):
 
 
 def test_cli_reports_one_line_and_exits_nonzero(tmp_path):
-    result = CliRunner().invoke(main, ["train", "--config", "configs/linear.yaml", "--set", "train.lr=-1", "--output-dir", str(tmp_path)])
+    result = CliRunner().invoke(
+        main, ["train", "--config", "configs/linear.yaml", "--set", "train.lr=-1", "--output-dir", str(tmp_path)]
+    )
     assert result.exit_code == 2
     lines = result.output.strip().splitlines()
     assert lines == ["error: train.lr must be a finite number > 0, got -1.0"]
@@ -69,12 +73,26 @@ def test_train_script_is_importable_and_runnable():
     import vae_dist.train as t
 
     assert callable(t.train)
-    out = subprocess.run([sys.executable, str(ROOT / "vae_dist/train.py"), "--help"], capture_output=True, text=True, cwd=ROOT)
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "vae_dist/train.py"), "--help"], capture_output=True, text=True, cwd=ROOT
+    )
     assert out.returncode == 0 and "--config" in out.stdout
 
 
 def test_fp16_on_the_cpu_is_refused(tmp_path):
-    result = CliRunner().invoke(main, ["train", "--config", "configs/linear.yaml", "--cpu", "--set", "train.mixed_precision=fp16", "--output-dir", str(tmp_path)])
+    result = CliRunner().invoke(
+        main,
+        [
+            "train",
+            "--config",
+            "configs/linear.yaml",
+            "--cpu",
+            "--set",
+            "train.mixed_precision=fp16",
+            "--output-dir",
+            str(tmp_path),
+        ],
+    )
     assert result.exit_code == 2 and "fp16 needs a GPU" in result.output
     assert not any(tmp_path.iterdir())
 

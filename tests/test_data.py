@@ -19,7 +19,10 @@ def write_set(folder, n_train=6, n_test=4, gz=False, fill=None):
     splits = {"train": n_train, "t10k": n_test}
     for prefix, n in splits.items():
         images = torch.arange(n).view(n, 1, 1).expand(n, 28, 28) if fill is None else torch.full((n, 28, 28), fill)
-        for name, arr in ((f"{prefix}-images-idx3-ubyte", images), (f"{prefix}-labels-idx1-ubyte", torch.arange(n) % 10)):
+        for name, arr in (
+            (f"{prefix}-images-idx3-ubyte", images),
+            (f"{prefix}-labels-idx1-ubyte", torch.arange(n) % 10),
+        ):
             blob = idx_bytes(arr)
             if gz:
                 (folder / f"{name}.gz").write_bytes(gzip.compress(blob))

@@ -1,6 +1,7 @@
 """Distributed guarantees, each checked with real processes started by `accelerate launch`:
 1 and 2 processes train the same model, evaluation covers the test split exactly once, a run
 killed with SIGKILL resumes to the same weights, and 2 machines on loopback match 1 process."""
+
 from __future__ import annotations
 
 import json
@@ -13,17 +14,41 @@ from pathlib import Path
 import pytest
 import torch
 
-from vae_dist.train import list_checkpoints
+from helpers import BIN, ROOT, TRAIN, env, free_port, launch_cmd, relative_l2, run, weights
+from vae_dist.runs import list_checkpoints
 
-from conftest import BIN, ROOT, TRAIN, env, free_port, launch_cmd, relative_l2, run, weights
+pytestmark = pytest.mark.slow  # every test here launches real training processes
 
 # 50 optimizer steps of a global batch of 64; an odd test split exercises the padding.
-PARITY = ["--config", "configs/linear.yaml", "--set", "train.epochs=1", "--set", "train.batch_size=64",
-          "--set", "data.train_subset=3200", "--set", "data.test_subset=999"]
+PARITY = [
+    "--config",
+    "configs/linear.yaml",
+    "--set",
+    "train.epochs=1",
+    "--set",
+    "train.batch_size=64",
+    "--set",
+    "data.train_subset=3200",
+    "--set",
+    "data.test_subset=999",
+]
 # Slow enough (conv, 2 epochs of 40 steps) to be killed mid-run; checkpoints every 10 steps.
-RESUME = ["--config", "configs/conv.yaml", "--set", "train.epochs=2", "--set", "train.batch_size=64",
-          "--set", "data.train_subset=2560", "--set", "data.test_subset=200",
-          "--set", "train.checkpoint_every=10", "--set", "train.keep_checkpoints=3"]
+RESUME = [
+    "--config",
+    "configs/conv.yaml",
+    "--set",
+    "train.epochs=2",
+    "--set",
+    "train.batch_size=64",
+    "--set",
+    "data.train_subset=2560",
+    "--set",
+    "data.test_subset=200",
+    "--set",
+    "train.checkpoint_every=10",
+    "--set",
+    "train.keep_checkpoints=3",
+]
 
 
 def metrics(run_dir: Path) -> list[dict]:
@@ -42,8 +67,14 @@ def two_processes(tmp_path_factory) -> Path:
     """Run through the probe so that each rank's own weights are saved."""
     out = tmp_path_factory.mktemp("p2")
     probe = str(ROOT / "tests" / "rank_probe.py")
-    cmd = launch_cmd(2, [])[:-1] + [probe, str(out), "configs/linear.yaml", *[a for a in PARITY[2:] if a != "--set"],
-                                     f"run.output_dir={out}", "run.name=r"]
+    cmd = launch_cmd(2, [])[:-1] + [
+        probe,
+        str(out),
+        "configs/linear.yaml",
+        *[a for a in PARITY[2:] if a != "--set"],
+        f"run.output_dir={out}",
+        "run.name=r",
+    ]
     run(cmd)
     return out
 
@@ -75,8 +106,14 @@ def test_evaluation_is_exact_across_world_sizes(one_process, two_processes):
 
 
 def _start(nproc: int, args: list[str]) -> subprocess.Popen:
-    return subprocess.Popen(launch_cmd(nproc, args), cwd=ROOT, env=env(), start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return subprocess.Popen(
+        launch_cmd(nproc, args),
+        cwd=ROOT,
+        env=env(),
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
 
 
 def _kill_when(proc: subprocess.Popen, ready, timeout: float = 300) -> None:
@@ -112,7 +149,9 @@ def test_sigkill_then_resume_gives_the_same_weights(tmp_path, uninterrupted, npr
     run_dir = tmp_path / "r"
     ready = {
         "first checkpoint": lambda: _step(run_dir) >= 10,
-        "first epoch logged": lambda: (run_dir / "metrics.jsonl").is_file() and (run_dir / "metrics.jsonl").read_text().strip(),
+        "first epoch logged": lambda: (
+            (run_dir / "metrics.jsonl").is_file() and (run_dir / "metrics.jsonl").read_text().strip()
+        ),
         "mid second epoch": lambda: _step(run_dir) >= 50,
     }[point]
     _kill_when(_start(nproc, [*RESUME, "--output-dir", str(tmp_path), "--name", "r"]), ready)
@@ -132,7 +171,9 @@ def test_sigkill_then_resume_gives_the_same_weights(tmp_path, uninterrupted, npr
         print(f"2 processes, killed at step {killed_at} and resumed: relative L2 difference {diff:.3e}")
         assert diff <= 1e-6
     assert [m["epoch"] for m in metrics(run_dir)] == [0, 1]
-    assert metrics(run_dir)[-1]["test_neg_elbo"] == pytest.approx(metrics(uninterrupted[nproc])[-1]["test_neg_elbo"], abs=1e-6)
+    assert metrics(run_dir)[-1]["test_neg_elbo"] == pytest.approx(
+        metrics(uninterrupted[nproc])[-1]["test_neg_elbo"], abs=1e-6
+    )
 
 
 def test_half_written_checkpoint_is_never_picked(tmp_path, uninterrupted):
@@ -153,8 +194,25 @@ def test_resume_with_another_model_or_data_is_refused(tmp_path, uninterrupted):
 
     shutil.copytree(uninterrupted[1], tmp_path / "r")
     before = (tmp_path / "r" / "metrics.jsonl").read_text()
-    out = run(launch_cmd(1, [*RESUME, "--output-dir", str(tmp_path), "--name", "r", "--resume", "auto",
-                             "--set", "model.latent_dim=8", "--set", "data.binarize=dynamic"]), check=False)
+    out = run(
+        launch_cmd(
+            1,
+            [
+                *RESUME,
+                "--output-dir",
+                str(tmp_path),
+                "--name",
+                "r",
+                "--resume",
+                "auto",
+                "--set",
+                "model.latent_dim=8",
+                "--set",
+                "data.binarize=dynamic",
+            ],
+        ),
+        check=False,
+    )
     assert out.returncode != 0
     assert "model.latent_dim (20 -> 8)" in out.stderr and "data.binarize ('none' -> 'dynamic')" in out.stderr
     assert (tmp_path / "r" / "metrics.jsonl").read_text() == before  # nothing touched
@@ -180,11 +238,36 @@ def test_two_machines_on_loopback_match_one_process(tmp_path, one_process):
     port = str(free_port())
     procs = []
     for rank in (0, 1):
-        cmd = [str(BIN / "accelerate"), "launch", "--multi_gpu", "--num_machines", "2", "--num_processes", "2",
-               "--machine_rank", str(rank), "--main_process_ip", "127.0.0.1", "--main_process_port", port,
-               "--mixed_precision", "no", "--dynamo_backend", "no", "--rdzv_backend", "static",
-               TRAIN, *PARITY, "--output-dir", str(tmp_path), "--name", "r"]
-        procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+        cmd = [
+            str(BIN / "accelerate"),
+            "launch",
+            "--multi_gpu",
+            "--num_machines",
+            "2",
+            "--num_processes",
+            "2",
+            "--machine_rank",
+            str(rank),
+            "--main_process_ip",
+            "127.0.0.1",
+            "--main_process_port",
+            port,
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+            "--rdzv_backend",
+            "static",
+            TRAIN,
+            *PARITY,
+            "--output-dir",
+            str(tmp_path),
+            "--name",
+            "r",
+        ]
+        procs.append(
+            subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        )
     outs = [p.communicate(timeout=600)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outs[0][-3000:] + outs[1][-3000:]
     m = metrics(tmp_path / "r")[0]

@@ -1,14 +1,15 @@
 """ONNX export and its verification, on tiny untrained models and the real Fashion-MNIST test split."""
+
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
-import click
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -19,42 +20,19 @@ from onnx import TensorProto, helper
 
 from export import sample as sampler
 from export import spec as spec_lib
-from export.cli import export_command, verify_command
-from export.convert import ExportError, FAILED_DIR, export_run, export_submodel
+from export.convert import ExportError, export_submodel
 from export.manifest import file_record
-from export.runs import find_latest_runs
-from export.verify import Check, Report, check_graph, neg_elbo_from_mean, random_ops
+from export.pipeline import FAILED_DIR, export_run, find_latest_runs
+from export.verify import Check, Report, check_graph, load_test_images, random_ops, torch_scores
+from helpers import LATENT, ROOT, SHAPE, TINY_TEST_NEG_ELBO, cli, fashion_test_idx, make_run
 from vae_dist import artifacts
 from vae_dist.config import ModelConfig
-from vae_dist.losses import negative_elbo
+from vae_dist.evaluation import evaluation_noise
+from vae_dist.losses import neg_elbo_from_mean, negative_elbo
 from vae_dist.models import build_model
 
-ROOT = Path(__file__).resolve().parents[1]
-SHAPE = (1, 28, 28)
-LATENT = 4
 # The linear run uses the Gaussian likelihood so that both -ELBO forms are verified.
 KINDS = {"linear": "gaussian", "conv": "bernoulli"}
-
-
-def make_run(runs: Path, name: str, kind: str, likelihood: str = "bernoulli", seed: int = 0) -> Path:
-    """A finished run holding only a tiny untrained model: all that export needs."""
-    torch.manual_seed(seed)
-    cfg = ModelConfig(kind=kind, latent_dim=LATENT, hidden_dims=[32], channels=[4, 8])
-    run = runs / name
-    run.mkdir(parents=True)
-    extra = {
-        "dataset": "fashion-mnist", "likelihood": likelihood, "epochs": 0, "steps": 0,
-        "test_neg_elbo": 543.21, "versions": {"torch": torch.__version__, "vae_dist": "0.1.0"},
-    }
-    artifacts.save_model(run / artifacts.MODEL_FILE, build_model(cfg, SHAPE), cfg, extra)
-    return run
-
-
-def cli() -> click.Group:
-    group = click.Group("vae-dist")
-    group.add_command(export_command)
-    group.add_command(verify_command)
-    return group
 
 
 @pytest.fixture(scope="module")
@@ -115,7 +93,7 @@ def test_metadata_describes_the_model(runs, kind):
         assert meta["dataset"] == "fashion-mnist"
         assert meta["likelihood"] == KINDS[kind]
         assert meta["opset"] == str(spec_lib.DEFAULT_OPSET)
-        assert float(meta["test_neg_elbo"]) == pytest.approx(543.21)
+        assert float(meta["test_neg_elbo"]) == pytest.approx(TINY_TEST_NEG_ELBO)
         assert meta["torch_version"] == torch.__version__
         assert meta["onnx_version"] == onnx.__version__
         assert meta["vae_dist_version"] == "0.1.0"
@@ -151,8 +129,12 @@ def test_manifest_records_files_versions_and_verification(runs, kind):
     assert manifest["source"]["sha256"] == file_record(runs / f"{kind}-new" / artifacts.MODEL_FILE)["sha256"]
     assert {"torch", "onnx", "onnxruntime", "vae_dist"} <= set(manifest["versions"])
     assert manifest["model"] == {
-        "kind": kind, "latent_dim": LATENT, "image_shape": list(SHAPE), "dataset": "fashion-mnist",
-        "likelihood": KINDS[kind], "test_neg_elbo": 543.21,
+        "kind": kind,
+        "latent_dim": LATENT,
+        "image_shape": list(SHAPE),
+        "dataset": "fashion-mnist",
+        "likelihood": KINDS[kind],
+        "test_neg_elbo": TINY_TEST_NEG_ELBO,
     }
     v = manifest["verification"]
     assert v["passed"] and v["failures"] == []
@@ -185,6 +167,7 @@ def test_verify_passes_on_a_good_export(runs, tmp_path):
     assert result.exit_code == 0, result.output
     assert "verified" in result.output and "FAIL" not in result.output
     assert "encoder.onnx mu: max abs diff" in result.output and "-ELBO on 10000 test images" in result.output
+    assert result.output.strip().splitlines()[-1] == f"{run / 'onnx'}: verified"  # the verdict comes last
 
 
 def test_verify_fails_on_a_corrupted_weight_and_names_the_output(runs, tmp_path):
@@ -201,7 +184,12 @@ def test_verify_fails_on_a_corrupted_weight_and_names_the_output(runs, tmp_path)
     assert any("'mu'" in f for f in manifest["verification"]["failures"])
     # ...and the sampler will not touch it.
     out = tmp_path / "r.png"
-    assert sampler.main(["reconstruct", "--model-dir", str(run / "onnx"), "--idx", str(_test_idx()), "--out", str(out)]) == 1
+    assert (
+        sampler.main(
+            ["reconstruct", "--model-dir", str(run / "onnx"), "--idx", str(fashion_test_idx()), "--out", str(out)]
+        )
+        == 1
+    )
     assert not out.exists()
 
 
@@ -213,36 +201,61 @@ def test_verify_rejects_a_random_operator(runs, tmp_path):
     (last,) = [n for n in model.graph.node if "x_mean" in n.output]
     last.output[0] = "x_mean_raw"
     model.graph.initializer.append(onnx.numpy_helper.from_array(np.zeros((), np.float32), "zero"))
-    model.graph.node.extend([
-        helper.make_node("RandomUniformLike", ["x_mean_raw"], ["noise"]),
-        helper.make_node("Mul", ["noise", "zero"], ["no_noise"]),
-        helper.make_node("Add", ["x_mean_raw", "no_noise"], ["x_mean"]),
-    ])
+    model.graph.node.extend(
+        [
+            helper.make_node("RandomUniformLike", ["x_mean_raw"], ["noise"]),
+            helper.make_node("Mul", ["noise", "zero"], ["no_noise"]),
+            helper.make_node("Add", ["x_mean_raw", "no_noise"], ["x_mean"]),
+        ]
+    )
     onnx.save(model, str(path))
     result = CliRunner().invoke(cli(), ["verify", str(run)])
     assert result.exit_code == 1, result.output
     assert "decoder.onnx: random_ops: random operators in the graph: ['RandomUniformLike']" in result.output
 
 
-def test_verify_notices_a_retrained_model(runs, tmp_path):
+def test_verify_notices_a_retrained_model(runs, tmp_path, caplog):
     run = copy_run(runs, "linear", tmp_path)
     (run / artifacts.MODEL_FILE).unlink()
     make_run(tmp_path / "other", "x", "linear", "gaussian", seed=5)
     shutil.copy(tmp_path / "other" / "x" / artifacts.MODEL_FILE, run / artifacts.MODEL_FILE)
-    result = CliRunner().invoke(cli(), ["verify", str(run)])
+    with caplog.at_level(logging.INFO, logger="export"):
+        result = CliRunner().invoke(cli(), ["verify", str(run)])
     assert result.exit_code == 1
     assert "model.safetensors changed since the export" in result.output
+    assert result.output.strip().splitlines()[-1] == f"{run / 'onnx'}: verification FAILED"
+    # No log line says "verified" before the source check could fail it.
+    assert not [r for r in caplog.records if r.getMessage().endswith(" verified")]
+
+
+def test_verification_draws_the_evaluation_noise_the_run_used(tmp_path):
+    """The -ELBO check reuses the eval_seed recorded in the model file, so torch's figure is the
+    one training's evaluation computes."""
+    run = make_run(tmp_path, "r", "linear", eval_seed=3)
+    result = export_run(run, variants=[])
+    assert result.verified
+    elbo = result.manifest["verification"]["elbo"]
+    model, meta = artifacts.load_model(run / artifacts.MODEL_FILE)
+    images = load_test_images(model, meta)
+    _, native = torch_scores(model, images, evaluation_noise(len(images), LATENT, 3), "bernoulli")
+    assert elbo["noise_seed"] == 3 and elbo["torch_native"] == pytest.approx(native, abs=1e-9)
+    _, other = torch_scores(model, images, evaluation_noise(len(images), LATENT, 0), "bernoulli")
+    assert other != pytest.approx(native, abs=1e-9)
 
 
 def test_random_ops_are_found_in_subgraphs():
     z = helper.make_tensor_value_info("z", TensorProto.FLOAT, [None, 4])
     out = helper.make_tensor_value_info("out", TensorProto.FLOAT, [None, 4])
     branch = helper.make_graph(
-        [helper.make_node("RandomNormalLike", ["z"], ["r"])], "noisy", [],
+        [helper.make_node("RandomNormalLike", ["z"], ["r"])],
+        "noisy",
+        [],
         [helper.make_tensor_value_info("r", TensorProto.FLOAT, [None, 4])],
     )
     quiet = helper.make_graph(
-        [helper.make_node("Identity", ["z"], ["q"])], "quiet", [],
+        [helper.make_node("Identity", ["z"], ["q"])],
+        "quiet",
+        [],
         [helper.make_tensor_value_info("q", TensorProto.FLOAT, [None, 4])],
     )
     cond = helper.make_tensor("cond", TensorProto.BOOL, [], [True])
@@ -273,9 +286,11 @@ def test_a_failed_export_is_kept_apart_and_the_good_one_untouched(runs, tmp_path
     good = (run / "onnx" / "manifest.json").read_bytes()
 
     def failing(*args, **kwargs):
-        return Report([Check("decoder.onnx", "values", False, output="x_mean", batch=7, max_abs=0.3, max_rel=0.5, tol=1e-4)])
+        return Report(
+            [Check("decoder.onnx", "values", False, output="x_mean", batch=7, max_abs=0.3, max_rel=0.5, tol=1e-4)]
+        )
 
-    monkeypatch.setattr("export.convert.verify_export", failing)
+    monkeypatch.setattr("export.pipeline.verify_export", failing)
     result = export_run(run)
     assert not result.verified and result.onnx_dir == run / FAILED_DIR
     assert json.loads((run / FAILED_DIR / "manifest.json").read_text())["verified"] is False
@@ -308,7 +323,8 @@ def test_find_latest_runs_uses_metadata_kind_and_mtime(tmp_path):
 def test_export_of_a_named_run_with_another_opset(tmp_path):
     make_run(tmp_path, "fresh", "linear")
     result = CliRunner().invoke(
-        cli(), ["export", "fresh", "--output-dir", str(tmp_path), "--opset", "20", "--atol", "1e-3", "--variants", "none"]
+        cli(),
+        ["export", "fresh", "--output-dir", str(tmp_path), "--opset", "20", "--atol", "1e-3", "--variants", "none"],
     )
     assert result.exit_code == 0, result.output
     folder = tmp_path / "fresh" / "onnx"
@@ -337,8 +353,9 @@ def test_neg_elbo_from_mean_matches_the_training_loss(likelihood):
     x = torch.rand(16, *SHAPE, generator=g)
     mu, logvar = torch.randn(16, LATENT, generator=g), torch.randn(16, LATENT, generator=g)
     want = negative_elbo(logits, x, mu, logvar, 1.0, likelihood).neg_elbo().double().numpy()
-    got = neg_elbo_from_mean(torch.sigmoid(logits).numpy(), x.numpy(), mu.numpy(), logvar.numpy(), likelihood)
-    np.testing.assert_allclose(got, want, rtol=1e-5)
+    got = neg_elbo_from_mean(torch.sigmoid(logits), x, mu, logvar, likelihood)
+    assert got.dtype == torch.float64
+    np.testing.assert_allclose(got.numpy(), want, rtol=1e-5)
 
 
 def test_export_command_errors(tmp_path):
@@ -354,7 +371,10 @@ def test_export_command_errors(tmp_path):
 def test_python_dash_m_export_runs_the_export_command(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "export", "--output-dir", str(tmp_path / "none")],
-        cwd=ROOT, capture_output=True, text=True, timeout=120,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert proc.returncode == 2 and "no finished run under" in proc.stderr
     assert "Traceback" not in proc.stderr
@@ -364,13 +384,18 @@ def test_sampler_contract_matches_the_export_spec():
     encoder, decoder = spec_lib.vae_specs(build_model(ModelConfig(kind="linear", latent_dim=3, hidden_dims=[4]), SHAPE))
     assert sampler.ONNX_FORMAT == spec_lib.ONNX_FORMAT
     assert sampler.MANIFEST_FILE == spec_lib.MANIFEST_FILE
-    assert sampler.SIGNATURES == {
-        s.role: (s.input_names, s.output_names) for s in (encoder, decoder)
-    }
+    assert sampler.SIGNATURES == {s.role: (s.input_names, s.output_names) for s in (encoder, decoder)}
+    assert sampler.ONNX_DIR == spec_lib.ONNX_DIR
 
 
-def _test_idx() -> Path:
-    from vae_dist import data
+def test_sampler_mirrors_the_project_defaults_and_grid_layout():
+    """export/sample.py cannot import the project: its copies of shared facts must agree."""
+    from vae_dist import paths
 
-    root = data.resolve("fashion-mnist", download=False)
-    return root / "FashionMNIST" / "raw" / "t10k-images-idx3-ubyte"
+    assert (sampler.RUNS_ENV, sampler.DEFAULT_RUNS) == (paths.RUNS_ENV, paths.DEFAULT_RUNS)
+    assert (sampler.PAD, sampler.MIN_CELL_PIXELS) == (artifacts.GRID_PAD, artifacts.MIN_CELL_PIXELS)
+    for shape in ((1, 28, 28), (3, 64, 64), (1, 27, 31)):
+        rows = [torch.rand(3, *shape), torch.rand(2, *shape)]
+        got = sampler.tile([list(r.numpy()) for r in rows])
+        assert np.array_equal(got, artifacts.grid_pixels(rows))
+        assert got.shape[2] // (3 * shape[2]) >= 1 and sampler.grid_scale(shape[2]) * shape[2] >= 84

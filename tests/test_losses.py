@@ -27,7 +27,9 @@ def test_bce_closed_form_on_a_tiny_case():
     by_hand = -(x * p.log() + (1 - x) * (1 - p).log()).sum(1)
     torch.testing.assert_close(reconstruction_nll(logits, x, "bernoulli"), by_hand)
     # log 2 for a fair coin on a white pixel
-    assert math.isclose(reconstruction_nll(torch.zeros(1, 1), torch.ones(1, 1), "bernoulli").item(), math.log(2), rel_tol=1e-6)
+    assert math.isclose(
+        reconstruction_nll(torch.zeros(1, 1), torch.ones(1, 1), "bernoulli").item(), math.log(2), rel_tol=1e-6
+    )
 
 
 def test_gaussian_is_squared_error_plus_constant():

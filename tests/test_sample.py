@@ -1,12 +1,11 @@
 """The torch-free sampler, run where torch (and everything that needs it) cannot be imported."""
+
 from __future__ import annotations
 
 import gzip
 import json
 import shutil
 import struct
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -16,67 +15,24 @@ import torch
 from PIL import Image
 
 from export import sample as sampler
-from export.convert import export_run
+from export.pipeline import export_run
+from helpers import NO_TORCH, ROOT, SHAPE, make_run, python_without, run_sampler
 from vae_dist import artifacts, data
-from vae_dist.config import ModelConfig
-from vae_dist.models import build_model
 
-ROOT = Path(__file__).resolve().parents[1]
 SAMPLE_PY = ROOT / "export" / "sample.py"
-SHAPE = (1, 28, 28)
+SCALE = sampler.grid_scale(SHAPE[2])  # the PNGs are upscaled, nearest neighbour
 CELL = 28 + sampler.PAD
-# What a device without torch lacks: any import of these fails, as if they were not installed.
-BLOCKED = ("torch", "torchvision", "onnx", "onnxscript", "onnx_ir", "vae_dist", "click", "safetensors", "accelerate")
-PRELUDE = """
-import sys
-class _NotInstalled:
-    def find_spec(self, name, path=None, target=None):
-        if name.partition(".")[0] in {blocked!r}:
-            raise ImportError(f"No module named {{name!r}} (blocked: not on the device)")
-sys.meta_path.insert(0, _NotInstalled())
-"""
-
-
-def run_sampler(args: list[str], cwd: Path = ROOT, script: Path | None = None, blocked=BLOCKED):
-    """`python -m export.sample ARGS`, or `python SCRIPT ARGS`, with `blocked` unimportable."""
-    if script:
-        launch = (
-            f"import runpy; sys.argv = [{str(script)!r}, *{args!r}]; "
-            f"runpy.run_path({str(script)!r}, run_name='__main__')"
-        )
-    else:
-        launch = (
-            f"import runpy; sys.argv = ['sample.py', *{args!r}]; "
-            "runpy.run_module('export.sample', run_name='__main__', alter_sys=True)"
-        )
-    code = PRELUDE.format(blocked=set(blocked)) + launch
-    return subprocess.run([sys.executable, "-c", code], cwd=cwd, capture_output=True, text=True, timeout=60)
 
 
 def test_harness_really_blocks_torch():
-    code = PRELUDE.format(blocked=set(BLOCKED)) + "import torch"
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert proc.returncode != 0 and "blocked: not on the device" in proc.stderr
-
-
-@pytest.fixture(scope="module")
-def test_images() -> np.ndarray:
-    """The first real Fashion-MNIST test images, uint8 [N, 1, 28, 28]."""
-    root = data.resolve("fashion-mnist", download=False)
-    return data.load_split("fashion-mnist", False, root, subset=10).images.numpy()
+    proc = python_without(NO_TORCH, "import torch")
+    assert proc.returncode != 0 and "ModuleNotFoundError" in proc.stderr
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory) -> Path:
     """A tiny conv VAE, exported and verified."""
-    torch.manual_seed(0)
-    cfg = ModelConfig(kind="conv", latent_dim=3, hidden_dims=[16], channels=[4, 8])
-    run = tmp_path_factory.mktemp("runs") / "conv-tiny"
-    run.mkdir()
-    artifacts.save_model(
-        run / artifacts.MODEL_FILE, build_model(cfg, SHAPE), cfg,
-        {"dataset": "fashion-mnist", "likelihood": "bernoulli", "test_neg_elbo": 500.0},
-    )
+    run = make_run(tmp_path_factory.mktemp("runs"), "conv-tiny", "conv", latent_dim=3)
     result = export_run(run, variants=[])  # the variants' sampling is tested in test_variants.py
     assert result.verified, result.report.failure_lines()
     return run
@@ -101,13 +57,18 @@ def write_png(path: Path, image: np.ndarray) -> Path:
 
 
 def cells(png: Path, rows: int, cols: int) -> np.ndarray:
-    """The grid's cells as uint8 [rows, cols, 28, 28], after checking the grid's size."""
-    pixels = np.asarray(Image.open(png))
-    assert pixels.shape == (sampler.PAD + rows * CELL, sampler.PAD + cols * CELL)
-    return np.stack([
-        np.stack([pixels[2 + r * CELL : 2 + r * CELL + 28, 2 + c * CELL : 2 + c * CELL + 28] for c in range(cols)])
-        for r in range(rows)
-    ])
+    """The grid's cells as uint8 [rows, cols, 28, 28], after checking the grid's size and that
+    it is an exact nearest-neighbour upscale."""
+    big = np.asarray(Image.open(png))
+    assert big.shape == (SCALE * (sampler.PAD + rows * CELL), SCALE * (sampler.PAD + cols * CELL))
+    pixels = big[::SCALE, ::SCALE]
+    assert np.array_equal(pixels.repeat(SCALE, 0).repeat(SCALE, 1), big)
+    return np.stack(
+        [
+            np.stack([pixels[2 + r * CELL : 2 + r * CELL + 28, 2 + c * CELL : 2 + c * CELL + 28] for c in range(cols)])
+            for r in range(rows)
+        ]
+    )
 
 
 # ---------------------------------------------------------------- modes, without torch
@@ -132,11 +93,24 @@ def test_standalone_copy_reconstructs_and_interpolates(run, tmp_path, test_image
     shutil.copy(SAMPLE_PY, device / "sample.py")
     shutil.copytree(run / "onnx", device / "onnx")
     write_idx(device / "t10k-images-idx3-ubyte.gz", test_images[:, 0])
-    blocked = (*BLOCKED, "export")
+    blocked = (*NO_TORCH, "export")
     proc = run_sampler(
-        ["reconstruct", "--model-dir", "onnx", "--idx", "t10k-images-idx3-ubyte.gz",
-         "-n", "5", "--start", "2", "--per-row", "3"],
-        cwd=device, script=device / "sample.py", blocked=blocked,
+        [
+            "reconstruct",
+            "--model-dir",
+            "onnx",
+            "--idx",
+            "t10k-images-idx3-ubyte.gz",
+            "-n",
+            "5",
+            "--start",
+            "2",
+            "--per-row",
+            "3",
+        ],
+        cwd=device,
+        script=device / "sample.py",
+        blocked=blocked,
     )
     assert proc.returncode == 0, proc.stderr
     grid = cells(device / "reconstructions.png", rows=4, cols=3)
@@ -146,8 +120,12 @@ def test_standalone_copy_reconstructs_and_interpolates(run, tmp_path, test_image
 
     write_png(device / "a.png", test_images[0, 0])
     write_png(device / "b.png", test_images[1, 0])
-    proc = run_sampler(["interpolate", "--model-dir", "onnx", "a.png", "b.png", "--steps", "4"], cwd=device,
-                       script=device / "sample.py", blocked=blocked)
+    proc = run_sampler(
+        ["interpolate", "--model-dir", "onnx", "a.png", "b.png", "--steps", "4"],
+        cwd=device,
+        script=device / "sample.py",
+        blocked=blocked,
+    )
     assert proc.returncode == 0, proc.stderr
     grid = cells(device / "interpolation.png", rows=1, cols=6)
     assert np.array_equal(grid[0, 0], test_images[0, 0]) and np.array_equal(grid[0, 5], test_images[1, 0])
@@ -175,6 +153,12 @@ def test_default_model_dir_is_the_newest_verified_export(run, tmp_path):
     # A run directory is accepted in place of its onnx folder.
     proc = run_sampler(["sample", "-n", "1", "--model-dir", "runs/conv-tiny", "--out", "x.png"], cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
+    # Another folder of runs.
+    shutil.move(tmp_path / "runs", tmp_path / "elsewhere")
+    proc = run_sampler(["sample", "-n", "1", "--runs", "elsewhere", "--out", "y.png"], cwd=tmp_path)
+    assert proc.returncode == 0 and proc.stderr.strip() == f"using {Path('elsewhere/conv-tiny/onnx')}", proc.stderr
+    proc = run_sampler(["sample", "-n", "1", "--out", "z.png"], cwd=tmp_path)
+    assert proc.returncode == 1 and "no verified export under runs/" in proc.stderr
 
 
 # ---------------------------------------------------------------- errors
@@ -199,15 +183,31 @@ ERRORS = {
     "missing folder": (lambda d, t: ["sample", "--model-dir", str(t / "nowhere")], "no such folder"),
     "not onnx": (lambda d, t: ["sample", "--decoder", str(_garbage(d))], "is not an ONNX model onnxruntime can load"),
     "swapped": (
-        lambda d, t: ["reconstruct", "--encoder", str(d / "decoder.onnx"), "--decoder", str(d / "encoder.onnx"), "x.png"],
+        lambda d, t: [
+            "reconstruct",
+            "--encoder",
+            str(d / "decoder.onnx"),
+            "--decoder",
+            str(d / "encoder.onnx"),
+            "x.png",
+        ],
         "is the decoder of a VAE, but is used as the encoder; are --encoder and --decoder swapped?",
     ),
     "halves of two models": (
-        lambda d, t: ["reconstruct", "--encoder", str(_other_export(d, t) / "encoder.onnx"),
-                      "--decoder", str(d / "decoder.onnx"), "x.png"],
+        lambda d, t: [
+            "reconstruct",
+            "--encoder",
+            str(_other_export(d, t) / "encoder.onnx"),
+            "--decoder",
+            str(d / "decoder.onnx"),
+            "x.png",
+        ],
         "were exported from different models",
     ),
-    "n zero": (lambda d, t: ["sample", "--model-dir", str(d), "-n", "0"], "argument -n/--num: must be at least 1, got 0"),
+    "n zero": (
+        lambda d, t: ["sample", "--model-dir", str(d), "-n", "0"],
+        "argument -n/--num: must be at least 1, got 0",
+    ),
     "n negative": (lambda d, t: ["reconstruct", "--model-dir", str(d), "-n", "-3"], "must be at least 1, got -3"),
     "steps": (lambda d, t: ["interpolate", "--model-dir", str(d), "--steps", "1"], "must be at least 2"),
     "png size": (
@@ -215,14 +215,22 @@ ERRORS = {
         "big.png is 32x32 pixels; the model takes 28x28",
     ),
     "idx size": (
-        lambda d, t: ["reconstruct", "--model-dir", str(d), "--idx", str(write_idx(t / "big.idx.gz", np.zeros((3, 32, 32))))],
+        lambda d, t: [
+            "reconstruct",
+            "--model-dir",
+            str(d),
+            "--idx",
+            str(write_idx(t / "big.idx.gz", np.zeros((3, 32, 32)))),
+        ],
         "holds images of shape [1, 32, 32]; the model takes [1, 28, 28]",
     ),
     "not an image": (
-        lambda d, t: ["reconstruct", "--model-dir", str(d), str(_garbage(t, "x.png"))], "is not a readable image"
+        lambda d, t: ["reconstruct", "--model-dir", str(d), str(_garbage(t, "x.png"))],
+        "is not a readable image",
     ),
     "not idx": (
-        lambda d, t: ["reconstruct", "--model-dir", str(d), "--idx", str(_garbage(t, "x.idx"))], "is not an IDX file"
+        lambda d, t: ["reconstruct", "--model-dir", str(d), "--idx", str(_garbage(t, "x.idx"))],
+        "is not an IDX file",
     ),
     "two images needed": (
         lambda d, t: ["interpolate", "--model-dir", str(d), str(write_png(t / "a.png", np.zeros((28, 28))))],

@@ -1,23 +1,40 @@
 """End-to-end runs of the real training script on real Fashion-MNIST."""
+
 import json
 
 import pytest
 import torch
 import yaml
+from PIL import Image
 
+from helpers import ROOT, launch_cmd, run
+from vae_dist import runs
 from vae_dist.artifacts import load_model, read_model_metadata
 from vae_dist.config import load_config
 from vae_dist.train import train
 
-from conftest import ROOT, launch_cmd, run
-
 SMALL = ["data.train_subset=1024", "data.test_subset=300", "train.batch_size=64"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["linear", "conv"])
 def test_accelerate_launch_writes_the_run(tmp_path, kind):
-    out = run(launch_cmd(1, ["--config", f"configs/{kind}.yaml", "--output-dir", str(tmp_path), "--name", "r",
-                             "--set", "train.epochs=2", *sum((["--set", s] for s in SMALL), [])]))
+    out = run(
+        launch_cmd(
+            1,
+            [
+                "--config",
+                f"configs/{kind}.yaml",
+                "--output-dir",
+                str(tmp_path),
+                "--name",
+                "r",
+                "--set",
+                "train.epochs=2",
+                *sum((["--set", s] for s in SMALL), []),
+            ],
+        )
+    )
     run_dir = tmp_path / "r"
     assert out.stdout.strip().splitlines()[-1] == str(run_dir)
     saved = yaml.safe_load((run_dir / "config.yaml").read_text())
@@ -33,23 +50,58 @@ def test_accelerate_launch_writes_the_run(tmp_path, kind):
         for stem in ("reconstruction", "samples"):
             png = run_dir / "images" / f"{stem}_epoch{epoch:03d}.png"
             assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+            # 28-pixel images 2 pixels apart, upscaled 3 times so that each is 84 pixels wide
+            rows, cols = (2, 8) if stem == "reconstruction" else (8, 8)
+            assert Image.open(png).size == (3 * (2 + cols * 30), 3 * (2 + rows * 30))
     # the model file rebuilds the model without the YAML
     model, meta = load_model(run_dir / "model.safetensors")
     assert meta["model"]["kind"] == kind and meta["image_shape"] == [1, 28, 28]
     assert meta["test_neg_elbo"] == pytest.approx(records[-1]["test_neg_elbo"])
+    assert meta["eval_seed"] == 0  # export verification draws the same evaluation noise
     mu, logvar = model.encode(torch.rand(2, 1, 28, 28))
     assert mu.shape == (2, 20)
     assert len(list((run_dir / "checkpoints").glob("step-*"))) == 2  # keep_checkpoints default
 
 
+@pytest.mark.slow
 def test_existing_run_is_not_overwritten(tmp_path):
     (tmp_path / "r").mkdir()
     (tmp_path / "r" / "config.yaml").write_text("precious")
-    out = run(launch_cmd(1, ["--config", "configs/linear.yaml", "--output-dir", str(tmp_path), "--name", "r"]), check=False)
+    out = run(
+        launch_cmd(1, ["--config", "configs/linear.yaml", "--output-dir", str(tmp_path), "--name", "r"]), check=False
+    )
     assert out.returncode != 0 and "error: run directory" in out.stderr and "already holds a run" in out.stderr
     assert (tmp_path / "r" / "config.yaml").read_text() == "precious"
 
 
+def test_an_auto_named_run_records_its_name(tmp_path):
+    cfg = load_config("linear", ["train.epochs=1", *SMALL, f"run.output_dir={tmp_path}"])
+    assert cfg.run.name is None
+    run_dir = train(cfg, cpu=True).run_dir
+    assert run_dir.parent == tmp_path and run_dir.name.startswith("linear-")
+    saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert saved["run"] == {"name": run_dir.name, "output_dir": str(tmp_path)}
+
+
+def test_a_bug_while_deciding_the_run_keeps_its_traceback(tmp_path, monkeypatch):
+    """User mistakes become one line; a programming error must not be disguised as one."""
+
+    def broken(cfg, resume):
+        raise KeyError("a bug")
+
+    monkeypatch.setattr(runs, "decide_run", broken)
+    cfg = load_config("linear", [*SMALL, f"run.output_dir={tmp_path}", "run.name=r"])
+    with pytest.raises(KeyError, match="a bug"):
+        train(cfg, cpu=True)
+    monkeypatch.undo()
+    (tmp_path / "r").mkdir()
+    (tmp_path / "r" / "config.yaml").write_text("precious")
+    with pytest.raises(runs.ResumeError, match="already holds a run"):
+        train(cfg, cpu=True)
+    assert not (tmp_path / "r" / "images").exists()
+
+
+@pytest.mark.slow
 def test_linear_vae_quality_after_one_epoch(tmp_path, fashion_root):
     """The classic 784-400-20 VAE, one epoch of real Fashion-MNIST: test -ELBO below 270 nats."""
     cfg = load_config(ROOT / "configs/linear.yaml", ["train.epochs=1", f"run.output_dir={tmp_path}", "run.name=q"])

@@ -1,5 +1,6 @@
 """Edge variants (fp16, int8 dynamic, int8 static QDQ, ORT format): their export, verification,
 quality cost on the real Fashion-MNIST test split, rejection, and use by the torch-free sampler."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -16,30 +17,25 @@ from PIL import Image
 
 from export import sample as sampler
 from export import variants as variants_lib
-from export.convert import export_run
 from export.manifest import file_record
-from export.produce import census
-from export.variants import QUALITY_BUDGET, VARIANTS
+from export.pipeline import export_run
+from export.variants import QUALITY_BUDGET, VARIANTS, census
 from export.verify import ORT_FORMAT_ID
-from vae_dist import data
+from helpers import LATENT, cli, make_run, run_sampler
 
-from test_export import cli, make_run  # the same tiny runs and CLI group as the export tests
-from test_sample import run_sampler  # torch and the project made unimportable
-
-ROOT = Path(__file__).resolve().parents[1]
-SHAPE = (1, 28, 28)
-LATENT = 4
 KINDS = {"linear": "gaussian", "conv": "bernoulli"}  # both -ELBO forms, as in test_export.py
 EXPECTED = {
     "linear": ["fp16", "int8-dynamic", "fp32-ort", "int8-dynamic-ort"],
     "conv": ["fp16", "int8-dynamic", "int8-static", "fp32-ort", "int8-dynamic-ort", "int8-static-ort"],
 }
+
+
 def manifest_of(folder: Path) -> dict:
     return json.loads((folder / "manifest.json").read_text())
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory) -> Path:
+def variant_runs(tmp_path_factory) -> Path:
     """One tiny run of each kind, exported with every variant by `vae-dist export`."""
     runs = tmp_path_factory.mktemp("runs")
     for kind, likelihood in KINDS.items():
@@ -51,9 +47,8 @@ def runs(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def test_images() -> np.ndarray:
-    root = data.resolve("fashion-mnist", download=False)
-    return data.to_float(data.load_split("fashion-mnist", False, root, subset=5).images).numpy()
+def float_images(test_images) -> np.ndarray:
+    return test_images[:5].astype(np.float32) / 255
 
 
 def session(path: Path) -> ort.InferenceSession:
@@ -64,8 +59,8 @@ def session(path: Path) -> ort.InferenceSession:
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_every_variant_is_made_verified_measured_and_listed(runs, kind):
-    folder = runs / kind / "onnx"
+def test_every_variant_is_made_verified_measured_and_listed(variant_runs, kind):
+    folder = variant_runs / kind / "onnx"
     manifest = manifest_of(folder)
     assert manifest["verified"] is True and manifest["quality_budget"] == QUALITY_BUDGET
     assert list(manifest["variants"]) == EXPECTED[kind]
@@ -97,21 +92,25 @@ def test_every_variant_is_made_verified_measured_and_listed(runs, kind):
     assert elbo["recon_mse_onnx"] == pytest.approx(elbo["recon_mse_torch"], rel=1e-4)
     # A minimal onnxruntime build's operator list for the ORT files.
     ops = manifest["required_operators"]
-    assert ops["file"] == "required_operators.config" and len(ops["models"]) == 2 * sum(n.endswith("-ort") for n in EXPECTED[kind])
+    assert ops["file"] == "required_operators.config" and len(ops["models"]) == 2 * sum(
+        n.endswith("-ort") for n in EXPECTED[kind]
+    )
     text = (folder / "required_operators.config").read_text()
     assert "Gemm" in text and str(folder) not in text
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_variant_files_are_what_they_claim(runs, kind):
-    folder = runs / kind / "onnx"
+def test_variant_files_are_what_they_claim(variant_runs, kind):
+    folder = variant_runs / kind / "onnx"
     manifest = manifest_of(folder)
     for role in ("encoder", "decoder"):
         fp32 = onnx.load(str(folder / f"{role}.onnx"))
         fp16 = onnx.load(str(folder / f"{role}.fp16.onnx"))
         onnx.checker.check_model(fp16, full_check=True)
         assert any(t.data_type == onnx.TensorProto.FLOAT16 for t in fp16.graph.initializer)
-        assert {v.type.tensor_type.elem_type for v in [*fp16.graph.input, *fp16.graph.output]} == {onnx.TensorProto.FLOAT}
+        assert {v.type.tensor_type.elem_type for v in [*fp16.graph.input, *fp16.graph.output]} == {
+            onnx.TensorProto.FLOAT
+        }
         dynamic = onnx.load(str(folder / f"{role}.int8-dynamic.onnx"))
         assert census(dynamic).get("MatMulInteger", 0) >= 1
         for name, model in (("fp16", fp16), ("int8-dynamic", dynamic)):
@@ -133,8 +132,8 @@ def test_variant_files_are_what_they_claim(runs, kind):
         assert dyn["decoder"]["float"] == {"ConvTranspose": 2}
 
 
-def test_static_quantisation_reports_what_was_quantised(runs):
-    folder = runs / "conv" / "onnx"
+def test_static_quantisation_reports_what_was_quantised(variant_runs):
+    folder = variant_runs / "conv" / "onnx"
     production = manifest_of(folder)["variants"]["int8-static"]["production"]
     enc, dec = production["encoder"], production["decoder"]
     assert enc["calibration_inputs"] == VARIANTS["int8-static"].options["calibration_images"]
@@ -151,14 +150,14 @@ def test_static_quantisation_reports_what_was_quantised(runs):
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_variants_agree_with_fp32_within_their_tolerance(runs, kind, test_images):
-    folder = runs / kind / "onnx"
+def test_variants_agree_with_fp32_within_their_tolerance(variant_runs, kind, float_images):
+    folder = variant_runs / kind / "onnx"
     z = np.random.default_rng(1).standard_normal((5, LATENT), dtype=np.float32)
-    want_enc = session(folder / "encoder.onnx").run(None, {"x": test_images})
+    want_enc = session(folder / "encoder.onnx").run(None, {"x": float_images})
     (want_dec,) = session(folder / "decoder.onnx").run(None, {"z": z})
     for name in EXPECTED[kind]:
         spec = VARIANTS[name]
-        got_enc = session(folder / spec.filename("encoder")).run(None, {"x": test_images})
+        got_enc = session(folder / spec.filename("encoder")).run(None, {"x": float_images})
         (got_dec,) = session(folder / spec.filename("decoder")).run(None, {"z": z})
         assert all(g.dtype == np.float32 for g in [*got_enc, got_dec])
         # Against fp32 ONNX rather than torch (1e-6 apart), so allow for that too.
@@ -172,7 +171,8 @@ def test_variants_agree_with_fp32_within_their_tolerance(runs, kind, test_images
 def test_a_variant_over_its_budget_is_rejected_and_the_sampler_refuses_it(tmp_path):
     make_run(tmp_path, "lin", "linear", "bernoulli")
     result = CliRunner().invoke(
-        cli(), ["export", "lin", "--output-dir", str(tmp_path), "--variants", "int8-dynamic", "--quality-budget", "1e-9"]
+        cli(),
+        ["export", "lin", "--output-dir", str(tmp_path), "--variants", "int8-dynamic", "--quality-budget", "1e-9"],
     )
     assert result.exit_code == 0, result.output  # the fp32 export is the product: still a success
     assert "int8-dynamic     rejected" in result.output and "the budget is 1e-09" in result.output
@@ -200,7 +200,9 @@ def test_a_variant_over_its_budget_is_rejected_and_the_sampler_refuses_it(tmp_pa
     assert proc.returncode == 1 and "which the export rejected (quality: mean test -ELBO" in proc.stderr
     assert "--allow-rejected" in proc.stderr and not out.exists()
 
-    proc = run_sampler(["sample", "--model-dir", str(folder), "--variant", "int8", "--allow-rejected", "--out", str(out)])
+    proc = run_sampler(
+        ["sample", "--model-dir", str(folder), "--variant", "int8", "--allow-rejected", "--out", str(out)]
+    )
     assert proc.returncode == 0, proc.stderr
     assert out.is_file()
     assert "using variant int8-dynamic (decoder.int8-dynamic.onnx)" in proc.stderr
@@ -255,12 +257,14 @@ def _shift_output_bias(path: Path, by: float) -> None:
     onnx.save(model, str(path))
 
 
-def test_verify_catches_a_damaged_variant_and_int8_falls_back_to_dynamic(runs, tmp_path):
-    run = Path(shutil.copytree(runs / "conv", tmp_path / "conv"))
+def test_verify_catches_a_damaged_variant_and_int8_falls_back_to_dynamic(variant_runs, tmp_path):
+    run = Path(shutil.copytree(variant_runs / "conv", tmp_path / "conv"))
     folder = run / "onnx"
     _shift_output_bias(folder / "decoder.int8-static.onnx", 5.0)  # ConvTranspose stays float: a float bias
     # Changed bytes are refused before anything else...
-    proc = run_sampler(["sample", "--model-dir", str(folder), "--variant", "int8-static", "--out", str(tmp_path / "a.png")])
+    proc = run_sampler(
+        ["sample", "--model-dir", str(folder), "--variant", "int8-static", "--out", str(tmp_path / "a.png")]
+    )
     assert proc.returncode == 1 and "is not the file that was verified" in proc.stderr
     # ...and judged again by `vae-dist verify`: the fp32 export passes, the variant does not.
     result = CliRunner().invoke(cli(), ["verify", str(run)])
@@ -269,7 +273,10 @@ def test_verify_catches_a_damaged_variant_and_int8_falls_back_to_dynamic(runs, t
     assert "decoder.int8-static.onnx: output 'x_mean' max abs diff" in result.output
     entry = manifest_of(folder)["variants"]["int8-static"]
     assert entry["status"] == "rejected" and not entry["verification"]["passed"]
-    assert entry["files"]["decoder.int8-static.onnx"]["sha256"] == file_record(folder / "decoder.int8-static.onnx")["sha256"]
+    assert (
+        entry["files"]["decoder.int8-static.onnx"]["sha256"]
+        == file_record(folder / "decoder.int8-static.onnx")["sha256"]
+    )
     assert manifest_of(folder)["variants"]["int8-dynamic"]["status"] == "verified"
     # int8 now means the dynamic variant; the static one is refused by name.
     out = tmp_path / "b.png"
@@ -284,24 +291,31 @@ def test_verify_catches_a_damaged_variant_and_int8_falls_back_to_dynamic(runs, t
 
 
 CHOICES = [
-    ("fp32", "onnx", "fp32"), ("fp16", "onnx", "fp16"), ("int8", "onnx", "int8-static"),
-    ("int8-dynamic", "onnx", "int8-dynamic"), ("int8-static", "onnx", "int8-static"),
-    ("fp32", "ort", "fp32-ort"), ("int8", "ort", "int8-static-ort"), ("int8-dynamic", "ort", "int8-dynamic-ort"),
+    ("fp32", "onnx", "fp32"),
+    ("fp16", "onnx", "fp16"),
+    ("int8", "onnx", "int8-static"),
+    ("int8-dynamic", "onnx", "int8-dynamic"),
+    ("int8-static", "onnx", "int8-static"),
+    ("fp32", "ort", "fp32-ort"),
+    ("int8", "ort", "int8-static-ort"),
+    ("int8-dynamic", "ort", "int8-dynamic-ort"),
 ]
 
 
 @pytest.fixture(scope="module")
-def fp32_samples(runs, tmp_path_factory) -> np.ndarray:
+def fp32_samples(variant_runs, tmp_path_factory) -> np.ndarray:
     out = tmp_path_factory.mktemp("fp32") / "s.png"
-    proc = run_sampler(["sample", "--model-dir", str(runs / "conv" / "onnx"), "-n", "4", "--seed", "3", "--out", str(out)])
+    proc = run_sampler(
+        ["sample", "--model-dir", str(variant_runs / "conv" / "onnx"), "-n", "4", "--seed", "3", "--out", str(out)]
+    )
     assert proc.returncode == 0, proc.stderr
     return np.asarray(Image.open(out), dtype=np.int16)
 
 
 @pytest.mark.parametrize("variant, fmt, used", CHOICES, ids=[f"{v}-{f}" for v, f, _ in CHOICES])
-def test_sampler_runs_each_variant_without_torch(runs, tmp_path, fp32_samples, variant, fmt, used):
+def test_sampler_runs_each_variant_without_torch(variant_runs, tmp_path, fp32_samples, variant, fmt, used):
     out = tmp_path / "s.png"
-    args = ["sample", "--model-dir", str(runs / "conv"), "-n", "4", "--seed", "3", "--out", str(out)]
+    args = ["sample", "--model-dir", str(variant_runs / "conv"), "-n", "4", "--seed", "3", "--out", str(out)]
     proc = run_sampler([*args, "--variant", variant, "--format", fmt])
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == f"wrote {out} (4 samples from the prior, seed 3)"
@@ -316,25 +330,48 @@ def test_sampler_runs_each_variant_without_torch(runs, tmp_path, fp32_samples, v
     assert diff.max() <= limit, (used, diff.max())
 
 
-def test_sampler_reconstructs_with_an_int8_ort_pair(runs, tmp_path, test_images):
+def test_sampler_reconstructs_with_an_int8_ort_pair(variant_runs, tmp_path, float_images):
     idx = tmp_path / "t.idx"
-    pixels = (test_images[:, 0] * 255).round().astype(np.uint8)
+    pixels = (float_images[:, 0] * 255).round().astype(np.uint8)
     idx.write_bytes(bytes([0, 0, 8, 3]) + np.array(pixels.shape, ">u4").tobytes() + pixels.tobytes())
     out = tmp_path / "r.png"
-    proc = run_sampler(["reconstruct", "--model-dir", str(runs / "linear" / "onnx"), "--idx", str(idx), "-n", "3",
-                        "--variant", "int8", "--format", "ort", "--out", str(out)])
+    proc = run_sampler(
+        [
+            "reconstruct",
+            "--model-dir",
+            str(variant_runs / "linear" / "onnx"),
+            "--idx",
+            str(idx),
+            "-n",
+            "3",
+            "--variant",
+            "int8",
+            "--format",
+            "ort",
+            "--out",
+            str(out),
+        ]
+    )
     assert proc.returncode == 0, proc.stderr
     assert proc.stderr.strip() == "using variant int8-dynamic-ort (encoder.int8-dynamic.ort, decoder.int8-dynamic.ort)"
     assert out.is_file()
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--variant", "fp16", "--format", "ort"], "has no fp16-ort variant (it has: fp16 (verified), int8-dynamic (verified)"),
-    (["--variant", "int8-static"], "has no int8-static variant"),
-    (["--variant", "int9"], "argument --variant: invalid choice: 'int9'"),
-])
-def test_sampler_explains_a_variant_it_cannot_use(runs, tmp_path, args, message):
-    proc = run_sampler(["sample", "--model-dir", str(runs / "linear" / "onnx"), "--out", str(tmp_path / "x.png"), *args])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (
+            ["--variant", "fp16", "--format", "ort"],
+            "has no fp16-ort variant (it has: fp16 (verified), int8-dynamic (verified)",
+        ),
+        (["--variant", "int8-static"], "has no int8-static variant"),
+        (["--variant", "int9"], "argument --variant: invalid choice: 'int9'"),
+    ],
+)
+def test_sampler_explains_a_variant_it_cannot_use(variant_runs, tmp_path, args, message):
+    proc = run_sampler(
+        ["sample", "--model-dir", str(variant_runs / "linear" / "onnx"), "--out", str(tmp_path / "x.png"), *args]
+    )
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0], proc.stderr

@@ -1,20 +1,28 @@
-"""What a run leaves behind: the self-describing model file, metrics and image grids."""
+"""What a run leaves behind: the self-describing model file, metrics lines and image grids."""
+
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
-from torchvision.utils import save_image
 
 from vae_dist.config import ModelConfig
-from vae_dist.models import VAE, build_model
+from vae_dist.errors import UserError
+from vae_dist.models import MODELS, VAE, build_model
 
 MODEL_FILE = "model.safetensors"
 FORMAT = "vae-dist-model/1"
+GRID_PAD = 2  # black pixels between grid cells
+MIN_CELL_PIXELS = 84  # grids are upscaled (nearest neighbour) until each image is at least this wide
+
+
+class ModelFileError(UserError):
+    """A model file that is missing, damaged or not a vae-dist model."""
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -24,34 +32,49 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 
 def save_model(path: Path, model: VAE, model_cfg: ModelConfig, extra: dict[str, Any]) -> None:
-    """Weights in safetensors; in its header, everything needed to rebuild the model."""
+    """Weights in safetensors; in its header, everything needed to rebuild the model. The same
+    weights and metadata always give the same bytes (keys sorted)."""
+    from safetensors.torch import save_file
+
     meta = {
         "format": FORMAT,
-        "model": json.dumps(model_cfg.__dict__),
+        "model": json.dumps(model_cfg.__dict__, sort_keys=True),
         "image_shape": json.dumps(list(model.image_shape)),
-        **{k: json.dumps(v) for k, v in extra.items()},
+        **{k: json.dumps(v, sort_keys=True) for k, v in extra.items()},
     }
     state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in model.state_dict().items()}
     tmp = path.with_name(path.name + ".tmp")
-    save_file(state, str(tmp), metadata=meta)
+    save_file(dict(sorted(state.items())), str(tmp), metadata=dict(sorted(meta.items())))
     os.replace(tmp, path)
 
 
 def read_model_metadata(path: str | Path) -> dict[str, Any]:
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"model file {str(path)!r} not found; train a model first (make train)")
-    with safe_open(str(path), "pt") as f:
-        raw = f.metadata() or {}
+        raise ModelFileError(f"model file {str(path)!r} not found; train a model first (make train)")
+    try:
+        with safe_open(str(path), "pt") as f:
+            raw = f.metadata() or {}
+    except (SafetensorError, OSError) as e:
+        raise ModelFileError(f"{path} cannot be read as a safetensors file ({str(e).splitlines()[0]})") from None
     if raw.get("format") != FORMAT:
-        raise ValueError(f"{path} is not a vae-dist model file (format {raw.get('format')!r})")
-    return {k: (v if k == "format" else json.loads(v)) for k, v in raw.items()}
+        raise ModelFileError(f"{path} is not a vae-dist model file (format {raw.get('format')!r})")
+    try:
+        meta = {k: (v if k == "format" else json.loads(v)) for k, v in raw.items()}
+    except ValueError:
+        raise ModelFileError(f"{path} has damaged metadata; train or copy the model again") from None
+    kind = (meta.get("model") or {}).get("kind")
+    if kind not in MODELS:
+        raise ModelFileError(f"{path} describes a model of kind {kind!r}; this vae-dist knows {', '.join(MODELS)}")
+    return meta
 
 
 def load_model(path: str | Path) -> tuple[VAE, dict[str, Any]]:
     """Rebuild a model from its file alone (no YAML); returns it in eval mode with its metadata."""
+    from safetensors.torch import load_file
+
     meta = read_model_metadata(path)
     model = build_model(ModelConfig(**meta["model"]), tuple(meta["image_shape"]))
     model.load_state_dict(load_file(str(path)))
@@ -80,15 +103,44 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
     return records
 
 
-@torch.no_grad()
+# ---------------------------------------------------------------- image grids
+
+
+def grid_scale(width: int) -> int:
+    """The nearest-neighbour upscale that makes an image `width` pixels wide at least MIN_CELL_PIXELS."""
+    return max(1, math.ceil(MIN_CELL_PIXELS / width))
+
+
+def grid_pixels(rows: list[torch.Tensor]) -> np.ndarray:
+    """Rows of images [n, C, H, W] in [0, 1] laid out on black, GRID_PAD pixels apart, then
+    upscaled by `grid_scale`: uint8 [C, H', W']. export/sample.py draws the same layout."""
+    c, h, w = rows[0].shape[1:]
+    cols = max(r.shape[0] for r in rows)
+    canvas = torch.zeros(c, GRID_PAD + len(rows) * (h + GRID_PAD), GRID_PAD + cols * (w + GRID_PAD))
+    for i, row in enumerate(rows):
+        for j, img in enumerate(row):
+            y, x = GRID_PAD + i * (h + GRID_PAD), GRID_PAD + j * (w + GRID_PAD)
+            canvas[:, y : y + h, x : x + w] = img.float().cpu()
+    pixels = (canvas * 255 + 0.5).clamp(0, 255).to(torch.uint8).numpy()  # round half up
+    s = grid_scale(w)
+    return pixels.repeat(s, axis=1).repeat(s, axis=2)
+
+
+def save_grid(path: Path, rows: list[torch.Tensor]) -> None:
+    from PIL import Image
+
+    pixels = grid_pixels(rows)
+    image = Image.fromarray(pixels[0] if pixels.shape[0] == 1 else np.ascontiguousarray(pixels.transpose(1, 2, 0)))
+    tmp = path.with_name(path.name + ".tmp")
+    image.save(tmp, format="PNG")
+    os.replace(tmp, path)
+
+
 def save_reconstruction_grid(path: Path, originals: torch.Tensor, recon: torch.Tensor) -> None:
     """One row of originals above one row of their reconstructions, as in the reference."""
-    n = originals.shape[0]
-    save_image(torch.cat([originals, recon]).float().cpu(), str(path), nrow=n, padding=2)
+    save_grid(path, [originals, recon])
 
 
-@torch.no_grad()
 def save_sample_grid(path: Path, samples: torch.Tensor) -> None:
-    n = samples.shape[0]
-    nrow = max(1, int(round(n**0.5)))
-    save_image(samples.float().cpu(), str(path), nrow=nrow, padding=2)
+    per_row = max(1, int(round(samples.shape[0] ** 0.5)))
+    save_grid(path, [samples[i : i + per_row] for i in range(0, samples.shape[0], per_row)])

@@ -1,16 +1,25 @@
-"""Training throughput on CPU, against the machine's own matmul throughput.
+"""Training benchmark on the CPU: start-up time and the step's share of the machine's matmul throughput.
 
-    python -m vae_dist.bench [--batch-size 128] [--seconds 10] [--json bench/train.json]
+    python -m vae_dist.bench [--batch-size 128] [--seconds 8] [--starts 3] [--profile] [--json bench/train.json]
 
-For each VAE: images/s of the real training step (in-memory batches, `micro_step`), the FLOPs of
-one step counted by FlopCounterMode, and the achieved fraction of a large float32 `torch.mm`
-measured in the same run. For contrast, the classic loop (DataLoader over the torchvision
-dataset with ToTensor) is timed on the same model and step.
+1. Start-up: `vae-dist train` (the shipped linear config) is started as a new process and timed
+   until it logs its first optimizer step, `--starts` times.
+2. The step: for each shipped model, images/s of the real training step (in-memory batches,
+   `train.micro_step`), the FLOPs of one step counted by FlopCounterMode, and the achieved fraction
+   of a large float32 `torch.mm` measured in the same run. For contrast, the classic loop (a
+   DataLoader over the IDX images with ToTensor, as in pytorch/examples) feeds the same step.
+   `--profile` prints where the linear VAE's step spends its time (torch.profiler).
+See docs/benchmarks.md for figures and their analysis.
 """
 from __future__ import annotations
 
 import json
+import statistics
+import subprocess
+import sys
+import tempfile
 import time
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import click
@@ -19,11 +28,11 @@ from accelerate import Accelerator
 from torch.utils.flop_counter import FlopCounterMode
 
 from vae_dist import data
-from vae_dist.config import load_config
+from vae_dist.config import load_config, shipped_config
 from vae_dist.models import build_model
-from vae_dist.train import make_optimizer, micro_step
+from vae_dist.train import FIRST_STEP_MESSAGE, make_optimizer, micro_step
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+MODELS = ("linear", "conv")
 
 
 def matmul_flops_per_s(m: int = 2048, k: int = 2048, n: int = 2048, seconds: float = 3.0) -> float:
@@ -34,6 +43,30 @@ def matmul_flops_per_s(m: int = 2048, k: int = 2048, n: int = 2048, seconds: flo
         torch.mm(a, b)
         reps += 1
     return 2 * m * k * n * reps / (time.perf_counter() - t0)
+
+
+def seconds_to_first_step(timeout: float = 120.0) -> float:
+    """Wall time from starting `vae-dist train` to its first optimizer step, in a new process."""
+    with tempfile.TemporaryDirectory(prefix="vae-dist-bench-") as out:
+        cmd = [sys.executable, "-m", "vae_dist.cli", "train", "--config", "linear", "--output-dir", out]
+        started = time.perf_counter()
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        try:
+            for line in proc.stderr:
+                if FIRST_STEP_MESSAGE in line:
+                    return time.perf_counter() - started
+                if time.perf_counter() - started > timeout:
+                    break
+            raise RuntimeError(f"`{' '.join(cmd)}` never reached its first step; its last line: {line.strip()}")
+        finally:
+            proc.kill()
+            proc.wait()
+
+
+def endless(make: Callable[[], Iterable]) -> Iterator:
+    """Batches from `make()`, started again whenever one pass ends (any timing window works)."""
+    while True:
+        yield from make()
 
 
 def step_flops(model, optimizer, accelerator, x, eps) -> int:
@@ -52,12 +85,17 @@ def time_steps(step, seconds: float) -> tuple[int, float]:
     return n, time.perf_counter() - t0
 
 
-def bench_model(kind: str, accelerator, train: data.Split, root: Path, batch: int, seconds: float) -> dict:
-    cfg = load_config(CONFIGS / f"{kind}.yaml")  # the shipped models, as `make train` builds them
+def prepared(kind: str, accelerator, image_shape):
+    cfg = load_config(shipped_config(kind))  # the shipped models, as `make train` builds them
     torch.manual_seed(0)
-    model = build_model(cfg.model, train.image_shape)
+    model = build_model(cfg.model, image_shape)
     optimizer = make_optimizer(model, cfg, accelerator.device)
     model, optimizer = accelerator.prepare(model, optimizer)
+    return cfg, model, optimizer
+
+
+def bench_model(kind: str, accelerator, train: data.Split, root: Path, batch: int, seconds: float) -> dict:
+    cfg, model, optimizer = prepared(kind, accelerator, train.image_shape)
     images = train.images
     order = data.epoch_order(len(train), 0, 0)
     eps = torch.randn(batch, cfg.model.latent_dim)
@@ -76,8 +114,9 @@ def bench_model(kind: str, accelerator, train: data.Split, root: Path, batch: in
     import torchvision
     from torch.utils.data import DataLoader
 
-    ds = data.DATASETS[cfg.data.name].cls(str(root), train=True, transform=torchvision.transforms.ToTensor())
-    loader = iter(DataLoader(ds, batch_size=batch, shuffle=True, drop_last=True))
+    folder = data.DATASETS[cfg.data.name].folder
+    ds = getattr(torchvision.datasets, folder)(str(root), train=True, transform=torchvision.transforms.ToTensor())
+    loader = endless(lambda: DataLoader(ds, batch_size=batch, shuffle=True, drop_last=True))
 
     def classic():
         x, _ = next(loader)
@@ -89,40 +128,78 @@ def bench_model(kind: str, accelerator, train: data.Split, root: Path, batch: in
         "batch_size": batch,
         "step_flops": flops,
         "images_per_s": steps * batch / elapsed,
+        "ms_per_step": 1e3 * elapsed / steps,
         "achieved_flops_per_s": flops * steps / elapsed,
         "classic_images_per_s": c_steps * batch / c_elapsed,
         "classic_achieved_flops_per_s": flops * c_steps / c_elapsed,
     }
 
 
+def profile_lines(accelerator, train: data.Split, batch: int, rows: int = 12) -> list[str]:
+    """Where the linear VAE's step spends its time, by operator (self CPU time over 50 steps)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cfg, model, optimizer = prepared("linear", accelerator, train.image_shape)
+    x = data.to_float(train.images[:batch])
+    eps = torch.randn(batch, cfg.model.latent_dim)
+    for _ in range(10):
+        micro_step(accelerator, model, optimizer, x, eps, 1.0, "bernoulli")
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(50):
+            micro_step(accelerator, model, optimizer, x, eps, 1.0, "bernoulli")
+    return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows).splitlines()
+
+
 @click.command()
-@click.option("--batch-size", default=128, show_default=True)
-@click.option("--seconds", default=8.0, show_default=True, help="Timing window per measurement.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=128, show_default=True)
+@click.option("--seconds", type=click.FloatRange(min=0, min_open=True), default=8.0, show_default=True,
+              help="Timing window per measurement.")
+@click.option("--starts", type=click.IntRange(min=0), default=3, show_default=True,
+              help="New `vae-dist train` processes timed to their first optimizer step (0: skip).")
+@click.option("--profile", is_flag=True, help="Also print the linear VAE step's profile by operator.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default="bench/train.json", show_default=True)
-def main(batch_size: int, seconds: float, json_path: str):
-    """Benchmark the training step of both VAEs on CPU."""
-    accelerator = Accelerator(cpu=True)
+def main(batch_size: int, seconds: float, starts: int, profile: bool, json_path: str):
+    """Benchmark start-up and the training step of both VAEs on the CPU."""
     root = data.resolve("fashion-mnist", download=False)
+    firsts = [seconds_to_first_step() for _ in range(starts)]
+    accelerator = Accelerator(cpu=True)
     train = data.load_split("fashion-mnist", True, root)
     peak = matmul_flops_per_s()
     # The ceiling for the linear VAE: its largest layer's matmul at the batch size, alone.
     layer = matmul_flops_per_s(batch_size, 784, 400, seconds=2.0)
-    rows = [bench_model(kind, accelerator, train, root, batch_size, seconds) for kind in ("linear", "conv")]
+    rows = [bench_model(kind, accelerator, train, root, batch_size, seconds) for kind in MODELS]
     for r in rows:
         r["matmul_flops_per_s"] = peak
         r["layer_matmul_flops_per_s"] = layer
         r["fraction_of_matmul"] = r["achieved_flops_per_s"] / peak
         r["classic_fraction_of_matmul"] = r["classic_achieved_flops_per_s"] / peak
+    if firsts:
+        click.echo(
+            f"start-up: `vae-dist train --config linear` reached its first optimizer step after "
+            f"{statistics.median(firsts):.2f} s (median of {len(firsts)}: {', '.join(f'{t:.2f}' for t in firsts)} s)"
+        )
     click.echo(f"torch.mm 2048x2048 float32, {torch.get_num_threads()} threads: {peak / 1e9:.1f} GFLOP/s")
-    click.echo(f"torch.mm {batch_size}x784x400 (the linear VAE's largest layer) alone: {layer / 1e9:.1f} GFLOP/s = {layer / peak:.0%}")
-    click.echo(f"{'model':<7} {'batch':>5} {'MFLOP/step':>10} {'images/s':>9} {'of mm':>6} | {'classic images/s':>16} {'of mm':>6}")
+    click.echo(
+        f"torch.mm {batch_size}x784x400 (the linear VAE's largest layer) alone: "
+        f"{layer / 1e9:.1f} GFLOP/s = {layer / peak:.0%}"
+    )
+    click.echo(
+        f"{'model':<7} {'batch':>5} {'MFLOP/step':>10} {'ms/step':>8} {'images/s':>9} {'of mm':>6} | "
+        f"{'classic images/s':>16} {'of mm':>6}"
+    )
     for r in rows:
         click.echo(
-            f"{r['model']:<7} {r['batch_size']:>5} {r['step_flops'] / 1e6:>10.1f} {r['images_per_s']:>9.0f} "
-            f"{r['fraction_of_matmul']:>6.0%} | {r['classic_images_per_s']:>16.0f} {r['classic_fraction_of_matmul']:>6.0%}"
+            f"{r['model']:<7} {r['batch_size']:>5} {r['step_flops'] / 1e6:>10.1f} {r['ms_per_step']:>8.2f} "
+            f"{r['images_per_s']:>9.0f} {r['fraction_of_matmul']:>6.0%} | "
+            f"{r['classic_images_per_s']:>16.0f} {r['classic_fraction_of_matmul']:>6.0%}"
         )
+    if profile:
+        click.echo("\nlinear VAE step, 50 steps, by operator:")
+        for line in profile_lines(accelerator, train, batch_size):
+            click.echo(line)
+    result = {"seconds_to_first_step": firsts, "models": rows}
     Path(json_path).parent.mkdir(parents=True, exist_ok=True)
-    Path(json_path).write_text(json.dumps(rows, indent=1))
+    Path(json_path).write_text(json.dumps(result, indent=1))
     click.echo(f"written to {json_path}")
 
 

@@ -1,41 +1,67 @@
-"""The `vae-dist` command."""
+"""The `vae-dist` command. Sub-commands are imported when they run, so that `vae-dist data` does
+not load the trainer and nothing here loads the export stack (onnx, onnxruntime)."""
+
 from __future__ import annotations
 
+import importlib
 import sys
 
 import click
 
-from export.cli import export_command, verify_command
-from vae_dist import data
-from vae_dist.train import train_command
+# name -> ("module:attribute" of a click command, its line in `vae-dist --help`)
+COMMANDS = {
+    "train": ("vae_dist.train:train_command", "Train a VAE (under `accelerate launch` for several processes)."),
+    "export": ("export.cli:export_command", "Export runs to ONNX, verify them with onnxruntime, make edge variants."),
+    "verify": ("export.cli:verify_command", "Verify an existing export again."),
+}
 
 
-@click.group()
+class LazyGroup(click.Group):
+    def list_commands(self, ctx):
+        return sorted([*super().list_commands(ctx), *COMMANDS])
+
+    def get_command(self, ctx, name):
+        if name in COMMANDS:
+            module, _, attr = COMMANDS[name][0].partition(":")
+            return getattr(importlib.import_module(module), attr)
+        return super().get_command(ctx, name)
+
+    def format_commands(self, ctx, formatter):
+        rows = [
+            (name, COMMANDS[name][1] if name in COMMANDS else self.get_command(ctx, name).get_short_help_str())
+            for name in self.list_commands(ctx)
+        ]
+        with formatter.section("Commands"):
+            formatter.write_dl(rows)
+
+
+@click.group(cls=LazyGroup)
 @click.version_option(package_name="vae-dist")
 def main():
     """Train VAEs with Accelerate and ship them as ONNX models."""
 
 
 @main.command("data")
-@click.option("--dataset", type=click.Choice(sorted(data.DATASETS)), default="fashion-mnist", show_default=True)
+@click.option("--dataset", type=click.Choice(["fashion-mnist", "mnist"]), default="fashion-mnist", show_default=True)
 @click.option("--root", help="Folder to try first.")
 @click.option("--download/--no-download", default=True, show_default=True, help="Fall back to torchvision's download.")
-def data_command(dataset: str, root: str | None, download: bool):
+@click.option("--test-images", is_flag=True, help="Print the test split's IDX image file instead of the folder.")
+def data_command(dataset: str, root: str | None, download: bool, test_images: bool):
     """Find the data set (or download it) and print the folder it is read from."""
+    from vae_dist import data
+
     try:
         found = data.resolve(dataset, root, download=download)
         for train in (True, False):
             split = data.load_split(dataset, train, found)
-            click.echo(f"{dataset} {'train' if train else 'test'}: {len(split)} images of {split.image_shape}", err=True)
+            click.echo(
+                f"{dataset} {'train' if train else 'test'}: {len(split)} images of {split.image_shape}", err=True
+            )
     except data.DataError as e:
         click.echo(f"error: {e}", err=True)
         sys.exit(2)
-    click.echo(str(found))
+    click.echo(str(data.images_file(dataset, False, found) if test_images else found))
 
-
-main.add_command(train_command)
-main.add_command(export_command)
-main.add_command(verify_command)
 
 if __name__ == "__main__":
     main()

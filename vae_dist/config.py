@@ -2,6 +2,7 @@
 
 Unknown keys, values of the wrong type and impossible values are errors that name the key.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -14,8 +15,11 @@ from typing import Any
 
 import yaml
 
+from vae_dist import paths
+from vae_dist.errors import UserError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError, ValueError):
     """A problem with the configuration, phrased for the user."""
 
 
@@ -62,8 +66,8 @@ class TrainConfig:
 
 @dataclass
 class RunConfig:
-    output_dir: str = "runs"
-    name: str | None = None  # default: <model.kind>-<date>-<time>
+    output_dir: str = field(default_factory=lambda: str(paths.runs_dir()))  # $VAE_DIST_RUNS or ./runs
+    name: str | None = None  # default: <model.kind>-<date>-<time>; the run's config.yaml records the name used
 
 
 @dataclass
@@ -86,12 +90,24 @@ CHOICES = {
     "train.mixed_precision": ("no", "fp16", "bf16"),
 }
 POSITIVE = (
-    "model.latent_dim", "train.epochs", "train.batch_size", "train.lr", "train.grad_accum_steps",
-    "train.eval_batch_size", "train.grid_images", "train.grid_samples", "train.keep_checkpoints",
+    "model.latent_dim",
+    "train.epochs",
+    "train.batch_size",
+    "train.lr",
+    "train.grad_accum_steps",
+    "train.eval_batch_size",
+    "train.grid_images",
+    "train.grid_samples",
+    "train.keep_checkpoints",
 )
 NON_NEGATIVE = (
-    "loss.beta", "loss.kl_warmup_steps", "data.train_subset", "data.test_subset",
-    "train.checkpoint_every", "train.seed", "train.eval_seed",
+    "loss.beta",
+    "loss.kl_warmup_steps",
+    "data.train_subset",
+    "data.test_subset",
+    "train.checkpoint_every",
+    "train.seed",
+    "train.eval_seed",
 )
 
 
@@ -201,13 +217,38 @@ def _yaml_float(value: Any) -> Any:
     return value
 
 
+def shipped_config(name: str) -> Path:
+    """One of the configs that come with the package (configs/NAME.yaml), found through the package
+    so that it works from any directory and in any kind of install."""
+    from importlib.resources import files
+
+    path = Path(str(files("vae_dist.configs") / f"{name}.yaml"))
+    if not path.is_file():
+        raise ConfigError(f"no shipped config named {name!r}; shipped: {', '.join(shipped_config_names())}")
+    return path
+
+
+def shipped_config_names() -> list[str]:
+    from importlib.resources import files
+
+    return sorted(p.name[:-5] for p in files("vae_dist.configs").iterdir() if p.name.endswith(".yaml"))
+
+
 def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Defaults, then the YAML file at `path` (if any), then the overrides, then validation."""
+    """Defaults, then the YAML file at `path` (if any), then the overrides, then validation.
+
+    `path` may also name a shipped config (`linear`, `conv`) when no such file exists.
+    """
     data: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
+        if not path.is_file() and path.suffix == "" and path.name == str(path) and path.name in shipped_config_names():
+            path = shipped_config(path.name)
         if not path.is_file():
-            raise ConfigError(f"config file {str(path)!r} not found; see configs/ for examples")
+            raise ConfigError(
+                f"config file {str(path)!r} not found; pass a YAML file or a shipped config "
+                f"({', '.join(shipped_config_names())})"
+            )
         try:
             data = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as e:

@@ -1,16 +1,17 @@
 """Datasets held whole in memory, and batches made by indexing.
 
-A split is one uint8 tensor [N, C, H, W] read once with torchvision's dataset classes; a batch is
-`images[indices]` turned to float on the device. No per-image PIL work, no DataLoader workers.
+A split is one uint8 tensor [N, C, H, W] read once from its IDX file; a batch is `images[indices]`
+turned to float on the device. No per-image PIL work, no DataLoader workers.
 
-Where the files come from, in order: an explicit root, the project's `data/` folder, the folder
-Debian's `dataset-fashion-mnist` package installs, then torchvision's download.
+Where the files come from, in order: an explicit root, the data folder (vae_dist.paths), the
+folder Debian's `dataset-fashion-mnist` package installs, then torchvision's download.
 """
+
 from __future__ import annotations
 
 import gzip
-import hashlib
 import logging
+import math
 import os
 import shutil
 import socket
@@ -18,31 +19,40 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
-import torchvision
+
+from vae_dist import paths
+from vae_dist.errors import UserError
+from vae_dist.rng import Stream, generator
 
 log = logging.getLogger(__name__)
-
-PROJECT_DATA_DIR = Path(os.environ.get("VAE_DIST_DATA", Path(__file__).resolve().parents[1] / "data"))
 
 
 @dataclass(frozen=True)
 class DatasetInfo:
-    cls: type
+    folder: str  # torchvision's class name, and its folder: <data>/<folder>/raw/
     pretty: str
     system_dirs: tuple[Path, ...]  # where an OS package puts the IDX files
     hint: str
 
+    def download(self, data_dir: Path) -> None:
+        import torchvision  # only for the download: slow to import, and not needed otherwise
+
+        cls = getattr(torchvision.datasets, self.folder)
+        for train in (True, False):
+            cls(str(data_dir), train=train, download=True)
+
 
 DATASETS = {
     "fashion-mnist": DatasetInfo(
-        torchvision.datasets.FashionMNIST,
+        "FashionMNIST",
         "Fashion-MNIST",
         (Path("/usr/share/datasets/fashion-mnist"),),
         "run `make data` (on Debian/Ubuntu: apt-get install dataset-fashion-mnist)",
     ),
     "mnist": DatasetInfo(
-        torchvision.datasets.MNIST,
+        "MNIST",
         "MNIST",
         (),
         "run `make data DATASET=mnist` on a machine with internet, or copy the four IDX files into data/",
@@ -55,7 +65,7 @@ FILES = {
 ALL_FILES = FILES["train"] + FILES["test"]
 
 
-class DataError(RuntimeError):
+class DataError(UserError):
     """The data set cannot be found or read; the message says where we looked and what to do."""
 
 
@@ -63,34 +73,62 @@ def _open(path: Path):
     return gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")
 
 
+def _header(path: Path, head: bytes) -> tuple[tuple[int, ...], int]:
+    """(shape, header length) of a uint8 IDX file from its first bytes."""
+    if len(head) < 4 or head[0] != 0 or head[1] != 0 or head[2] != 0x08:
+        raise DataError(f"{path} is not a uint8 IDX file (bad magic number); delete it and run `make data`")
+    ndim = head[3]
+    size = 4 + 4 * ndim
+    if len(head) < size:
+        raise DataError(f"{path} is truncated inside its header; delete it and run `make data`")
+    return struct.unpack(f">{ndim}I", head[4:size]), size
+
+
+def _check_length(path: Path, shape: tuple[int, ...], header: int, length: int) -> None:
+    expected = header + math.prod(shape)
+    if length != expected:
+        raise DataError(
+            f"{path} is truncated or corrupt: header promises {expected} bytes for shape {shape}, "
+            f"file holds {length}; delete it and run `make data`"
+        )
+
+
 def check_idx(path: Path) -> tuple[int, ...]:
-    """Shape of a uint8 IDX file, after checking its magic number and length."""
+    """Shape of a uint8 IDX file, after checking its magic number and length (without reading
+    a plain file's body)."""
+    try:
+        if path.suffix == ".gz":
+            with _open(path) as f:
+                blob = f.read()
+            shape, header = _header(path, blob[:1028])
+            _check_length(path, shape, header, len(blob))
+            return shape
+        with open(path, "rb") as f:
+            head = f.read(1028)
+        shape, header = _header(path, head)
+        _check_length(path, shape, header, path.stat().st_size)
+        return shape
+    except (OSError, EOFError, gzip.BadGzipFile) as e:
+        raise DataError(f"{path} cannot be read ({e}); delete it and run `make data`") from e
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """The array in a uint8 IDX file, checked."""
     try:
         with _open(path) as f:
             blob = f.read()
     except (OSError, EOFError, gzip.BadGzipFile) as e:
         raise DataError(f"{path} cannot be read ({e}); delete it and run `make data`") from e
-    if len(blob) < 4 or blob[0] != 0 or blob[1] != 0 or blob[2] != 0x08:
-        raise DataError(f"{path} is not a uint8 IDX file (bad magic number); delete it and run `make data`")
-    ndim = blob[3]
-    header = 4 + 4 * ndim
-    if len(blob) < header:
-        raise DataError(f"{path} is truncated inside its header; delete it and run `make data`")
-    shape = struct.unpack(f">{ndim}I", blob[4:header])
-    expected = header + int(torch.tensor(shape).prod()) if shape else header
-    if len(blob) != expected:
-        raise DataError(
-            f"{path} is truncated or corrupt: header promises {expected} bytes for shape {shape}, "
-            f"file holds {len(blob)}; delete it and run `make data`"
-        )
-    return shape
+    shape, header = _header(path, blob[:1028])
+    _check_length(path, shape, header, len(blob))
+    return np.frombuffer(blob, np.uint8, offset=header).reshape(shape)
 
 
-def _locate(directory: Path, cls: type) -> dict[str, Path] | None:
+def _locate(directory: Path, info: DatasetInfo) -> dict[str, Path] | None:
     """The four IDX files under `directory`, in torchvision's layout or flat, plain or gzipped."""
     found = {}
     for name in ALL_FILES:
-        for folder in (directory / cls.__name__ / "raw", directory):
+        for folder in (directory / info.folder / "raw", directory):
             hit = next((folder / n for n in (name, name + ".gz") if (folder / n).is_file()), None)
             if hit:
                 found[name] = hit
@@ -100,14 +138,14 @@ def _locate(directory: Path, cls: type) -> dict[str, Path] | None:
     return found
 
 
-def _in_torchvision_layout(files: dict[str, Path], directory: Path, cls: type) -> bool:
-    raw = directory / cls.__name__ / "raw"
+def _in_raw_layout(files: dict[str, Path], directory: Path, info: DatasetInfo) -> bool:
+    raw = directory / info.folder / "raw"
     return all(p.parent == raw and p.suffix != ".gz" for p in files.values())
 
 
-def _materialise(files: dict[str, Path], cls: type, data_dir: Path) -> None:
-    """Copy (and gunzip) the files into `data_dir/<Class>/raw/`, where torchvision reads them."""
-    raw = data_dir / cls.__name__ / "raw"
+def _materialise(files: dict[str, Path], info: DatasetInfo, data_dir: Path) -> None:
+    """Copy (and gunzip) the files into `data_dir/<Folder>/raw/`, where they are read from."""
+    raw = data_dir / info.folder / "raw"
     raw.mkdir(parents=True, exist_ok=True)
     for name, src in files.items():
         dst = raw / name
@@ -128,36 +166,42 @@ def resolve(
     system_dirs: tuple[Path, ...] | None = None,
     download: bool = True,
 ) -> Path:
-    """A root that torchvision's class for `name` can read without downloading."""
+    """A root holding `name`'s four IDX files in the <Folder>/raw/ layout."""
     info = DATASETS[name]
-    data_dir = Path(data_dir or PROJECT_DATA_DIR)
+    data_dir = Path(data_dir or paths.data_dir())
     system_dirs = info.system_dirs if system_dirs is None else system_dirs
     candidates = ([Path(root)] if root else []) + [data_dir, *system_dirs]
     tried = []
     for directory in candidates:
-        files = _locate(directory, info.cls)
+        files = _locate(directory, info)
         if files is None:
             tried.append(f"{directory} (no {info.pretty} IDX files)")
             continue
         for path in files.values():
             check_idx(path)
-        if _in_torchvision_layout(files, directory, info.cls):
+        if _in_raw_layout(files, directory, info):
             return directory
         try:
-            _materialise(files, info.cls, data_dir)
+            _materialise(files, info, data_dir)
         except OSError as e:
-            raise DataError(f"cannot copy {info.pretty} into {data_dir} ({e}); make it writable or set data.root") from e
+            raise DataError(
+                f"cannot copy {info.pretty} into {data_dir} ({e}); make it writable or set data.root"
+            ) from e
         return data_dir
     if download:
         try:
-            info.cls(str(data_dir), train=True, download=True)
-            info.cls(str(data_dir), train=False, download=True)
+            info.download(data_dir)
             return data_dir
         except Exception as e:  # torchvision raises several kinds when offline
             tried.append(f"download into {data_dir} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})")
     else:
         tried.append("download (disabled by data.download=false)")
     raise DataError(f"{info.pretty} not found; tried: " + "; ".join(tried) + f". To get it, {info.hint}")
+
+
+def images_file(name: str, train: bool, root: Path) -> Path:
+    """The IDX image file of one split under a root returned by `resolve`."""
+    return root / DATASETS[name].folder / "raw" / FILES["train" if train else "test"][0]
 
 
 @dataclass
@@ -175,13 +219,14 @@ class Split:
 
 
 def load_split(name: str, train: bool, root: Path, subset: int = 0) -> Split:
-    ds = DATASETS[name].cls(str(root), train=train, download=False)
-    images = ds.data
-    if images.ndim == 3:
-        images = images.unsqueeze(1)
+    array = read_idx(images_file(name, train, root))
+    if array.ndim == 3:
+        array = array[:, None]
+    if array.ndim != 4:
+        raise DataError(f"{images_file(name, train, root)} holds an array of shape {array.shape}, not images")
     if subset:
-        images = images[:subset]
-    return Split(images.contiguous())
+        array = array[:subset]
+    return Split(torch.from_numpy(array.copy()))
 
 
 def load_splits(cfg) -> tuple[Split, Split]:
@@ -193,19 +238,9 @@ def load_splits(cfg) -> tuple[Split, Split]:
     )
 
 
-def derive_seed(*parts: int) -> int:
-    """A 63-bit seed from integers, the same in every process and on every machine."""
-    digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") >> 1
-
-
-def generator(*parts: int) -> torch.Generator:
-    return torch.Generator().manual_seed(derive_seed(*parts))
-
-
 def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
     """The global order of the training images in `epoch`, identical on every process."""
-    return torch.randperm(n, generator=generator(seed, 0, epoch))
+    return torch.randperm(n, generator=generator(seed, Stream.EPOCH_ORDER, epoch))
 
 
 def to_float(images: torch.Tensor) -> torch.Tensor:

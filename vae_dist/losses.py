@@ -11,6 +11,7 @@ Reduction rule: every function returns one value per image, and training minimis
 all-reduce averages over processes, so the gradient is the mean over the global batch no matter
 how many processes there are.
 """
+
 from __future__ import annotations
 
 import math
@@ -20,6 +21,8 @@ import torch
 import torch.nn.functional as F
 
 LIKELIHOODS = ("bernoulli", "gaussian")
+GAUSSIAN_VARIANCE = 0.5  # N(x; mean, 1/2): -log p is then the squared error plus a constant
+PROB_EPS = 1e-7  # float32 sigmoid reaches exactly 1.0 near logit 17; keeps log(1 - p) finite
 
 
 def kl_to_standard_normal(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
@@ -39,10 +42,29 @@ def reconstruction_nll(logits: torch.Tensor, x: torch.Tensor, likelihood: str) -
     if likelihood == "bernoulli":
         nll = F.binary_cross_entropy_with_logits(logits, x, reduction="none")
     elif likelihood == "gaussian":
-        nll = (torch.sigmoid(logits) - x).pow(2) + 0.5 * math.log(math.pi)
+        nll = _gaussian_nll(torch.sigmoid(logits), x)
     else:
         raise ValueError(f"unknown likelihood {likelihood!r}; expected one of {LIKELIHOODS}")
     return nll.flatten(1).sum(dim=1)
+
+
+def reconstruction_nll_from_mean(x_mean: torch.Tensor, x: torch.Tensor, likelihood: str) -> torch.Tensor:
+    """The same -log p(x|z) per image, in float64, from the decoder's mean sigmoid(logits) instead
+    of its logits: what an exported decoder returns. Bernoulli probabilities are clipped to
+    [PROB_EPS, 1 - PROB_EPS]."""
+    p, x = x_mean.double().flatten(1), x.double().flatten(1)
+    if likelihood == "bernoulli":
+        p = p.clamp(PROB_EPS, 1.0 - PROB_EPS)
+        nll = -(x * torch.log(p) + (1.0 - x) * torch.log1p(-p))
+    elif likelihood == "gaussian":
+        nll = _gaussian_nll(p, x)
+    else:
+        raise ValueError(f"unknown likelihood {likelihood!r}; expected one of {LIKELIHOODS}")
+    return nll.sum(dim=1)
+
+
+def _gaussian_nll(mean: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return (mean - x).pow(2) / (2 * GAUSSIAN_VARIANCE) + 0.5 * math.log(2 * math.pi * GAUSSIAN_VARIANCE)
 
 
 @dataclass
@@ -71,6 +93,13 @@ def negative_elbo(
     recon = reconstruction_nll(logits.float(), x, likelihood)
     kl = kl_to_standard_normal(mu.float(), logvar.float())
     return ElboTerms(loss=recon + beta * kl, recon=recon, kl=kl)
+
+
+def neg_elbo_from_mean(
+    x_mean: torch.Tensor, x: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor, likelihood: str
+) -> torch.Tensor:
+    """Per-image -ELBO in float64 from the decoder's mean (see `reconstruction_nll_from_mean`)."""
+    return reconstruction_nll_from_mean(x_mean, x, likelihood) + kl_to_standard_normal(mu.double(), logvar.double())
 
 
 def kl_weight(beta: float, warmup_steps: int, step: int) -> float:

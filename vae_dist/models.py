@@ -5,10 +5,11 @@ and latents back to Bernoulli logits per pixel, behind one interface:
 
 Training, evaluation and export only ever use that interface.
 """
+
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -53,9 +54,7 @@ class LinearVAE(VAE):
         self.latent_dim = latent_dim
         n_pixels = math.prod(self.image_shape)
         widths = [n_pixels, *hidden_dims]
-        self.encoder = nn.Sequential(
-            *[m for a, b in zip(widths, widths[1:]) for m in (nn.Linear(a, b), nn.ReLU())]
-        )
+        self.encoder = nn.Sequential(*[m for a, b in zip(widths, widths[1:]) for m in (nn.Linear(a, b), nn.ReLU())])
         # mu and logvar come from one layer: a single matmul instead of two.
         self.to_stats = nn.Linear(widths[-1], 2 * latent_dim)
         back = [latent_dim, *reversed(hidden_dims)]
@@ -107,9 +106,7 @@ class ConvVAE(VAE):
         self.to_stats = nn.Linear(widths[-1], 2 * latent_dim)
 
         back = [latent_dim, *reversed(hidden_dims), flat]
-        self.from_latent = nn.Sequential(
-            *[m for a, b in zip(back, back[1:]) for m in (nn.Linear(a, b), nn.ReLU())]
-        )
+        self.from_latent = nn.Sequential(*[m for a, b in zip(back, back[1:]) for m in (nn.Linear(a, b), nn.ReLU())])
         up = []
         outs = list(reversed(channels[:-1])) + [c_in]
         for i, c_out in enumerate(outs):

@@ -1,0 +1,1 @@
+"""The shipped configurations; installed as the package data `vae_dist.configs`."""

@@ -1,0 +1,371 @@
+"""The export pipeline: a run's model file -> RUN/onnx/{encoder.onnx, decoder.onnx, manifest.json},
+verified, then the edge variants beside them, each made, judged and recorded in the manifest.
+
+    find the run -> export each sub-model (export.convert) -> verify (export.verify)
+        -> make and judge the variants (export.variants, export.verify) -> manifest (export.manifest)
+
+The files are written and verified in a staging folder inside the run, which is renamed to
+RUN/onnx only when every fp32 check passed. A failed export lands in RUN/onnx-failed with
+"verified": false in its manifest, for inspection; a good RUN/onnx from before is left alone.
+A variant that cannot be made or does not pass never fails the export: it gets a status in the
+manifest instead. `verify_run` checks an existing export again, variants included.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from export import manifest as manifest_lib
+from export import variants as variants_lib
+from export.convert import export_submodel, opset_of, versions
+from export.spec import DEFAULT_OPSET, ELBO_TOL, MANIFEST_FILE, ONNX_DIR, onnx_metadata, vae_specs
+from export.variants import FP32, QUALITY_BUDGET, VARIANTS, VariantSpec
+from export.verify import Check, Reference, Report, judge, load_test_images, verify_export
+from vae_dist import artifacts
+from vae_dist.errors import UserError
+from vae_dist.models import VAE
+
+log = logging.getLogger(__name__)
+
+FAILED_DIR = "onnx-failed"
+STAGING_PREFIX = ".onnx-staging-"
+
+
+# ---------------------------------------------------------------- finding runs
+
+
+def resolve_run(path: str | Path) -> tuple[Path, Path]:
+    """(run directory, model file) for a run directory or for its model file."""
+    path = Path(path)
+    if path.is_file():
+        return path.parent, path
+    if path.is_dir():
+        model_path = path / artifacts.MODEL_FILE
+        if model_path.is_file():
+            return path, model_path
+        raise UserError(f"{path} holds no {artifacts.MODEL_FILE}; is it a finished run (runs/NAME)?")
+    raise UserError(f"run {str(path)!r} not found")
+
+
+def find_latest_runs(output_dir: str | Path) -> dict[str, Path]:
+    """The newest run of each model kind under `output_dir`, as {kind: run directory}.
+
+    The kind comes from the model file's own metadata, not from the folder name (runs may be
+    named anything); "newest" is the model file's modification time, i.e. when training ended.
+    Files that are not vae-dist models are skipped with a warning.
+    """
+    output_dir = Path(output_dir)
+    if not output_dir.is_dir():
+        return {}
+    newest: dict[str, tuple[float, Path]] = {}
+    for model_path in sorted(output_dir.glob(f"*/{artifacts.MODEL_FILE}")):
+        try:
+            kind = artifacts.read_model_metadata(model_path)["model"]["kind"]
+        except artifacts.ModelFileError as e:  # a half-written or foreign file must not stop the others
+            log.warning("skipping %s: %s", model_path, e)
+            continue
+        mtime = model_path.stat().st_mtime
+        if kind not in newest or mtime > newest[kind][0]:
+            newest[kind] = (mtime, model_path.parent)
+    return {kind: run_dir for kind, (_, run_dir) in sorted(newest.items())}
+
+
+def find_latest_exports(output_dir: str | Path) -> dict[str, Path]:
+    """The run with the newest verified export of each model kind under `output_dir`, as
+    {kind: run directory}; "newest" is the manifest's modification time (the last export or verify)."""
+    output_dir = Path(output_dir)
+    newest: dict[str, tuple[float, Path]] = {}
+    for manifest_path in sorted(output_dir.glob(f"*/{ONNX_DIR}/{MANIFEST_FILE}")):
+        try:
+            manifest = json.loads(manifest_path.read_text())
+            kind = manifest["model"]["kind"]
+        except (ValueError, KeyError, TypeError) as e:
+            log.warning("skipping %s: %s", manifest_path, e)
+            continue
+        if manifest.get("verified") is not True:
+            log.warning("skipping %s: not verified", manifest_path.parent)
+            continue
+        mtime = manifest_path.stat().st_mtime
+        if kind not in newest or mtime > newest[kind][0]:
+            newest[kind] = (mtime, manifest_path.parent.parent)
+    return {kind: run_dir for kind, (_, run_dir) in sorted(newest.items())}
+
+
+# ---------------------------------------------------------------- export and verify
+
+
+@dataclass
+class ExportResult:
+    run_dir: Path
+    onnx_dir: Path  # RUN/onnx when verified, RUN/onnx-failed otherwise
+    report: Report
+    manifest: dict[str, Any]
+
+    @property
+    def verified(self) -> bool:
+        return self.report.passed
+
+
+def export_run(
+    run: str | Path,
+    opset: int = DEFAULT_OPSET,
+    atol: float | None = None,
+    data_root: str | Path | None = None,
+    elbo_tol: float = ELBO_TOL,
+    variants: list[str] | None = None,
+    quality_budget: float = QUALITY_BUDGET,
+) -> ExportResult:
+    """Export and verify one run (a run directory or its model file); never raises on a failed
+    verification: the result says whether it passed and where the files are.
+
+    `variants`: the edge variants to make beside the fp32 files (None: all that apply to the
+    model kind; []: none); `quality_budget`: largest |change| of the test -ELBO, in nats, for a
+    variant to be "verified" rather than "rejected".
+    """
+    run_dir, model_path = resolve_run(run)
+    model, meta = artifacts.load_model(model_path)
+    specs = vae_specs(model, atol)
+    vers = versions()
+    staging = run_dir / f"{STAGING_PREFIX}{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    try:
+        for spec in specs:
+            export_submodel(model, spec, staging / spec.filename, opset, onnx_metadata(spec, meta, opset, vers))
+        report = verify_export(staging, model, meta, atol, data_root, elbo_tol=elbo_tol)
+        manifest = manifest_lib.new_manifest(run_dir, model_path, meta, opset, vers)
+        manifest = manifest_lib.record_verification(manifest, staging, specs, report.to_dict())
+        section, operators = {}, None
+        if report.passed:  # variants are made from verified fp32 files only
+            section = make_variants(staging, model, meta, variants, quality_budget, data_root, fp32_report=report)
+            operators = write_operator_config(staging, section)
+        manifest = manifest_lib.record_variants(manifest, section, quality_budget, operators)
+        manifest_lib.write_manifest(staging, manifest)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    if report.passed:
+        final = run_dir / ONNX_DIR
+        _replace_dir(staging, final)
+        shutil.rmtree(run_dir / FAILED_DIR, ignore_errors=True)  # superseded by a good export
+        log.info("export of %s verified: %s", run_dir, final)
+    else:
+        final = run_dir / FAILED_DIR
+        _replace_dir(staging, final)
+        log.error("export of %s failed verification; files kept in %s", run_dir, final)
+    return ExportResult(run_dir, final, report, manifest)
+
+
+def _replace_dir(src: Path, dst: Path) -> None:
+    """Move `src` to `dst`, replacing it; `dst` is never a mix of old and new files."""
+    old = None
+    if dst.exists():
+        old = dst.with_name(f".{dst.name}-old-{os.getpid()}")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(dst, old)
+    os.replace(src, dst)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def verify_run(
+    run: str | Path,
+    atol: float | None = None,
+    data_root: str | Path | None = None,
+    elbo_tol: float = ELBO_TOL,
+    quality_budget: float | None = None,
+) -> tuple[Report, Path]:
+    """Verify RUN/onnx against RUN's model file and record the verdict in its manifest.
+
+    A failure marks the manifest "verified": false, so consumers refuse the files. The variants
+    the manifest lists are judged again too, against `quality_budget` (default: the one the
+    export used); their verdicts do not change the returned report.
+    """
+    run_dir, model_path = resolve_run(run)
+    onnx_dir = run_dir / ONNX_DIR
+    if not onnx_dir.is_dir():
+        raise UserError(f"{onnx_dir} not found; export the run first (vae-dist export {run_dir})")
+    model, meta = artifacts.load_model(model_path)
+    specs = vae_specs(model, atol)
+    report = verify_export(onnx_dir, model, meta, atol, data_root, elbo_tol=elbo_tol)
+    try:
+        previous = manifest_lib.read_manifest(onnx_dir)
+    except manifest_lib.ManifestError as e:  # a damaged manifest is rebuilt; the verdict below is what counts
+        log.warning("%s; writing a new one", e)
+        previous = None
+    source = manifest_lib.file_record(model_path)
+    if previous is None:
+        opset = _opset_of(onnx_dir / specs[0].filename)
+        previous = manifest_lib.new_manifest(run_dir, model_path, meta, opset, versions())
+    elif previous.get("source", {}).get("sha256") != source["sha256"]:
+        report.checks.append(
+            Check("", "source", False, f"{model_path.name} changed since the export; export the run again")
+        )
+    manifest = manifest_lib.record_verification(previous, onnx_dir, specs, report.to_dict())
+    if manifest.get("variants"):
+        budget = quality_budget if quality_budget is not None else manifest.get("quality_budget", QUALITY_BUDGET)
+        section = reverify_variants(onnx_dir, model, meta, manifest["variants"], budget, data_root, fp32_report=report)
+        manifest = manifest_lib.record_variants(manifest, section, budget, manifest.get("required_operators"))
+    manifest_lib.write_manifest(onnx_dir, manifest)
+    if report.passed:  # the verdict comes last, after every check including the source's
+        log.info("%s verified", onnx_dir)
+    else:
+        log.error("%s failed %d check(s)", onnx_dir, len(report.failures()))
+    return report, onnx_dir
+
+
+def _opset_of(path: Path) -> int | None:
+    import onnx
+
+    try:
+        return opset_of(onnx.load(str(path), load_external_data=False))
+    except Exception:  # a damaged file: the verification above has already said so
+        return None
+
+
+# ---------------------------------------------------------------- the variants
+
+
+def make_variants(
+    onnx_dir: Path,
+    model: VAE,
+    model_meta: dict[str, Any],
+    names: Iterable[str] | None = None,
+    budget: float = QUALITY_BUDGET,
+    data_root: str | Path | None = None,
+    fp32_report: Report | None = None,
+) -> dict[str, Any]:
+    """Make, check and judge the variants `names` (all that apply when None) beside the verified
+    fp32 files in `onnx_dir`; the manifest's "variants" section."""
+    onnx_dir = Path(onnx_dir)
+    chosen = variants_lib.select(names, model_meta["model"]["kind"])
+    if not chosen:
+        return {}
+    reference = _reference(model, model_meta, data_root, fp32_report)
+    calibration: dict[str, np.ndarray] | None = None
+    section: dict[str, Any] = {}
+    for variant in chosen:
+        entry = manifest_lib.variant_entry(variant)
+        section[variant.name] = entry
+        source = section.get(variant.source, {}).get("status") if variant.source != FP32 else "verified"
+        if source not in ("verified", "rejected"):  # a rejected source still makes a usable copy
+            manifest_lib.record_failure(entry, f"made from {variant.source}, which could not be made")
+            continue
+        try:
+            if variant.calibrated and calibration is None:
+                count = variant.options["calibration_images"]
+                calibration = variants_lib.calibration_inputs(model, model_meta, count, data_root)
+            manifest_lib.record_production(entry, _produce(onnx_dir, variant, calibration))
+        except Exception as e:  # the tools raise anything from ValueError to onnxruntime's own types
+            log.warning("variant %s could not be made: %s", variant.name, e, exc_info=log.isEnabledFor(logging.DEBUG))
+            for role in ("encoder", "decoder"):
+                (onnx_dir / variant.filename(role)).unlink(missing_ok=True)
+            manifest_lib.record_failure(entry, f"production: {type(e).__name__}: {e}".splitlines()[0])
+            continue
+        _judge(entry, onnx_dir, variant, model, model_meta, reference, budget)
+    return section
+
+
+def reverify_variants(
+    onnx_dir: Path,
+    model: VAE,
+    model_meta: dict[str, Any],
+    section: dict[str, Any],
+    budget: float,
+    data_root: str | Path | None = None,
+    fp32_report: Report | None = None,
+) -> dict[str, Any]:
+    """Judge the variants an existing export folder lists again (`vae-dist verify`), keeping how
+    they were made; failed ones stay failed."""
+    onnx_dir = Path(onnx_dir)
+    todo = {name: entry for name, entry in section.items() if entry.get("status") != "failed"}
+    if not todo:
+        return section
+    reference = _reference(model, model_meta, data_root, fp32_report)
+    updated = dict(section)
+    for name, entry in todo.items():
+        entry = dict(entry)
+        updated[name] = entry
+        variant = VARIANTS.get(name)
+        if variant is None:
+            manifest_lib.record_rejection(entry, f"unknown variant {name!r}; export the run again")
+            continue
+        _judge(entry, onnx_dir, variant, model, model_meta, reference, budget)
+    return updated
+
+
+def write_operator_config(onnx_dir: Path, section: dict[str, Any]) -> dict[str, Any] | None:
+    """required_operators.config for a minimal onnxruntime build running this folder's ORT files."""
+    files = sorted(
+        onnx_dir / name
+        for variant, entry in section.items()
+        if VARIANTS[variant].format == "ort" and entry.get("status") in ("verified", "rejected")
+        for name in entry.get("files", {})
+    )
+    if not files:
+        return None
+    path = onnx_dir / variants_lib.REQUIRED_OPERATORS_FILE
+    try:
+        variants_lib.write_required_operators(files, path)
+    except Exception as e:  # informational only: never worth failing the export over
+        log.warning("could not write %s: %s", path.name, e)
+        return None
+    return manifest_lib.operators_record(path, files)
+
+
+def _reference(model: VAE, model_meta: dict[str, Any], data_root, fp32_report: Report | None) -> Reference:
+    images = load_test_images(model, model_meta, data_root)
+    if fp32_report is not None and fp32_report.elbo and "recon_mse_torch" in fp32_report.elbo:
+        return Reference.from_elbo(fp32_report.elbo, model, images)
+    return Reference.compute(model, model_meta, images)
+
+
+def _produce(onnx_dir: Path, variant: VariantSpec, calibration: dict[str, np.ndarray] | None) -> dict[str, Any]:
+    started = time.perf_counter()
+    record: dict[str, Any] = {}
+    for role in ("encoder", "decoder"):
+        source = onnx_dir / (f"{role}.onnx" if variant.source == FP32 else VARIANTS[variant.source].filename(role))
+        job = variants_lib.Job(
+            source=source,
+            target=onnx_dir / variant.filename(role),
+            role=role,
+            variant=variant.name,
+            options=variant.options,
+            calibration=calibration[role] if variant.calibrated and calibration else None,
+        )
+        record[role] = variant.produce(job)
+    record["seconds"] = round(time.perf_counter() - started, 2)
+    log.info("made variant %s in %.1f s", variant.name, record["seconds"])
+    return record
+
+
+def _judge(
+    entry: dict[str, Any],
+    onnx_dir: Path,
+    variant: VariantSpec,
+    model: VAE,
+    model_meta: dict[str, Any],
+    reference: Reference,
+    budget: float,
+) -> None:
+    try:
+        verdict = judge(onnx_dir, variant, model, model_meta, reference, budget)
+    except Exception as e:  # a check that crashes rejects the variant, never the export
+        log.warning("variant %s could not be checked: %s", variant.name, e, exc_info=log.isEnabledFor(logging.DEBUG))
+        manifest_lib.record_rejection(entry, f"verification: {type(e).__name__}: {e}".splitlines()[0])
+        return
+    manifest_lib.record_verdict(entry, onnx_dir, variant, verdict)
+    level = logging.INFO if verdict.status == "verified" else logging.WARNING
+    log.log(
+        level, "variant %s %s%s", variant.name, verdict.status, f": {verdict.reasons[0]}" if verdict.reasons else ""
+    )

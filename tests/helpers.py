@@ -1,0 +1,161 @@
+"""What several test modules share: the tiny runs, the commands they launch, the harness that
+makes torch unimportable, and the constants they agree on. Fixtures live in conftest.py."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import click
+import torch
+from safetensors.torch import load_file
+
+from vae_dist import artifacts, data
+from vae_dist.config import ModelConfig
+from vae_dist.models import build_model
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+TRAIN = str(ROOT / "vae_dist" / "train.py")
+SHAPE = (1, 28, 28)  # Fashion-MNIST
+LATENT = 4  # the tiny models' latent size
+TINY_TEST_NEG_ELBO = 543.21  # what a tiny run's model file claims as its test -ELBO
+
+
+# ---------------------------------------------------------------- tiny finished runs
+
+
+def make_run(
+    runs: Path,
+    name: str,
+    kind: str,
+    likelihood: str = "bernoulli",
+    seed: int = 0,
+    latent_dim: int = LATENT,
+    eval_seed: int = 0,
+) -> Path:
+    """A finished run holding only a tiny untrained model: all that export needs."""
+    torch.manual_seed(seed)
+    cfg = ModelConfig(kind=kind, latent_dim=latent_dim, hidden_dims=[32], channels=[4, 8])
+    run = runs / name
+    run.mkdir(parents=True)
+    extra = {
+        "dataset": "fashion-mnist",
+        "likelihood": likelihood,
+        "epochs": 0,
+        "steps": 0,
+        "test_neg_elbo": TINY_TEST_NEG_ELBO,
+        "eval_seed": eval_seed,
+        "versions": {"torch": torch.__version__, "vae_dist": "0.1.0"},
+    }
+    artifacts.save_model(run / artifacts.MODEL_FILE, build_model(cfg, SHAPE), cfg, extra)
+    return run
+
+
+def cli() -> click.Group:
+    """The `vae-dist` group, as the installed command has it."""
+    from vae_dist.cli import main
+
+    return main
+
+
+def fashion_test_idx() -> Path:
+    """The real Fashion-MNIST test images' IDX file (installed by `make test`)."""
+    return data.images_file("fashion-mnist", False, data.resolve("fashion-mnist", download=False))
+
+
+# ---------------------------------------------------------------- launching training
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch_cmd(nproc: int, script_args: list[str], extra: list[str] | None = None) -> list[str]:
+    """`accelerate launch` of the training script on `nproc` CPU processes (real DDP over gloo)."""
+    cmd = [
+        str(BIN / "accelerate"),
+        "launch",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+    ]
+    if nproc > 1:
+        cmd += ["--multi_gpu", "--num_processes", str(nproc), "--main_process_port", str(free_port())]
+    else:
+        cmd += ["--num_processes", "1"]
+    return cmd + (extra or []) + [TRAIN, *script_args]
+
+
+def env() -> dict[str, str]:
+    e = dict(os.environ)
+    e.setdefault("OMP_NUM_THREADS", "1")  # two processes on two cores
+    e["CUDA_VISIBLE_DEVICES"] = ""  # the guarantees under test are the CPU/gloo ones, GPU or not
+    return e
+
+
+def run(cmd: list[str], timeout: float = 600, check: bool = True, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=cwd, env=env())
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{cmd} exited {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    return proc
+
+
+def weights(path: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(path))
+
+
+def relative_l2(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    assert a.keys() == b.keys()
+    va = torch.cat([a[k].double().flatten() for k in sorted(a)])
+    vb = torch.cat([b[k].double().flatten() for k in sorted(b)])
+    return ((va - vb).norm() / va.norm()).item()
+
+
+# ---------------------------------------------------------------- modules made unimportable
+
+# What a device without torch lacks: any import of these fails, as if they were not installed.
+NO_TORCH = ("torch", "torchvision", "onnx", "onnxscript", "onnx_ir", "vae_dist", "click", "safetensors", "accelerate")
+# What a training machine may lack: the export stack.
+NO_EXPORT_STACK = ("onnx", "onnxruntime", "onnxscript", "onnx_ir")
+# A None entry in sys.modules makes `import name` fail and importlib.util.find_spec(name) answer
+# None, exactly as for a package that is not installed.
+BLOCKER = """
+import sys
+sys.modules.update(dict.fromkeys({blocked!r}))
+"""
+
+
+def python_without(blocked: tuple[str, ...], code: str, cwd: Path = ROOT, timeout: float = 120, args=()):
+    """Run `code` in a fresh Python where the modules `blocked` cannot be imported."""
+    return subprocess.run(
+        [sys.executable, "-c", BLOCKER.format(blocked=set(blocked)) + code, *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env(),
+    )
+
+
+def run_sampler(args: list[str], cwd: Path = ROOT, script: Path | None = None, blocked=NO_TORCH):
+    """`python -m export.sample ARGS`, or `python SCRIPT ARGS`, with `blocked` unimportable."""
+    if script:
+        launch = (
+            f"import runpy; sys.argv = [{str(script)!r}, *{args!r}]; "
+            f"runpy.run_path({str(script)!r}, run_name='__main__')"
+        )
+    else:
+        launch = (
+            f"import runpy; sys.argv = ['sample.py', *{args!r}]; "
+            "runpy.run_module('export.sample', run_name='__main__', alter_sys=True)"
+        )
+    return python_without(blocked, launch, cwd=cwd, timeout=60)

@@ -1,0 +1,95 @@
+"""The shape of the code: training does not need the export stack, the command starts without
+loading what it does not run, shipped files are found from the package, streams are one table."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from helpers import NO_EXPORT_STACK, ROOT, python_without
+from vae_dist.rng import Stream
+
+
+def test_the_vae_dist_package_never_imports_the_export_package():
+    code = (
+        "import sys, pkgutil, importlib, vae_dist\n"
+        "for m in pkgutil.iter_modules(vae_dist.__path__): importlib.import_module('vae_dist.' + m.name)\n"
+        "bad = sorted(m for m in sys.modules if m == 'export' or m.startswith(('export.', 'onnx')))\n"
+        "print(bad); assert not bad\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+@pytest.mark.slow
+def test_training_works_without_onnx_and_onnxruntime(tmp_path):
+    """A training machine may lack the export stack: import the trainer and train with it blocked."""
+    code = (
+        "from vae_dist.config import load_config\n"
+        "from vae_dist.train import train\n"
+        f"cfg = load_config('linear', ['train.epochs=1', 'data.train_subset=256', 'data.test_subset=100',\n"
+        f"    'train.batch_size=64', 'run.output_dir={tmp_path}', 'run.name=r'])\n"
+        "print(train(cfg, cpu=True).metrics['test_images'])\n"
+    )
+    proc = python_without(NO_EXPORT_STACK, code, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip().splitlines()[-1] == "100"
+    assert (tmp_path / "r" / "model.safetensors").is_file()
+    # ...and the blocker does block: the export commands need what is missing.
+    proc = python_without(NO_EXPORT_STACK, "import export.pipeline")
+    assert proc.returncode != 0 and "ModuleNotFoundError" in proc.stderr
+
+
+def test_the_cli_lists_every_command_without_importing_them():
+    code = (
+        "import sys\n"
+        "from click.testing import CliRunner\n"
+        "from vae_dist.cli import main\n"
+        "out = CliRunner().invoke(main, ['--help']).output\n"
+        "assert all(c in out for c in ('train', 'data', 'export', 'verify')), out\n"
+        "heavy = sorted(m for m in ('torch', 'accelerate', 'onnx', 'onnxruntime', 'export') if m in sys.modules)\n"
+        "print(heavy); assert not heavy\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_random_streams_are_one_table_of_distinct_numbers():
+    assert len({int(s) for s in Stream}) == len(Stream)
+    # Training's streams keep their numbers: recorded trajectories and figures depend on them.
+    assert (Stream.EPOCH_ORDER, Stream.STEP_NOISE, Stream.EVAL_NOISE, Stream.GRID_NOISE) == (0, 1, 2, 3)
+    offenders = []
+    for path in [*(ROOT / "vae_dist").glob("*.py"), *(ROOT / "export").glob("*.py")]:
+        text = path.read_text()
+        if path.name != "rng.py" and ("manual_seed(derive_seed" in text or "generator(seed, 0" in text):
+            offenders.append(path.name)
+    assert not offenders
+
+
+@pytest.mark.slow
+def test_shipped_configs_and_data_folder_work_in_a_regular_install(tmp_path):
+    """Installed without -e, from another directory: configs come from the package, data and runs
+    go under the current directory (or the folders the environment names)."""
+    target = tmp_path / "site"
+    pip = [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--target", str(target)]
+    proc = subprocess.run([*pip, str(ROOT)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (target / "vae_dist" / "configs" / "conv.yaml").is_file()
+    assert (target / "vae_dist" / "configs" / "accelerate" / "cpu_2proc.yaml").is_file()
+    code = (
+        "import vae_dist, os\n"
+        "from vae_dist import paths\n"
+        "from vae_dist.config import load_config\n"
+        "assert vae_dist.__file__.startswith(os.environ['PYTHONPATH']), vae_dist.__file__\n"
+        "print(load_config('conv').model.kind, paths.data_dir().resolve(), paths.runs_dir().resolve())\n"
+    )
+    elsewhere = tmp_path / "work"
+    elsewhere.mkdir()
+    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(target)}
+    proc = subprocess.run([sys.executable, "-c", code], cwd=elsewhere, capture_output=True, text=True, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["conv", str(elsewhere / "data"), str(elsewhere / "runs")]
+    env.update(VAE_DIST_DATA=str(tmp_path / "d"), VAE_DIST_RUNS=str(tmp_path / "r"))
+    proc = subprocess.run([sys.executable, "-c", code], cwd=elsewhere, capture_output=True, text=True, env=env)
+    assert proc.stdout.split() == ["conv", str(tmp_path / "d"), str(tmp_path / "r")], proc.stderr

@@ -1,0 +1,33 @@
+"""Every random number vae-dist draws comes from a named stream of one table.
+
+A stream's generator is seeded by (seed, stream, *position), so a draw depends only on what it is
+for and where it is (epoch, step), never on the number of processes or on what ran before it.
+Changing a number here changes every trajectory and every recorded figure.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+
+import torch
+
+
+class Stream(enum.IntEnum):
+    EPOCH_ORDER = 0  # training: the global order of the images in an epoch, by (seed, epoch)
+    STEP_NOISE = 1  # training: reparameterisation and binarisation noise, by (seed, step)
+    EVAL_NOISE = 2  # one fixed eps row per test image, by (train.eval_seed); export verification reuses it
+    GRID_NOISE = 3  # the latents of the prior-sample grid, the same every epoch
+    CALIBRATION = 4  # export: the images and latents that calibrate static quantisation
+    VERIFY_LATENTS = 5  # export: the N(0, I) latents the decoder is checked on
+
+
+def derive_seed(*parts: int) -> int:
+    """A 63-bit seed from integers, the same in every process and on every machine."""
+    digest = hashlib.blake2b(repr(tuple(int(p) for p in parts)).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+def generator(seed: int, stream: Stream, *position: int) -> torch.Generator:
+    """The generator of `stream` for `seed` at `position` (e.g. an epoch or a step)."""
+    return torch.Generator().manual_seed(derive_seed(seed, stream, *position))

@@ -1,0 +1,191 @@
+"""The run folder: its layout, which run a command means, and the checkpoints inside it.
+
+    RUN/config.yaml                  the resolved configuration (with the run name used)
+    RUN/metrics.jsonl                one line per epoch
+    RUN/images/                      reconstruction and prior-sample grids per epoch
+    RUN/model.safetensors            the final model (vae_dist.artifacts)
+    RUN/checkpoints/step-NNNNNNNN/   Accelerate's state plus trainer_state.json
+
+`find_run` is the one place that reads --resume, --name and --output-dir; `decide_run` turns its
+answer into the run folder and checkpoint a training run uses, refusing what would lose results.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import yaml
+
+from vae_dist import artifacts
+from vae_dist.config import Config
+from vae_dist.errors import UserError
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+
+CONFIG_FILE = "config.yaml"
+METRICS_FILE = "metrics.jsonl"
+IMAGES_DIR = "images"
+CHECKPOINTS_DIR = "checkpoints"
+STATE_FILE = "trainer_state.json"
+CHECKPOINT_RE = re.compile(r"^step-(\d{8})$")
+# Keys that may change when a run is resumed; any other difference is refused.
+RESUMABLE_CHANGES = {"train.epochs", "train.checkpoint_every", "train.keep_checkpoints", "train.eval_batch_size"}
+
+
+class ResumeError(UserError):
+    """A run cannot be started or resumed as asked."""
+
+
+@dataclass
+class TrainerState:
+    """Where the loop is; saved beside Accelerate's state so a resume continues exactly."""
+
+    epoch: int = 0
+    step_in_epoch: int = 0
+    global_step: int = 0
+    epoch_loss_sum: float = 0.0  # sum of per-image training losses so far in this epoch
+    epoch_images: int = 0
+    epoch_seconds: float = 0.0
+
+
+# ---------------------------------------------------------------- which run
+
+
+@dataclass(frozen=True)
+class RunTarget:
+    """What --resume/--name/--output-dir point at."""
+
+    run_dir: Path | None  # None: a new run, named after its model kind once that is known
+    checkpoint: Path | None  # the checkpoint to resume from, if any
+    resume: bool  # --resume was given
+
+    @property
+    def saved_config(self) -> Path | None:
+        """The configuration the run was started with, if it has one."""
+        path = self.run_dir / CONFIG_FILE if self.run_dir else None
+        return path if path and path.is_file() else None
+
+
+def find_run(resume: str | None, name: str | None, output_dir: str | Path) -> RunTarget:
+    """Read --resume (None, 'auto', a run folder or a checkpoint folder), --name and --output-dir."""
+    if resume and resume != "auto":
+        path = Path(resume)
+        if CHECKPOINT_RE.match(path.name) and path.parent.name == CHECKPOINTS_DIR:
+            if not (path / STATE_FILE).is_file():
+                raise ResumeError(f"{path} is not a complete checkpoint (no {STATE_FILE})")
+            return RunTarget(path.parent.parent, path, True)
+        if (path / CONFIG_FILE).is_file():
+            checkpoints = list_checkpoints(path)
+            if not checkpoints:
+                raise ResumeError(f"run {path} has no checkpoint to resume from")
+            return RunTarget(path, checkpoints[-1], True)
+        raise ResumeError(
+            f"--resume {resume}: not a run folder nor a checkpoint (give RUNS/NAME or RUNS/NAME/checkpoints/step-N)"
+        )
+    if resume == "auto" and not name:
+        raise ResumeError("--resume auto needs --name (the run to continue)")
+    if not name:
+        return RunTarget(None, None, False)
+    run_dir = Path(output_dir) / name
+    if resume == "auto":
+        checkpoints = list_checkpoints(run_dir)
+        return RunTarget(run_dir, checkpoints[-1] if checkpoints else None, True)
+    return RunTarget(run_dir, None, False)
+
+
+def auto_name(kind: str) -> str:
+    return f"{kind}-{datetime.now():%Y%m%d-%H%M%S}"
+
+
+def decide_run(cfg: Config, resume: str | None) -> tuple[Path, Path | None]:
+    """The run folder and checkpoint for training `cfg`, after refusing anything that would
+    overwrite a run or continue it with another configuration. Runs on the main process."""
+    target = find_run(resume, cfg.run.name, cfg.run.output_dir)
+    run_dir = target.run_dir or Path(cfg.run.output_dir) / auto_name(cfg.model.kind)
+    checkpoint = target.checkpoint
+    if not target.resume and (run_dir / CONFIG_FILE).exists():
+        raise ResumeError(
+            f"run directory {run_dir} already holds a run; "
+            "pass --resume auto to continue it or --name to start a new one"
+        )
+    if checkpoint:
+        saved = yaml.safe_load((run_dir / CONFIG_FILE).read_text())
+        if not isinstance(saved, dict):
+            raise ResumeError(f"{run_dir / CONFIG_FILE} is not a saved configuration")
+        diff = config_differences(saved, cfg)
+        if diff:
+            raise ResumeError(f"cannot resume {run_dir} with a different configuration: {'; '.join(diff)}")
+        newer = [p.name for p in list_checkpoints(run_dir) if p.name > checkpoint.name]
+        if newer:
+            raise ResumeError(
+                f"{run_dir} has checkpoints newer than {checkpoint.name} ({', '.join(newer)}); "
+                "move them away to restart from an older one"
+            )
+    return run_dir, checkpoint
+
+
+def flat_config(d: dict[str, Any]) -> dict[str, Any]:
+    return {f"{s}.{k}": v for s, values in d.items() for k, v in values.items()}
+
+
+def config_differences(saved: dict[str, Any], current: Config) -> list[str]:
+    a, b = flat_config(saved), flat_config(current.to_dict())
+    keys = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k) and not k.startswith("run."))
+    return [f"{k} ({a.get(k)!r} -> {b.get(k)!r})" for k in keys if k not in RESUMABLE_CHANGES]
+
+
+def write_config(run_dir: Path, cfg: Config) -> None:
+    artifacts.atomic_write_text(run_dir / CONFIG_FILE, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+
+# ---------------------------------------------------------------- checkpoints
+
+
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    folder = run_dir / CHECKPOINTS_DIR
+    if not folder.is_dir():
+        return []
+    found = [p for p in folder.iterdir() if CHECKPOINT_RE.match(p.name) and (p / STATE_FILE).is_file()]
+    return sorted(found, key=lambda p: p.name)
+
+
+def save_checkpoint(accelerator: Accelerator, run_dir: Path, state: TrainerState, keep: int) -> None:
+    """Accelerate's state plus ours, written to a temporary folder and renamed: a kill at any
+    moment leaves either the previous checkpoints or a complete new one."""
+    folder = run_dir / CHECKPOINTS_DIR
+    final = folder / f"step-{state.global_step:08d}"
+    tmp = folder / f".tmp-step-{state.global_step:08d}"
+    if accelerator.is_main_process:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        artifacts.atomic_write_text(tmp / STATE_FILE, json.dumps(state.__dict__, indent=1))
+        if final.exists():  # the same step saved twice (e.g. epoch end after a step save)
+            remove_checkpoint(final)
+        os.replace(tmp, final)
+        for old in list_checkpoints(run_dir)[:-keep]:
+            remove_checkpoint(old)
+    accelerator.wait_for_everyone()
+
+
+def remove_checkpoint(path: Path) -> None:
+    # The state file goes first: a kill during the removal leaves a folder that is never picked.
+    (path / STATE_FILE).unlink(missing_ok=True)
+    shutil.rmtree(path)
+
+
+def load_checkpoint(accelerator: Accelerator, checkpoint: Path) -> TrainerState:
+    accelerator.load_state(str(checkpoint))
+    return TrainerState(**json.loads((checkpoint / STATE_FILE).read_text()))
