@@ -26,7 +26,7 @@ def bench(args: list[str]) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory) -> Path:
+def bench_runs(tmp_path_factory) -> Path:
     runs = tmp_path_factory.mktemp("runs")
     for kind, variants in VARIANTS.items():
         assert export_run(make_run(runs, kind, kind), variants=variants).verified
@@ -35,9 +35,9 @@ def runs(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def result(runs, tmp_path_factory) -> tuple[subprocess.CompletedProcess, dict]:
+def result(bench_runs, tmp_path_factory) -> tuple[subprocess.CompletedProcess, dict]:
     out = tmp_path_factory.mktemp("bench") / "infer.json"
-    proc = bench(["--output-dir", str(runs), "--json", str(out), *FAST])
+    proc = bench(["--output-dir", str(bench_runs), "--json", str(out), *FAST])
     assert proc.returncode == 0, proc.stderr
     return proc, json.loads(out.read_text())
 
@@ -109,9 +109,9 @@ def test_printed_table_and_verdicts(result):
     assert len(verdicts) == len(doc["targets"]) and set(verdicts) <= {"PASS", "MISS"}, proc.stdout
 
 
-def test_an_explicit_run_other_batch_sizes_and_threads(runs, tmp_path):
+def test_an_explicit_run_other_batch_sizes_and_threads(bench_runs, tmp_path):
     out = tmp_path / "b.json"
-    proc = bench([str(runs / "linear"), "--batch-sizes", "3", "--threads", "2", "--json", str(out), *FAST])
+    proc = bench([str(bench_runs / "linear"), "--batch-sizes", "3", "--threads", "2", "--json", str(out), *FAST])
     assert proc.returncode == 0, proc.stderr
     doc = json.loads(out.read_text())
     assert {r["batch"] for r in doc["results"]} == {3} and {r["kind"] for r in doc["results"]} == {"linear"}

@@ -36,7 +36,7 @@ KINDS = {"linear": "gaussian", "conv": "bernoulli"}
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory) -> Path:
+def exported_runs(tmp_path_factory) -> Path:
     """Both kinds exported by `export` without RUN (the latest run of each kind)."""
     runs = tmp_path_factory.mktemp("runs")
     for kind, likelihood in KINDS.items():
@@ -63,16 +63,17 @@ def copy_run(runs: Path, kind: str, dest: Path) -> Path:
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_export_writes_only_the_latest_run_of_each_kind(runs, kind):
-    assert sorted(p.name for p in exported(runs, kind).iterdir()) == ["decoder.onnx", "encoder.onnx", "manifest.json"]
-    assert not (runs / f"{kind}-old" / spec_lib.ONNX_DIR).exists()
-    assert not list((runs / f"{kind}-new").glob(".onnx-*")), "staging folder left behind"
+def test_export_writes_only_the_latest_run_of_each_kind(exported_runs, kind):
+    files = sorted(p.name for p in exported(exported_runs, kind).iterdir())
+    assert files == ["decoder.onnx", "encoder.onnx", "manifest.json"]
+    assert not (exported_runs / f"{kind}-old" / spec_lib.ONNX_DIR).exists()
+    assert not list((exported_runs / f"{kind}-new").glob(".onnx-*")), "staging folder left behind"
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_files_are_self_contained_valid_and_free_of_random_ops(runs, kind):
+def test_files_are_self_contained_valid_and_free_of_random_ops(exported_runs, kind):
     for role in ("encoder", "decoder"):
-        model = onnx.load(str(exported(runs, kind) / f"{role}.onnx"), load_external_data=False)
+        model = onnx.load(str(exported(exported_runs, kind) / f"{role}.onnx"), load_external_data=False)
         onnx.checker.check_model(model, full_check=True)
         assert all(t.data_location != TensorProto.EXTERNAL for t in model.graph.initializer)
         assert random_ops(model) == []
@@ -80,9 +81,9 @@ def test_files_are_self_contained_valid_and_free_of_random_ops(runs, kind):
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_metadata_describes_the_model(runs, kind):
+def test_metadata_describes_the_model(exported_runs, kind):
     for role in ("encoder", "decoder"):
-        model = onnx.load(str(exported(runs, kind) / f"{role}.onnx"))
+        model = onnx.load(str(exported(exported_runs, kind) / f"{role}.onnx"))
         meta = {p.key: p.value for p in model.metadata_props}
         assert set(spec_lib.METADATA_KEYS) <= set(meta)
         assert meta["format"] == spec_lib.ONNX_FORMAT
@@ -100,8 +101,8 @@ def test_metadata_describes_the_model(runs, kind):
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_dynamic_batch_and_contract_shapes(runs, kind):
-    folder = exported(runs, kind)
+def test_dynamic_batch_and_contract_shapes(exported_runs, kind):
+    folder = exported(exported_runs, kind)
     enc = ort.InferenceSession(str(folder / "encoder.onnx"), providers=["CPUExecutionProvider"])
     dec = ort.InferenceSession(str(folder / "decoder.onnx"), providers=["CPUExecutionProvider"])
     assert [i.name for i in enc.get_inputs()] == ["x"] and [o.name for o in enc.get_outputs()] == ["mu", "logvar"]
@@ -117,8 +118,8 @@ def test_dynamic_batch_and_contract_shapes(runs, kind):
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_manifest_records_files_versions_and_verification(runs, kind):
-    folder = exported(runs, kind)
+def test_manifest_records_files_versions_and_verification(exported_runs, kind):
+    folder = exported(exported_runs, kind)
     manifest = json.loads((folder / spec_lib.MANIFEST_FILE).read_text())
     assert manifest["format"] == spec_lib.MANIFEST_FORMAT
     assert manifest["verified"] is True
@@ -126,7 +127,7 @@ def test_manifest_records_files_versions_and_verification(runs, kind):
         record = file_record(folder / name)
         assert manifest["files"][name]["sha256"] == record["sha256"]
         assert manifest["files"][name]["size"] == record["size"]
-    assert manifest["source"]["sha256"] == file_record(runs / f"{kind}-new" / artifacts.MODEL_FILE)["sha256"]
+    assert manifest["source"]["sha256"] == file_record(exported_runs / f"{kind}-new" / artifacts.MODEL_FILE)["sha256"]
     assert {"torch", "onnx", "onnxruntime", "vae_dist"} <= set(manifest["versions"])
     assert manifest["model"] == {
         "kind": kind,
@@ -161,8 +162,8 @@ def _shift_mu_bias(path: Path, by: float) -> None:
     onnx.save(model, str(path))
 
 
-def test_verify_passes_on_a_good_export(runs, tmp_path):
-    run = copy_run(runs, "conv", tmp_path)
+def test_verify_passes_on_a_good_export(exported_runs, tmp_path):
+    run = copy_run(exported_runs, "conv", tmp_path)
     result = CliRunner().invoke(cli(), ["verify", str(run)])
     assert result.exit_code == 0, result.output
     assert "verified" in result.output and "FAIL" not in result.output
@@ -170,8 +171,8 @@ def test_verify_passes_on_a_good_export(runs, tmp_path):
     assert result.output.strip().splitlines()[-1] == f"{run / 'onnx'}: verified"  # the verdict comes last
 
 
-def test_verify_fails_on_a_corrupted_weight_and_names_the_output(runs, tmp_path):
-    run = copy_run(runs, "linear", tmp_path)
+def test_verify_fails_on_a_corrupted_weight_and_names_the_output(exported_runs, tmp_path):
+    run = copy_run(exported_runs, "linear", tmp_path)
     _shift_mu_bias(run / "onnx" / "encoder.onnx", 0.5)
     result = CliRunner().invoke(cli(), ["verify", str(run)])
     assert result.exit_code == 1, result.output
@@ -193,8 +194,8 @@ def test_verify_fails_on_a_corrupted_weight_and_names_the_output(runs, tmp_path)
     assert not out.exists()
 
 
-def test_verify_rejects_a_random_operator(runs, tmp_path):
-    run = copy_run(runs, "conv", tmp_path)
+def test_verify_rejects_a_random_operator(exported_runs, tmp_path):
+    run = copy_run(exported_runs, "conv", tmp_path)
     path = run / "onnx" / "decoder.onnx"
     model = onnx.load(str(path))
     # x_mean + 0 * RandomUniformLike(x_mean): the same numbers, but the graph draws noise.
@@ -214,8 +215,8 @@ def test_verify_rejects_a_random_operator(runs, tmp_path):
     assert "decoder.onnx: random_ops: random operators in the graph: ['RandomUniformLike']" in result.output
 
 
-def test_verify_notices_a_retrained_model(runs, tmp_path, caplog):
-    run = copy_run(runs, "linear", tmp_path)
+def test_verify_notices_a_retrained_model(exported_runs, tmp_path, caplog):
+    run = copy_run(exported_runs, "linear", tmp_path)
     (run / artifacts.MODEL_FILE).unlink()
     make_run(tmp_path / "other", "x", "linear", "gaussian", seed=5)
     shutil.copy(tmp_path / "other" / "x" / artifacts.MODEL_FILE, run / artifacts.MODEL_FILE)
@@ -267,8 +268,8 @@ def test_random_ops_are_found_in_subgraphs():
     assert random_ops(helper.make_model(flat)) == ["Multinomial"]
 
 
-def test_check_graph_flags_wrong_metadata_and_signature(runs, tmp_path):
-    src = exported(runs, "conv") / "encoder.onnx"
+def test_check_graph_flags_wrong_metadata_and_signature(exported_runs, tmp_path):
+    src = exported(exported_runs, "conv") / "encoder.onnx"
     cfg = ModelConfig(kind="conv", latent_dim=LATENT, hidden_dims=[32], channels=[4, 8])
     encoder, decoder = spec_lib.vae_specs(build_model(cfg, SHAPE))
     checks = {c.check: c for c in check_graph(src, decoder, {"role": "decoder", "latent_dim": "7"})}
@@ -281,8 +282,8 @@ def test_check_graph_flags_wrong_metadata_and_signature(runs, tmp_path):
     assert bad.check == "load" and not bad.passed
 
 
-def test_a_failed_export_is_kept_apart_and_the_good_one_untouched(runs, tmp_path, monkeypatch):
-    run = copy_run(runs, "conv", tmp_path)
+def test_a_failed_export_is_kept_apart_and_the_good_one_untouched(exported_runs, tmp_path, monkeypatch):
+    run = copy_run(exported_runs, "conv", tmp_path)
     good = (run / "onnx" / "manifest.json").read_bytes()
 
     def failing(*args, **kwargs):

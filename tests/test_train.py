@@ -109,3 +109,33 @@ def test_linear_vae_quality_after_one_epoch(tmp_path, fashion_root):
     assert result.metrics["test_images"] == 10000
     assert result.metrics["test_neg_elbo"] < 270
     assert read_model_metadata(result.run_dir / "model.safetensors")["test_neg_elbo"] < 270
+
+
+def test_the_one_process_step_equals_accelerates_wrapped_step(monkeypatch):
+    """With one process, no accumulation and no loss scaling the step skips Accelerate's wrappers:
+    bitwise the same weights as going through them."""
+    from accelerate import Accelerator
+
+    import vae_dist.train as T
+    from vae_dist.models import build_model
+
+    accelerator = Accelerator(cpu=True)
+    cfg = load_config("linear", ["model.hidden_dims=[64]"])
+    assert T._wrappers_do_nothing(accelerator)
+    pairs = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        model = build_model(cfg.model, (1, 28, 28))
+        pairs.append(accelerator.prepare(model, T.make_optimizer(model, cfg, accelerator.device)))
+    g = torch.Generator().manual_seed(1)
+    batches = [(torch.rand(32, 1, 28, 28, generator=g), torch.randn(32, 20, generator=g)) for _ in range(10)]
+    for (x, eps) in batches:
+        T.micro_step(accelerator, *pairs[0], x, eps, 1.0, "bernoulli")
+    monkeypatch.setattr(T, "_wrappers_do_nothing", lambda accelerator: False)
+    for (x, eps) in batches:
+        T.micro_step(accelerator, *pairs[1], x, eps, 1.0, "bernoulli")
+    (a, _), (b, _) = pairs
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters(), strict=True))
+    torch.manual_seed(0)
+    initial = build_model(cfg.model, (1, 28, 28))
+    assert not torch.equal(a.decoder[-1].weight, initial.decoder[-1].weight)  # it did train

@@ -1,13 +1,15 @@
 """Training benchmark on the CPU: start-up time and the step's share of the machine's matmul throughput.
 
-    python -m vae_dist.bench [--batch-size 128] [--seconds 8] [--starts 3] [--profile] [--json bench/train.json]
+    python -m vae_dist.bench [--batch-size 128] [--seconds 8] [--rounds 5] [--starts 3] [--profile]
+                             [--json bench/train.json]
 
 1. Start-up: `vae-dist train` (the shipped linear config) is started as a new process and timed
    until it logs its first optimizer step, `--starts` times.
 2. The step: for each shipped model, images/s of the real training step (in-memory batches,
    `train.micro_step`), the FLOPs of one step counted by FlopCounterMode, and the achieved fraction
-   of a large float32 `torch.mm` measured in the same run. For contrast, the classic loop (a
-   DataLoader over the IDX images with ToTensor, as in pytorch/examples) feeds the same step.
+   of a large float32 `torch.mm`, taken in turn over several rounds (medians reported). For
+   contrast, the classic loop (a DataLoader over the IDX images with ToTensor, as in
+   pytorch/examples) feeds the same step.
    `--profile` prints where the linear VAE's step spends its time (torch.profiler).
 See docs/benchmarks.md for figures and their analysis.
 """
@@ -75,14 +77,12 @@ def step_flops(model, optimizer, accelerator, x, eps) -> int:
     return counter.get_total_flops()
 
 
-def time_steps(step, seconds: float) -> tuple[int, float]:
-    for _ in range(5):
-        step()
+def steps_per_s(step: Callable[[], None], seconds: float) -> float:
     n, t0 = 0, time.perf_counter()
     while time.perf_counter() - t0 < seconds:
         step()
         n += 1
-    return n, time.perf_counter() - t0
+    return n / (time.perf_counter() - t0)
 
 
 def prepared(kind: str, accelerator, image_shape):
@@ -94,7 +94,10 @@ def prepared(kind: str, accelerator, image_shape):
     return cfg, model, optimizer
 
 
-def bench_model(kind: str, accelerator, train: data.Split, root: Path, batch: int, seconds: float) -> dict:
+def bench_model(kind: str, accelerator, train: data.Split, root: Path, batch: int, seconds: float, rounds: int) -> dict:
+    """The step's images/s and its fraction of the matmul throughput, as the median of `rounds`
+    rounds, each timing a large mm, our step and the classic loop's step one after the other: this
+    machine's speed drifts, and only figures taken side by side compare."""
     cfg, model, optimizer = prepared(kind, accelerator, train.image_shape)
     images = train.images
     order = data.epoch_order(len(train), 0, 0)
@@ -106,9 +109,6 @@ def bench_model(kind: str, accelerator, train: data.Split, root: Path, batch: in
         pos[0] += batch
         x = data.to_float(images[order[lo : lo + batch]])
         micro_step(accelerator, model, optimizer, x, eps, 1.0, "bernoulli")
-
-    flops = step_flops(model, optimizer, accelerator, data.to_float(images[:batch]), eps)
-    steps, elapsed = time_steps(ours, seconds)
 
     # The classic loop: per-image PIL -> ToTensor, collated by a DataLoader.
     import torchvision
@@ -122,16 +122,32 @@ def bench_model(kind: str, accelerator, train: data.Split, root: Path, batch: in
         x, _ = next(loader)
         micro_step(accelerator, model, optimizer, x, torch.randn(batch, cfg.model.latent_dim), 1.0, "bernoulli")
 
-    c_steps, c_elapsed = time_steps(classic, seconds)
+    flops = step_flops(model, optimizer, accelerator, data.to_float(images[:batch]), eps)
+    for _ in range(5):  # warm-up
+        ours()
+        classic()
+    per_round = []
+    for _ in range(rounds):
+        peak = matmul_flops_per_s(seconds=min(1.0, seconds / rounds))
+        rate = steps_per_s(ours, seconds / rounds)
+        c_rate = steps_per_s(classic, seconds / rounds)
+        per_round.append((peak, rate, c_rate))
+    peak = statistics.median(r[0] for r in per_round)
+    rate = statistics.median(r[1] for r in per_round)
+    c_rate = statistics.median(r[2] for r in per_round)
     return {
         "model": kind,
         "batch_size": batch,
         "step_flops": flops,
-        "images_per_s": steps * batch / elapsed,
-        "ms_per_step": 1e3 * elapsed / steps,
-        "achieved_flops_per_s": flops * steps / elapsed,
-        "classic_images_per_s": c_steps * batch / c_elapsed,
-        "classic_achieved_flops_per_s": flops * c_steps / c_elapsed,
+        "ms_per_step": 1e3 / rate,
+        "images_per_s": rate * batch,
+        "achieved_flops_per_s": flops * rate,
+        "matmul_flops_per_s": peak,
+        "fraction_of_matmul": statistics.median(flops * r[1] / r[0] for r in per_round),
+        "classic_images_per_s": c_rate * batch,
+        "classic_achieved_flops_per_s": flops * c_rate,
+        "classic_fraction_of_matmul": statistics.median(flops * r[2] / r[0] for r in per_round),
+        "rounds": [{"matmul_flops_per_s": p, "steps_per_s": r, "classic_steps_per_s": c} for p, r, c in per_round],
     }
 
 
@@ -153,12 +169,14 @@ def profile_lines(accelerator, train: data.Split, batch: int, rows: int = 12) ->
 @click.command()
 @click.option("--batch-size", type=click.IntRange(min=1), default=128, show_default=True)
 @click.option("--seconds", type=click.FloatRange(min=0, min_open=True), default=8.0, show_default=True,
-              help="Timing window per measurement.")
+              help="Timing window per loop and model, split over the rounds.")
+@click.option("--rounds", type=click.IntRange(min=1), default=5, show_default=True,
+              help="Rounds of mm / our step / the classic step, taken in turn; medians are reported.")
 @click.option("--starts", type=click.IntRange(min=0), default=3, show_default=True,
               help="New `vae-dist train` processes timed to their first optimizer step (0: skip).")
 @click.option("--profile", is_flag=True, help="Also print the linear VAE step's profile by operator.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default="bench/train.json", show_default=True)
-def main(batch_size: int, seconds: float, starts: int, profile: bool, json_path: str):
+def main(batch_size: int, seconds: float, rounds: int, starts: int, profile: bool, json_path: str):
     """Benchmark start-up and the training step of both VAEs on the CPU."""
     root = data.resolve("fashion-mnist", download=False)
     firsts = [seconds_to_first_step() for _ in range(starts)]
@@ -167,12 +185,7 @@ def main(batch_size: int, seconds: float, starts: int, profile: bool, json_path:
     peak = matmul_flops_per_s()
     # The ceiling for the linear VAE: its largest layer's matmul at the batch size, alone.
     layer = matmul_flops_per_s(batch_size, 784, 400, seconds=2.0)
-    rows = [bench_model(kind, accelerator, train, root, batch_size, seconds) for kind in MODELS]
-    for r in rows:
-        r["matmul_flops_per_s"] = peak
-        r["layer_matmul_flops_per_s"] = layer
-        r["fraction_of_matmul"] = r["achieved_flops_per_s"] / peak
-        r["classic_fraction_of_matmul"] = r["classic_achieved_flops_per_s"] / peak
+    rows = [bench_model(kind, accelerator, train, root, batch_size, seconds, rounds) for kind in MODELS]
     if firsts:
         click.echo(
             f"start-up: `vae-dist train --config linear` reached its first optimizer step after "

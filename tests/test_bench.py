@@ -1,0 +1,48 @@
+"""The training benchmark: it runs for any timing window, and reports start-up and step figures."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from helpers import ROOT
+from vae_dist.bench import endless
+
+
+def test_endless_starts_a_new_pass_when_one_ends():
+    passes = []
+
+    def make():
+        passes.append(len(passes))
+        return iter(range(3))
+
+    it = endless(make)
+    assert [next(it) for _ in range(10)] == [0, 1, 2] * 3 + [0]
+    assert passes == [0, 1, 2, 3]
+
+
+def test_bad_options_are_refused():
+    proc = subprocess.run(
+        [sys.executable, "-m", "vae_dist.bench", "--batch-size", "0"], cwd=ROOT, capture_output=True, text=True
+    )
+    assert proc.returncode == 2 and "Invalid value for '--batch-size'" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.slow
+def test_the_benchmark_reports_start_up_and_step_figures(tmp_path):
+    out = tmp_path / "train.json"
+    cmd = [sys.executable, "-m", "vae_dist.bench", "--seconds", "0.3", "--rounds", "2", "--starts", "1"]
+    cmd += ["--json", str(out)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "reached its first optimizer step after" in proc.stdout
+    result = json.loads(out.read_text())
+    assert len(result["seconds_to_first_step"]) == 1 and 0 < result["seconds_to_first_step"][0] < 120
+    assert [m["model"] for m in result["models"]] == ["linear", "conv"]
+    for m in result["models"]:
+        assert len(m["rounds"]) == 2
+        assert 0 < m["fraction_of_matmul"] < 1.5 and 0 < m["classic_fraction_of_matmul"] < 1.5
+        assert m["step_flops"] > 4e8 and m["images_per_s"] > 0
