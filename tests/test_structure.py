@@ -93,3 +93,48 @@ def test_shipped_configs_and_data_folder_work_in_a_regular_install(tmp_path):
     env.update(VAE_DIST_DATA=str(tmp_path / "d"), VAE_DIST_RUNS=str(tmp_path / "r"))
     proc = subprocess.run([sys.executable, "-c", code], cwd=elsewhere, capture_output=True, text=True, env=env)
     assert proc.stdout.split() == ["conv", str(tmp_path / "d"), str(tmp_path / "r")], proc.stderr
+
+
+def _module_imports(package: str) -> dict[str, set[str]]:
+    """Project modules each module of `package` imports when it is imported (top level, outside
+    `if TYPE_CHECKING:`; imports inside functions are lazy by design)."""
+    import ast
+
+    graph = {}
+    for path in sorted((ROOT / package).glob("*.py")):
+        name = f"{package}.{path.stem}" if path.stem != "__init__" else package
+        found = set()
+        for node in ast.parse(path.read_text()).body:
+            if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+                continue
+            for sub in ast.walk(node) if not isinstance(node, (ast.FunctionDef, ast.ClassDef)) else ():
+                if isinstance(sub, ast.Import):
+                    found |= {a.name for a in sub.names}
+                elif isinstance(sub, ast.ImportFrom) and sub.module:
+                    found.add(sub.module)
+                    found |= {f"{sub.module}.{a.name}" for a in sub.names}
+        graph[name] = {m for m in found if m.split(".")[0] in ("vae_dist", "export")} - {name}
+    return graph
+
+
+def test_the_import_graph_has_no_cycle_and_points_one_way():
+    graph = {**_module_imports("vae_dist"), **_module_imports("export")}
+    modules = set(graph)
+    edges = {m: {d for d in deps if d in modules} for m, deps in graph.items()}
+    assert not any(d.startswith("export") for m, deps in edges.items() if m.startswith("vae_dist") for d in deps)
+    # Depth-first search for a cycle.
+    state: dict[str, int] = {}
+
+    def visit(m: str, path: list[str]) -> None:
+        state[m] = 1
+        for d in edges[m]:
+            assert state.get(d) != 1, f"import cycle: {' -> '.join([*path, m, d])}"
+            if d not in state:
+                visit(d, [*path, m])
+        state[m] = 2
+
+    for m in sorted(edges):
+        if m not in state:
+            visit(m, [])
+    # The sampler runs on devices without the project: it imports none of it.
+    assert edges["export.sample"] == set()
