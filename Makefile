@@ -62,18 +62,19 @@ SAMPLER = $(BIN)/python -m export.sample
 SAMPLES ?= $(RUNS)/samples
 sample: data
 	mkdir -p $(SAMPLES)
-	@test_idx=$$($(BIN)/vae-dist data --dataset $(DATASET) --no-download --test-images 2>/dev/null) && \
+	@test_idx="$$($(BIN)/vae-dist data --dataset $(DATASET) --no-download --test-images)" && \
 	set -x && \
 	$(SAMPLER) sample $(if $(RUN),--model-dir $(RUN)) -n 64 --seed 1 --out $(SAMPLES)/prior.png && \
-	$(SAMPLER) reconstruct $(if $(RUN),--model-dir $(RUN)) --idx $$test_idx -n 16 --out $(SAMPLES)/reconstructions.png && \
-	$(SAMPLER) interpolate $(if $(RUN),--model-dir $(RUN)) --idx $$test_idx --pair 0 1 --out $(SAMPLES)/interpolation.png
+	$(SAMPLER) reconstruct $(if $(RUN),--model-dir $(RUN)) --idx "$$test_idx" -n 16 --out $(SAMPLES)/reconstructions.png && \
+	$(SAMPLER) interpolate $(if $(RUN),--model-dir $(RUN)) --idx "$$test_idx" --pair 0 1 --out $(SAMPLES)/interpolation.png
 
 # Everything, nothing skipped (CI runs this); then the linter.
 test: data
 	$(BIN)/ruff check .
 	$(BIN)/pytest -q
 
-# The edit-test loop: no test that launches training or other processes.
+# The edit-test loop: leaves out the tests marked slow (accelerate launches, multi-process and
+# end-to-end training runs, a package install, the benchmark run).
 test-fast: data
 	$(BIN)/ruff check .
 	$(BIN)/pytest -q -m "not slow"

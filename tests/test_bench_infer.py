@@ -14,6 +14,8 @@ from export import bench_infer
 from export.pipeline import export_run
 from helpers import ROOT, make_run
 
+pytestmark = pytest.mark.slow  # runs the benchmark end to end, several times
+
 # A few variants keep the export short; the benchmark takes whatever the manifest lists.
 VARIANTS = {"linear": ["int8-dynamic", "fp32-ort"], "conv": ["int8-static", "fp32-ort"]}
 FAST = ["--seconds", "0.02", "--warmup", "0"]

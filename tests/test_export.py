@@ -400,3 +400,29 @@ def test_sampler_mirrors_the_project_defaults_and_grid_layout():
         got = sampler.tile([list(r.numpy()) for r in rows])
         assert np.array_equal(got, artifacts.grid_pixels(rows))
         assert got.shape[2] // (3 * shape[2]) >= 1 and sampler.grid_scale(shape[2]) * shape[2] >= 84
+
+
+def _damaged_model(folder: Path, how: str) -> Path:
+    run = make_run(folder, f"bad-{how}", "linear")
+    path = run / artifacts.MODEL_FILE
+    if how == "truncated":
+        path.write_bytes(path.read_bytes()[:-100])
+    else:  # valid safetensors whose metadata is not a model description
+        from safetensors.torch import save_file
+
+        save_file({"w": torch.zeros(1)}, str(path), metadata={"format": artifacts.FORMAT, "model": "[1, 2]"})
+    return run
+
+
+@pytest.mark.parametrize("how", ["truncated", "metadata"])
+def test_a_damaged_model_file_is_one_line_and_does_not_stop_the_others(tmp_path, how):
+    bad = _damaged_model(tmp_path, how)
+    result = CliRunner().invoke(cli(), ["export", str(bad), "--variants", "none"])
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    (line,) = [x for x in result.output.splitlines() if x.startswith("error:")]
+    assert "model.safetensors" in line and ("train or copy" in line or "cannot be read" in line)
+    assert not (bad / "onnx").exists()
+    good = make_run(tmp_path, "good", "conv")
+    found = find_latest_runs(tmp_path)
+    assert found["conv"] == good and ("linear" not in found or how == "truncated")

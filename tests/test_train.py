@@ -139,3 +139,15 @@ def test_the_one_process_step_equals_accelerates_wrapped_step(monkeypatch):
     torch.manual_seed(0)
     initial = build_model(cfg.model, (1, 28, 28))
     assert not torch.equal(a.decoder[-1].weight, initial.decoder[-1].weight)  # it did train
+
+
+@pytest.mark.parametrize("content", [b"model: [unclosed\n", b"\xff\xfe\x00binary", b"model: 3\n"])
+def test_a_damaged_saved_config_refuses_the_resume_in_one_line(tmp_path, content):
+    run_dir = tmp_path / "r"
+    (run_dir / "checkpoints" / "step-00000010").mkdir(parents=True)
+    (run_dir / "checkpoints" / "step-00000010" / runs.STATE_FILE).write_text("{}")
+    (run_dir / "config.yaml").write_bytes(content)
+    cfg = load_config("linear", [f"run.output_dir={tmp_path}", "run.name=r"])
+    with pytest.raises(runs.ResumeError, match="config.yaml") as e:
+        runs.decide_run(cfg, "auto")
+    assert "\n" not in str(e.value)

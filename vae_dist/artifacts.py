@@ -13,6 +13,7 @@ import torch
 
 from vae_dist.config import ModelConfig
 from vae_dist.errors import UserError
+from vae_dist.losses import LIKELIHOODS
 from vae_dist.models import MODELS, VAE, build_model
 
 MODEL_FILE = "model.safetensors"
@@ -65,19 +66,32 @@ def read_model_metadata(path: str | Path) -> dict[str, Any]:
         meta = {k: (v if k == "format" else json.loads(v)) for k, v in raw.items()}
     except ValueError:
         raise ModelFileError(f"{path} has damaged metadata; train or copy the model again") from None
-    kind = (meta.get("model") or {}).get("kind")
-    if kind not in MODELS:
-        raise ModelFileError(f"{path} describes a model of kind {kind!r}; this vae-dist knows {', '.join(MODELS)}")
+    model, shape = meta.get("model"), meta.get("image_shape")
+    if not isinstance(model, dict) or not isinstance(shape, list) or len(shape) != 3:
+        raise ModelFileError(f"{path} has damaged metadata (model or image_shape); train or copy the model again")
+    if model.get("kind") not in MODELS:
+        raise ModelFileError(
+            f"{path} describes a model of kind {model.get('kind')!r}; this vae-dist knows {', '.join(MODELS)}"
+        )
+    if meta.get("likelihood", "bernoulli") not in LIKELIHOODS:
+        raise ModelFileError(f"{path} names the likelihood {meta['likelihood']!r}; known: {', '.join(LIKELIHOODS)}")
     return meta
 
 
 def load_model(path: str | Path) -> tuple[VAE, dict[str, Any]]:
     """Rebuild a model from its file alone (no YAML); returns it in eval mode with its metadata."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     meta = read_model_metadata(path)
-    model = build_model(ModelConfig(**meta["model"]), tuple(meta["image_shape"]))
-    model.load_state_dict(load_file(str(path)))
+    try:
+        model = build_model(ModelConfig(**meta["model"]), tuple(meta["image_shape"]))
+        model.load_state_dict(load_file(str(path)))
+    except (TypeError, ValueError, RuntimeError, SafetensorError, OSError) as e:  # a damaged or foreign file
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelFileError(
+            f"{path} does not hold the model its metadata describes ({reason[:200]}); train or copy it again"
+        ) from None
     return model.eval(), meta
 
 

@@ -16,10 +16,12 @@ See docs/benchmarks.md for figures and their analysis.
 from __future__ import annotations
 
 import json
+import queue
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -53,13 +55,27 @@ def seconds_to_first_step(timeout: float = 120.0) -> float:
         cmd = [sys.executable, "-m", "vae_dist.cli", "train", "--config", "linear", "--output-dir", out]
         started = time.perf_counter()
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        try:
+        lines: queue.Queue[str | None] = queue.Queue()
+
+        def read():
             for line in proc.stderr:
+                lines.put(line)
+            lines.put(None)
+
+        threading.Thread(target=read, daemon=True).start()
+        last = ""
+        try:
+            while (left := timeout - (time.perf_counter() - started)) > 0:
+                try:
+                    line = lines.get(timeout=left)
+                except queue.Empty:
+                    break
+                if line is None:
+                    break
                 if FIRST_STEP_MESSAGE in line:
                     return time.perf_counter() - started
-                if time.perf_counter() - started > timeout:
-                    break
-            raise RuntimeError(f"`{' '.join(cmd)}` never reached its first step; its last line: {line.strip()}")
+                last = line.strip() or last
+            raise RuntimeError(f"`{' '.join(cmd)}` did not reach its first step in {timeout:g} s; last line: {last}")
         finally:
             proc.kill()
             proc.wait()

@@ -23,7 +23,15 @@ class LazyGroup(click.Group):
     def get_command(self, ctx, name):
         if name in COMMANDS:
             module, _, attr = COMMANDS[name][0].partition(":")
-            return getattr(importlib.import_module(module), attr)
+            try:
+                return getattr(importlib.import_module(module), attr)
+            except ModuleNotFoundError as e:
+                if e.name and e.name.split(".")[0] in ("vae_dist", "export"):
+                    raise  # a broken install of this package: keep the traceback
+                raise click.UsageError(
+                    f"`vae-dist {name}` needs {e.name}, which is not installed here "
+                    "(pip install -e . installs every dependency)"
+                ) from None
         return super().get_command(ctx, name)
 
     def format_commands(self, ctx, formatter):

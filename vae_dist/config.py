@@ -251,6 +251,8 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
             )
         try:
             data = yaml.safe_load(path.read_text()) or {}
+        except UnicodeDecodeError:
+            raise ConfigError(f"config file {str(path)!r} is not text; pass a YAML file") from None
         except yaml.YAMLError as e:
             raise ConfigError(f"config file {str(path)!r} is not valid YAML: {e}".splitlines()[0]) from e
     return from_dict(data, overrides)

@@ -1,4 +1,6 @@
-"""Every random number vae-dist draws comes from a named stream of one table.
+"""The named random streams: every draw of training, evaluation and export verification comes from
+one of them. (The model's initial weights come from `set_seed(train.seed)`; benchmarks and the
+sampler draw their own inputs.)
 
 A stream's generator is seeded by (seed, stream, *position), so a draw depends only on what it is
 for and where it is (epoch, step), never on the number of processes or on what ran before it.

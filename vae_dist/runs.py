@@ -117,10 +117,7 @@ def decide_run(cfg: Config, resume: str | None) -> tuple[Path, Path | None]:
             "pass --resume auto to continue it or --name to start a new one"
         )
     if checkpoint:
-        saved = yaml.safe_load((run_dir / CONFIG_FILE).read_text())
-        if not isinstance(saved, dict):
-            raise ResumeError(f"{run_dir / CONFIG_FILE} is not a saved configuration")
-        diff = config_differences(saved, cfg)
+        diff = config_differences(read_saved_config(run_dir), cfg)
         if diff:
             raise ResumeError(f"cannot resume {run_dir} with a different configuration: {'; '.join(diff)}")
         newer = [p.name for p in list_checkpoints(run_dir) if p.name > checkpoint.name]
@@ -130,6 +127,18 @@ def decide_run(cfg: Config, resume: str | None) -> tuple[Path, Path | None]:
                 "move them away to restart from an older one"
             )
     return run_dir, checkpoint
+
+
+def read_saved_config(run_dir: Path) -> dict[str, Any]:
+    """The configuration a run was started with, as a mapping of sections."""
+    path = run_dir / CONFIG_FILE
+    try:
+        saved = yaml.safe_load(path.read_text())
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+        raise ResumeError(f"{path} cannot be read ({str(e).splitlines()[0]}); restore it to resume") from None
+    if not isinstance(saved, dict) or not all(isinstance(v, dict) for v in saved.values()):
+        raise ResumeError(f"{path} is not a saved configuration (a mapping of sections); restore it to resume")
+    return saved
 
 
 def flat_config(d: dict[str, Any]) -> dict[str, Any]:

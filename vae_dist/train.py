@@ -18,6 +18,7 @@ import logging
 import os
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -135,27 +136,39 @@ def _wrappers_do_nothing(accelerator: Accelerator) -> bool:
 # ---------------------------------------------------------------- the phases
 
 
-def decide_run(accelerator: Accelerator, cfg: Config, resume: str | None) -> tuple[Path, Path | None]:
-    """The main process decides the run folder and checkpoint (vae_dist.runs), the others are told.
-    Nothing is written yet."""
-    decided: list[Any] = [None, None, None]
+def on_main(accelerator: Accelerator, what: str, fn: Callable[[], Any]) -> Any:
+    """`fn()` on the main process only, its result shared with every process. If it fails, every
+    process fails too (none is left waiting in a collective): the main process with the original
+    error (a bug keeps its traceback), the others with its one-line message."""
+    shared: list[Any] = [None, None]
     failure: BaseException | None = None
     if accelerator.is_main_process:
         try:
-            run_dir, checkpoint = runs.decide_run(cfg, resume)
-            decided = [str(run_dir), str(checkpoint) if checkpoint else None, None]
+            shared[0] = fn()
         except (UserError, OSError) as e:
-            decided[2] = str(e).splitlines()[0] if str(e) else type(e).__name__
-        except BaseException as e:  # a bug: the others must still learn of it, or they wait forever
-            decided[2], failure = "the main process failed while deciding the run (see its traceback)", e
-    broadcast_object_list(decided)
+            shared[1], failure = str(e).splitlines()[0] if str(e) else type(e).__name__, e
+        except BaseException as e:
+            shared[1], failure = f"the main process failed while {what} (see its traceback)", e
+    broadcast_object_list(shared)
     if failure is not None:
         raise failure
-    if decided[2]:
-        raise runs.ResumeError(decided[2])
-    run_dir = Path(decided[0])
+    if shared[1]:
+        raise UserError(shared[1])
+    return shared[0]
+
+
+def decide_run(accelerator: Accelerator, cfg: Config, resume: str | None) -> tuple[Path, Path | None]:
+    """The main process decides the run folder and checkpoint (vae_dist.runs), the others are told.
+    Nothing is written yet."""
+
+    def decide():
+        run_dir, checkpoint = runs.decide_run(cfg, resume)
+        return str(run_dir), str(checkpoint) if checkpoint else None
+
+    run_dir, checkpoint = on_main(accelerator, "deciding the run", decide)
+    run_dir = Path(run_dir)
     cfg.run.name, cfg.run.output_dir = run_dir.name, str(run_dir.parent)  # config.yaml records the name used
-    return run_dir, Path(decided[1]) if decided[1] else None
+    return run_dir, Path(checkpoint) if checkpoint else None
 
 
 @dataclass
@@ -209,13 +222,15 @@ def start_or_resume(accelerator: Accelerator, cfg: Config, run_dir: Path, checkp
                 "resume with at least as many epochs"
             )
         log.info(f"resumed from {checkpoint} (epoch {epoch}, step {session.state.global_step})", main_process_only=True)
-    if accelerator.is_main_process:
+
+    def write_run_files():
         (run_dir / runs.IMAGES_DIR).mkdir(parents=True, exist_ok=True)
         runs.write_config(run_dir, cfg)
         metrics_path = run_dir / runs.METRICS_FILE
         kept = [r for r in artifacts.read_jsonl(metrics_path) if r["epoch"] < session.state.epoch]
         artifacts.atomic_write_text(metrics_path, "".join(json.dumps(r) + "\n" for r in kept))
-    accelerator.wait_for_everyone()
+
+    on_main(accelerator, "writing the run folder", write_run_files)  # the first write to the run folder
     log.info(
         f"run {run_dir}: {cfg.model.kind} VAE on {cfg.data.name} {train_split.image_shape}, {len(train_split)} train / "
         f"{len(test_split)} test images, {accelerator.num_processes} process(es) on {device}, "
