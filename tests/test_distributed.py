@@ -290,3 +290,15 @@ def test_resume_from_an_older_checkpoint_or_into_fewer_epochs_is_refused(tmp_pat
     assert out.returncode != 0 and "beyond train.epochs=1" in out.stderr
     assert (tmp_path / "r" / "model.safetensors").read_bytes() == model_before  # nothing overwritten
     assert list_checkpoints(tmp_path / "r")[-2:] == [older, newest]
+
+
+def test_a_run_folder_that_cannot_be_written_stops_every_process(tmp_path):
+    """The first write happens on the main process only; its failure must end the other rank too,
+    not leave it waiting in a collective."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    started = time.time()
+    out = run(launch_cmd(2, [*PARITY, "--output-dir", str(blocker / "runs"), "--name", "r"]), timeout=300, check=False)
+    assert out.returncode != 0 and time.time() - started < 120
+    errors = [line for line in out.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and str(blocker) in errors[0], out.stderr[-3000:]
