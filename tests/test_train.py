@@ -151,3 +151,40 @@ def test_a_damaged_saved_config_refuses_the_resume_in_one_line(tmp_path, content
     with pytest.raises(runs.ResumeError, match="config.yaml") as e:
         runs.decide_run(cfg, "auto")
     assert "\n" not in str(e.value)
+
+
+def _snapshot(folder) -> dict:
+    import hashlib
+
+    files = [p for p in folder.rglob("*") if p.is_file()]
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
+
+
+def test_a_finished_run_resumed_is_a_no_op_and_a_run_without_checkpoints_is_never_restarted(tmp_path):
+    import shutil
+
+    def cfg():
+        return load_config("linear", ["train.epochs=1", *SMALL, f"run.output_dir={tmp_path}", "run.name=r"])
+
+    first = train(cfg(), cpu=True)
+    before = _snapshot(first.run_dir)
+    again = train(cfg(), resume="auto", cpu=True)  # finished: nothing to do, nothing written
+    assert _snapshot(first.run_dir) == before
+    assert again.metrics["test_neg_elbo"] == first.metrics["test_neg_elbo"]
+    assert all(torch.equal(a, b) for a, b in zip(first.model.state_dict().values(), again.model.state_dict().values()))
+    shutil.rmtree(first.run_dir / "checkpoints")
+    before = _snapshot(first.run_dir)
+    other = load_config("conv", ["train.epochs=1", *SMALL, f"run.output_dir={tmp_path}", "run.name=r"])
+    with pytest.raises(runs.ResumeError, match="holds a run but no checkpoint to resume from"):
+        train(other, resume="auto", cpu=True)
+    assert _snapshot(first.run_dir) == before
+
+
+@pytest.mark.parametrize("name", ["../x", "/tmp/abs", ".", "..", "a/b"])
+def test_a_run_name_is_one_plain_folder_name(tmp_path, name):
+    runs_dir = tmp_path / "runs"
+    cfg = load_config("linear", [*SMALL, f"run.output_dir={runs_dir}"])
+    cfg.run.name = name
+    with pytest.raises(runs.ResumeError, match="not a plain folder name"):
+        train(cfg, cpu=True)
+    assert not any(tmp_path.rglob("*.yaml"))

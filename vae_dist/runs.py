@@ -94,11 +94,36 @@ def find_run(resume: str | None, name: str | None, output_dir: str | Path) -> Ru
         raise ResumeError("--resume auto needs --name (the run to continue)")
     if not name:
         return RunTarget(None, None, False)
+    check_name(name)
     run_dir = Path(output_dir) / name
     if resume == "auto":
         checkpoints = list_checkpoints(run_dir)
+        if not checkpoints and (run_dir / CONFIG_FILE).exists():
+            # A folder that holds a run is never started again from scratch: that would replace its
+            # model, configuration, metrics and images.
+            raise ResumeError(
+                f"run {run_dir} holds a run but no checkpoint to resume from; pass another --name "
+                "to start a new run, or move the folder away"
+            )
         return RunTarget(run_dir, checkpoints[-1] if checkpoints else None, True)
     return RunTarget(run_dir, None, False)
+
+
+def check_name(name: str) -> None:
+    """A run name is one plain folder name: it can never point outside the runs folder."""
+    if name in ("", ".", "..") or "/" in name or "\\" in name or Path(name).is_absolute() or "\0" in name:
+        raise ResumeError(f"run name {name!r} is not a plain folder name; use letters, digits, '-', '_' or '.'")
+
+
+def is_finished(run_dir: Path, checkpoint: Path | None, epochs: int) -> bool:
+    """The run already holds its final model for `epochs` epochs: resuming it has nothing to do."""
+    if checkpoint is None or not (run_dir / artifacts.MODEL_FILE).is_file():
+        return False
+    try:
+        state = json.loads((checkpoint / STATE_FILE).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(state, dict) and state.get("epoch") == epochs and not state.get("step_in_epoch")
 
 
 def auto_name(kind: str) -> str:

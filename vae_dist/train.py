@@ -157,18 +157,19 @@ def on_main(accelerator: Accelerator, what: str, fn: Callable[[], Any]) -> Any:
     return shared[0]
 
 
-def decide_run(accelerator: Accelerator, cfg: Config, resume: str | None) -> tuple[Path, Path | None]:
-    """The main process decides the run folder and checkpoint (vae_dist.runs), the others are told.
-    Nothing is written yet."""
+def decide_run(accelerator: Accelerator, cfg: Config, resume: str | None) -> tuple[Path, Path | None, bool]:
+    """The main process decides the run folder and checkpoint (vae_dist.runs), and whether the run
+    is already finished; the others are told. Nothing is written yet."""
 
     def decide():
         run_dir, checkpoint = runs.decide_run(cfg, resume)
-        return str(run_dir), str(checkpoint) if checkpoint else None
+        finished = runs.is_finished(run_dir, checkpoint, cfg.train.epochs)
+        return str(run_dir), str(checkpoint) if checkpoint else None, finished
 
-    run_dir, checkpoint = on_main(accelerator, "deciding the run", decide)
+    run_dir, checkpoint, finished = on_main(accelerator, "deciding the run", decide)
     run_dir = Path(run_dir)
     cfg.run.name, cfg.run.output_dir = run_dir.name, str(run_dir.parent)  # config.yaml records the name used
-    return run_dir, Path(checkpoint) if checkpoint else None
+    return run_dir, Path(checkpoint) if checkpoint else None, finished
 
 
 @dataclass
@@ -355,7 +356,13 @@ def train(cfg: Config, resume: str | None = None, cpu: bool | None = None) -> Tr
     """Train as configured. `cpu=None` picks the GPU when there is one."""
     accelerator = make_accelerator(cfg, cpu)
     set_seed(cfg.train.seed)
-    run_dir, checkpoint = decide_run(accelerator, cfg, resume)
+    run_dir, checkpoint, finished = decide_run(accelerator, cfg, resume)
+    if finished:  # resuming a finished run changes nothing and writes nothing
+        log.info(f"run {run_dir} is finished ({cfg.train.epochs} epochs); nothing to do", main_process_only=True)
+        model, _ = artifacts.load_model(run_dir / artifacts.MODEL_FILE)
+        metrics = (artifacts.read_jsonl(run_dir / runs.METRICS_FILE) or [{}])[-1]
+        accelerator.end_training()
+        return TrainResult(run_dir, model, metrics)
     session = start_or_resume(accelerator, cfg, run_dir, checkpoint)
     metrics = train_epochs(session)
     metrics = save_final_model(session, metrics)
