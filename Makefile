@@ -41,12 +41,12 @@ train-ddp: data
 	$(BIN)/accelerate launch --config_file configs/accelerate/cpu_2proc.yaml --num_processes $(NPROC) \
 	  vae_dist/train.py --config $(CONFIG) --output-dir $(RUNS) $(ARGS)
 
+# Each model: a new run (vae-dist train prints its folder), its export, and samples in RUN/samples/.
 demo: data
-	$(BIN)/vae-dist train --config configs/linear.yaml --output-dir $(RUNS) --set train.epochs=$(EPOCHS)
-	$(BIN)/vae-dist train --config configs/conv.yaml --output-dir $(RUNS) --set train.epochs=$(EPOCHS)
-	$(BIN)/vae-dist export --output-dir $(RUNS)
-	for kind in linear conv; do \
-	  $(MAKE) --no-print-directory sample RUN=$$(ls -td $(RUNS)/$$kind-*/onnx | head -n 1) SAMPLES=$(RUNS)/samples/$$kind || exit 1; \
+	set -e; for kind in linear conv; do \
+	  run=$$($(BIN)/vae-dist train --config configs/$$kind.yaml --output-dir $(RUNS) --set train.epochs=$(EPOCHS)); \
+	  $(BIN)/vae-dist export "$$run"; \
+	  $(MAKE) --no-print-directory sample RUN="$$run/onnx" SAMPLES="$$run/samples"; \
 	done
 
 # RUN: a run folder or name; empty = the latest run of each model.

@@ -136,6 +136,7 @@ def export_run(
     model, meta = artifacts.load_model(model_path)
     specs = vae_specs(model, atol)
     vers = versions()
+    remove_stale_staging(run_dir)
     staging = run_dir / f"{STAGING_PREFIX}{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir()
@@ -164,6 +165,29 @@ def export_run(
         _replace_dir(staging, final)
         log.error("export of %s failed verification; files kept in %s", run_dir, final)
     return ExportResult(run_dir, final, report, manifest)
+
+
+def remove_stale_staging(run_dir: Path) -> list[Path]:
+    """Remove the staging folders of exports whose process is gone (killed mid-export); those of
+    running exports stay. Returns what was removed."""
+    removed = []
+    for folder in run_dir.glob(f"{STAGING_PREFIX}*"):
+        pid = folder.name.removeprefix(STAGING_PREFIX)
+        if folder.is_dir() and pid.isdigit() and not _process_exists(int(pid)):
+            shutil.rmtree(folder, ignore_errors=True)
+            log.info("removed %s, left by an export that did not finish", folder)
+            removed.append(folder)
+    return removed
+
+
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
 
 
 def _replace_dir(src: Path, dst: Path) -> None:
@@ -208,8 +232,8 @@ def verify_run(
         opset = _opset_of(onnx_dir / specs[0].filename)
         previous = manifest_lib.new_manifest(run_dir, model_path, meta, opset, versions())
     elif previous.get("source", {}).get("sha256") != source["sha256"]:
-        report.checks.append(
-            Check("", "source", False, f"{model_path.name} changed since the export; export the run again")
+        report.checks.insert(
+            0, Check("", "source", False, f"{model_path.name} changed since the export; export the run again")
         )
     manifest = manifest_lib.record_verification(previous, onnx_dir, specs, report.to_dict())
     if manifest.get("variants"):

@@ -258,6 +258,11 @@ def load_models(args: argparse.Namespace, roles: tuple[str, ...]) -> dict[str, M
             raise SampleError(f"{folder}: no such folder")
         if not (folder / "encoder.onnx").exists() and (folder / ONNX_DIR).is_dir():
             folder = folder / ONNX_DIR  # a run directory was given
+        if not (folder / MANIFEST_FILE).is_file():
+            raise SampleError(
+                f"{folder} holds no verified export (no {MANIFEST_FILE}); export the run first "
+                "(vae-dist export RUN), or copy the whole export folder"
+            )
         variant, suffix = variant_files(folder, args.variant, args.format, args.allow_rejected)
         if variant != "fp32":
             print(f"using variant {variant} ({', '.join(r + suffix for r in roles)})", file=sys.stderr)

@@ -103,14 +103,17 @@ class Report:
         return worst
 
     def failure_lines(self) -> list[str]:
-        """Every failing output once, with its worst difference; then every other failure."""
-        lines = [
+        """A changed source model first (it explains the rest); then every failing output once, with
+        its worst difference; then every other failure."""
+        lines = [f"export: source: {c.detail}" for c in self.failures() if c.check == "source"]
+        lines += [
             f"{c.file}: output {c.output!r} max abs diff {c.max_abs:.3e} (max rel {c.max_rel:.3e}, "
             f"batch {c.batch}) exceeds atol {c.tol:.1e}{'; ' + c.detail if c.detail else ''}"
             for c in self.worst_values().values()
             if not c.passed
         ]
-        lines += [f"{c.file or 'export'}: {c.check}: {c.detail}" for c in self.failures() if c.check != "values"]
+        others = [c for c in self.failures() if c.check not in ("values", "source")]
+        lines += [f"{c.file or 'export'}: {c.check}: {c.detail}" for c in others]
         return lines
 
     def summary_lines(self) -> list[str]:

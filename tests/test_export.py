@@ -224,6 +224,8 @@ def test_verify_notices_a_retrained_model(exported_runs, tmp_path, caplog):
         result = CliRunner().invoke(cli(), ["verify", str(run)])
     assert result.exit_code == 1
     assert "model.safetensors changed since the export" in result.output
+    fails = [line.strip() for line in result.output.splitlines() if line.strip().startswith("FAIL")]
+    assert len(fails) > 1 and "changed since the export" in fails[0]  # the cause comes first
     assert result.output.strip().splitlines()[-1] == f"{run / 'onnx'}: verification FAILED"
     # No log line says "verified" before the source check could fail it.
     assert not [r for r in caplog.records if r.getMessage().endswith(" verified")]
@@ -426,3 +428,16 @@ def test_a_damaged_model_file_is_one_line_and_does_not_stop_the_others(tmp_path,
     good = make_run(tmp_path, "good", "conv")
     found = find_latest_runs(tmp_path)
     assert found["conv"] == good and ("linear" not in found or how == "truncated")
+
+
+def test_an_export_removes_the_staging_folders_of_exports_that_were_killed(tmp_path):
+    run = make_run(tmp_path, "r", "linear")
+    dead = 2**22 + 12345  # above the default pid_max: no such process
+    with pytest.raises(ProcessLookupError):
+        os.kill(dead, 0)
+    stale, live = run / f".onnx-staging-{dead}", run / f".onnx-staging-{os.getppid()}"
+    for folder in (stale, live):
+        folder.mkdir()
+        (folder / "encoder.onnx").write_bytes(b"half")
+    assert export_run(run, variants=[]).verified
+    assert not stale.exists() and live.is_dir()  # a running export's folder is left alone

@@ -246,7 +246,15 @@ ERRORS = {
     ),
     "no manifest": (
         lambda d, t: ((d / "manifest.json").unlink(), ["sample", "--model-dir", str(d)])[1],
+        "holds no verified export (no manifest.json); export the run first",
+    ),
+    "manifest not beside an explicit file": (
+        lambda d, t: ((d / "manifest.json").unlink(), ["sample", "--decoder", str(d / "decoder.onnx")])[1],
         "no manifest.json beside",
+    ),
+    "a run without an export": (
+        lambda d, t: (make_run(t, "unexported", "linear"), ["sample", "--model-dir", str(t / "unexported")])[1],
+        "unexported holds no verified export (no manifest.json); export the run first (vae-dist export RUN)",
     ),
 }
 

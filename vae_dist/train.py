@@ -381,7 +381,10 @@ def _version() -> str:
 
 @click.command("train")
 @click.option(
-    "--config", "config_path", help="YAML file (e.g. configs/conv.yaml) or a shipped config name (linear, conv)."
+    "--config",
+    "config_path",
+    help="YAML file (e.g. configs/conv.yaml) or a shipped config name (linear, conv). Without it: the run's "
+    "own config when resuming, else the built-in defaults (the linear 784-400-20 VAE, 10 epochs).",
 )
 @click.option(
     "--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a config key, e.g. train.epochs=5."
@@ -408,6 +411,8 @@ def train_command(config_path, overrides, name, output_dir, resume, cpu):
                     "check --name/--output-dir or pass --config"
                 )
             config_path = target.saved_config
+        if config_path is None:
+            logging.getLogger(__name__).info("no --config: training the built-in defaults (the linear 784-400-20 VAE)")
         cfg = load_config(config_path, overrides)
         cfg.run.name = name or cfg.run.name
         cfg.run.output_dir = output_dir or cfg.run.output_dir
