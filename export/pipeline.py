@@ -228,9 +228,18 @@ def verify_run(
         log.warning("%s; writing a new one", e)
         previous = None
     source = manifest_lib.file_record(model_path)
-    if previous is None:
+    rebuilt = previous is None
+    if rebuilt:
         opset = _opset_of(onnx_dir / specs[0].filename)
         previous = manifest_lib.new_manifest(run_dir, model_path, meta, opset, versions())
+        # The variants' records are gone with the old manifest: those whose files are here are judged
+        # again (how they were made cannot be re-derived), so no file is left unlisted.
+        found = {
+            v.name: manifest_lib.variant_entry(v)
+            for v in variants_lib.select(None, meta["model"]["kind"])
+            if all((onnx_dir / v.filename(role)).is_file() for role in ("encoder", "decoder"))
+        }
+        previous = manifest_lib.record_variants(previous, found, QUALITY_BUDGET, None)
     elif previous.get("source", {}).get("sha256") != source["sha256"]:
         report.checks.insert(
             0, Check("", "source", False, f"{model_path.name} changed since the export; export the run again")
@@ -239,7 +248,8 @@ def verify_run(
     if manifest.get("variants"):
         budget = quality_budget if quality_budget is not None else manifest.get("quality_budget", QUALITY_BUDGET)
         section = reverify_variants(onnx_dir, model, meta, manifest["variants"], budget, data_root, fp32_report=report)
-        manifest = manifest_lib.record_variants(manifest, section, budget, manifest.get("required_operators"))
+        operators = write_operator_config(onnx_dir, section) if rebuilt else manifest.get("required_operators")
+        manifest = manifest_lib.record_variants(manifest, section, budget, operators)
     manifest_lib.write_manifest(onnx_dir, manifest)
     if report.passed:  # the verdict comes last, after every check including the source's
         log.info("%s verified", onnx_dir)

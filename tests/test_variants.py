@@ -401,3 +401,23 @@ def test_variant_selection():
         variants_lib.parse_names("fp16,int4")
     result = CliRunner().invoke(cli(), ["export", "--variants", "int4"])
     assert result.exit_code == 2 and "unknown variant(s) ['int4']" in result.output
+
+
+@pytest.mark.parametrize("damage", [b"{not json", b"[1, 2, 3]"])
+def test_verify_over_a_damaged_manifest_lists_the_variants_again(variant_runs, tmp_path, damage):
+    """A rebuilt manifest judges again the variants whose files are there: none is left unlisted."""
+    run = Path(shutil.copytree(variant_runs / "conv", tmp_path / "conv"))
+    folder = run / "onnx"
+    (folder / "manifest.json").write_bytes(damage)
+    result = CliRunner().invoke(cli(), ["verify", str(run)])
+    assert result.exit_code == 0, result.output
+    manifest = manifest_of(folder)
+    assert manifest["verified"] is True and list(manifest["variants"]) == EXPECTED["conv"]
+    for name, entry in manifest["variants"].items():
+        assert entry["status"] == "verified", (name, entry["reasons"])
+        for filename, record in entry["files"].items():
+            assert record["sha256"] == file_record(folder / filename)["sha256"]
+    assert manifest["required_operators"]["file"] == "required_operators.config"
+    out = tmp_path / "s.png"
+    proc = run_sampler(["sample", "--model-dir", str(folder), "--variant", "int8", "-n", "2", "--out", str(out)])
+    assert proc.returncode == 0 and out.is_file(), proc.stderr
