@@ -403,6 +403,7 @@ def test_variant_selection():
     assert result.exit_code == 2 and "unknown variant(s) ['int4']" in result.output
 
 
+@pytest.mark.slow  # re-judges every variant twice
 @pytest.mark.parametrize("damage", [b"{not json", b"[1, 2, 3]"])
 def test_verify_over_a_damaged_manifest_lists_the_variants_again(variant_runs, tmp_path, damage):
     """A rebuilt manifest judges again the variants whose files are there: none is left unlisted."""
