@@ -18,7 +18,7 @@ def test_the_vae_dist_package_never_imports_the_export_package():
         "bad = sorted(m for m in sys.modules if m == 'export' or m.startswith(('export.', 'onnx')))\n"
         "print(bad); assert not bad\n"
     )
-    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    proc = python_without((), code)
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
@@ -51,7 +51,7 @@ def test_the_cli_lists_every_command_without_importing_them():
         "heavy = sorted(m for m in ('torch', 'accelerate', 'onnx', 'onnxruntime', 'export') if m in sys.modules)\n"
         "print(heavy); assert not heavy\n"
     )
-    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    proc = python_without((), code)
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
