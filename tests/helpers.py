@@ -3,7 +3,11 @@ makes torch unimportable, and the constants they agree on. Fixtures live in conf
 
 from __future__ import annotations
 
+import contextlib
 import os
+import resource
+import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -102,8 +106,12 @@ def env() -> dict[str, str]:
     return e
 
 
-def run(cmd: list[str], timeout: float = 600, check: bool = True, cwd: Path = ROOT) -> subprocess.CompletedProcess:
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=cwd, env=env())
+def run(
+    cmd: list[str], timeout: float = 600, check: bool = True, cwd: Path = ROOT, preexec_fn=None
+) -> subprocess.CompletedProcess:
+    proc = subprocess.run(
+        cmd, capture_output=True, text=True, timeout=timeout, cwd=cwd, env=env(), preexec_fn=preexec_fn
+    )
     if check and proc.returncode != 0:
         raise AssertionError(f"{cmd} exited {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
     return proc
@@ -159,3 +167,54 @@ def run_sampler(args: list[str], cwd: Path = ROOT, script: Path | None = None, b
             "runpy.run_module('export.sample', run_name='__main__', alter_sys=True)"
         )
     return python_without(blocked, launch, cwd=cwd, timeout=60)
+
+
+# ---------------------------------------------------------------- a disk that fills up
+
+
+def _du(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+
+
+def _can_mount() -> bool:
+    return hasattr(os, "geteuid") and os.geteuid() == 0 and shutil.which("mount") is not None
+
+
+@contextlib.contextmanager
+def full_disk(folder: Path, free_bytes: int):
+    """Make writes under `folder` fail once they need more than about `free_bytes` new bytes.
+
+    As root, `folder` becomes a tmpfs holding its current files plus `free_bytes` of room (the
+    disk really fills: ENOSPC). Otherwise, or where mounting is not allowed, processes started
+    with the yielded `preexec_fn` may not write any file larger than `free_bytes` (EFBIG, with
+    SIGXFSZ ignored so the write fails instead of killing the process). Yields (preexec_fn or
+    None, the mechanism's name)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    if _can_mount():
+        aside = folder.with_name(folder.name + ".aside")
+        shutil.move(folder, aside)
+        folder.mkdir()
+        size = _du(aside) + free_bytes + 64 * 1024  # tmpfs counts whole pages
+        mounted = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)], capture_output=True
+        ).returncode == 0
+        if mounted:
+            try:
+                shutil.copytree(aside, folder, dirs_exist_ok=True)
+                yield None, "tmpfs"
+            finally:
+                kept = folder.with_name(folder.name + ".kept")
+                shutil.copytree(folder, kept)  # what the command left, for the test to inspect
+                subprocess.run(["umount", str(folder)], check=True)
+                folder.rmdir()
+                kept.rename(folder)
+                shutil.rmtree(aside)
+            return
+        folder.rmdir()
+        shutil.move(aside, folder)
+
+    def limit():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (free_bytes, free_bytes))
+
+    yield limit, "RLIMIT_FSIZE"
