@@ -45,23 +45,61 @@ def test_flat_gzip_files_are_copied_into_torchvision_layout(dirs):
     assert split.images[:, 0, 0, 0].tolist() == list(range(6))
 
 
-def test_order_explicit_root_then_data_then_system(dirs):
-    write_set(dirs["root"] / "FashionMNIST" / "raw", fill=1)
+def test_order_data_then_system(dirs):
     write_set(dirs["data"] / "FashionMNIST" / "raw", fill=2)
     write_set(dirs["system"], fill=3)
-    args = (dirs["data"], (dirs["system"],))
-    assert resolve("fashion-mnist", dirs["root"], *args, download=False) == dirs["root"]
-    assert resolve("fashion-mnist", None, *args, download=False) == dirs["data"]
-    root = resolve("fashion-mnist", dirs["root"].parent / "empty", *args, download=False)
-    assert root == dirs["data"]  # an explicit root without the files falls through to data/
+    assert resolve("fashion-mnist", None, dirs["data"], (dirs["system"],), download=False) == dirs["data"]
+
+
+def snapshot(folder):
+    return {p: p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()} if folder.exists() else {}
+
+
+@pytest.mark.parametrize("shared", ["empty", "filled"])
+@pytest.mark.parametrize("layout", ["flat-gz", "raw"])
+def test_explicit_root_is_read_in_place_and_never_changes_the_data_folder(dirs, shared, layout):
+    folder = dirs["root"] if layout == "flat-gz" else dirs["root"] / "FashionMNIST" / "raw"
+    write_set(folder, gz=layout == "flat-gz", fill=1)
+    if shared == "filled":
+        write_set(dirs["data"] / "FashionMNIST" / "raw", fill=2)
+    before = snapshot(dirs["data"])
+    root = resolve("fashion-mnist", dirs["root"], dirs["data"], (), download=False)
+    assert root == dirs["root"]
+    assert data.images_file("fashion-mnist", False, root).parent == folder
+    split = data.load_split("fashion-mnist", False, root)
+    assert split.images.shape == (4, 1, 28, 28) and int(split.images.max()) == 1  # the root's, not data/'s
+    assert snapshot(dirs["data"]) == before  # nothing copied into the shared folder
+
+
+def test_explicit_root_without_the_files_is_refused(dirs):
+    write_set(dirs["data"] / "FashionMNIST" / "raw")
+    (dirs["root"]).mkdir()
+    with pytest.raises(DataError, match=f"data.root {dirs['root']} does not hold the Fashion-MNIST IDX files"):
+        resolve("fashion-mnist", dirs["root"], dirs["data"], (), download=False)
+
+
+def test_train_and_test_shapes_must_agree(dirs):
+    from vae_dist.config import DataConfig
+
+    write_set(dirs["root"])
+    (dirs["root"] / "t10k-images-idx3-ubyte").write_bytes(idx_bytes(torch.zeros(4, 32, 32)))
+    with pytest.raises(DataError, match=r"training images are \(1, 28, 28\) but the test images are \(1, 32, 32\)"):
+        data.load_splits(DataConfig(root=str(dirs["root"]), download=False))
+
+
+def test_a_one_dimensional_file_is_not_images(dirs):
+    write_set(dirs["root"])
+    (dirs["root"] / "train-images-idx3-ubyte").write_bytes(idx_bytes(torch.zeros(50)))
+    with pytest.raises(DataError, match=r"holds an array of shape \(50,\), not images"):
+        data.load_split("fashion-mnist", True, resolve("fashion-mnist", dirs["root"], dirs["data"], (), download=False))
 
 
 def test_missing_everywhere_names_every_place(dirs):
     with pytest.raises(DataError) as e:
-        resolve("fashion-mnist", dirs["root"], dirs["data"], (dirs["system"],), download=False)
+        resolve("fashion-mnist", None, dirs["data"], (dirs["system"],), download=False)
     msg = str(e.value)
     assert "\n" not in msg
-    for d in dirs.values():
+    for d in (dirs["data"], dirs["system"]):
         assert str(d) in msg
     assert "download" in msg and "make data" in msg
 

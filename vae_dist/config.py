@@ -34,7 +34,7 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     name: str = "fashion-mnist"  # fashion-mnist | mnist
-    root: str | None = None  # tried first; then ./data, the Debian package, a download
+    root: str | None = None  # your own IDX folder, read in place; unset: ./data, the Debian package, a download
     download: bool = True  # last resort, needs internet
     binarize: str = "none"  # none | dynamic (resample x ~ Bernoulli(pixel) every step)
     train_subset: int = 0  # use only the first N training images (0 = all); for smoke runs

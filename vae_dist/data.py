@@ -3,8 +3,9 @@
 A split is one uint8 tensor [N, C, H, W] read once from its IDX file; a batch is `images[indices]`
 turned to float on the device. No per-image PIL work, no DataLoader workers.
 
-Where the files come from, in order: an explicit root, the data folder (vae_dist.paths), the
-folder Debian's `dataset-fashion-mnist` package installs, then torchvision's download.
+Where the files come from: an explicit root (read where it is, or refused), else the data folder
+(vae_dist.paths), the folder Debian's `dataset-fashion-mnist` package installs (copied into the
+data folder), then torchvision's download into the data folder.
 """
 
 from __future__ import annotations
@@ -166,20 +167,34 @@ def resolve(
     system_dirs: tuple[Path, ...] | None = None,
     download: bool = True,
 ) -> Path:
-    """A root holding `name`'s four IDX files in the <Folder>/raw/ layout."""
+    """A folder holding `name`'s four IDX files (`images_file` finds them inside).
+
+    An explicit root is read where it is, in any layout, or refused: it is never ignored and
+    never copied into the shared data folder. Without one: the data folder, then the system
+    folders (copied into the data folder), then a download into the data folder."""
     info = DATASETS[name]
     data_dir = Path(data_dir or paths.data_dir())
+    if root:
+        root = Path(root)
+        files = _locate(root, info)
+        if files is None:
+            raise DataError(
+                f"data.root {root} does not hold the {info.pretty} IDX files ({', '.join(ALL_FILES)}, plain or "
+                f".gz, flat or under {info.folder}/raw/); point data.root at them, or leave it unset to use {data_dir}"
+            )
+        for path in files.values():
+            check_idx(path)
+        return root
     system_dirs = info.system_dirs if system_dirs is None else system_dirs
-    candidates = ([Path(root)] if root else []) + [data_dir, *system_dirs]
     tried = []
-    for directory in candidates:
+    for directory in [data_dir, *system_dirs]:
         files = _locate(directory, info)
         if files is None:
             tried.append(f"{directory} (no {info.pretty} IDX files)")
             continue
         for path in files.values():
             check_idx(path)
-        if _in_raw_layout(files, directory, info):
+        if directory == data_dir or _in_raw_layout(files, directory, info):
             return directory
         try:
             _materialise(files, info, data_dir)
@@ -200,8 +215,11 @@ def resolve(
 
 
 def images_file(name: str, train: bool, root: Path) -> Path:
-    """The IDX image file of one split under a root returned by `resolve`."""
-    return root / DATASETS[name].folder / "raw" / FILES["train" if train else "test"][0]
+    """The IDX image file of one split in a folder returned by `resolve`."""
+    info = DATASETS[name]
+    files = _locate(Path(root), info)
+    wanted = FILES["train" if train else "test"][0]
+    return files[wanted] if files else Path(root) / info.folder / "raw" / wanted
 
 
 @dataclass
@@ -230,12 +248,17 @@ def load_split(name: str, train: bool, root: Path, subset: int = 0) -> Split:
 
 
 def load_splits(cfg) -> tuple[Split, Split]:
-    """Train and test splits for a `DataConfig`."""
+    """Train and test splits for a `DataConfig`, checked to hold images of one shape."""
     root = resolve(cfg.name, cfg.root, download=cfg.download)
-    return (
-        load_split(cfg.name, True, root, cfg.train_subset),
-        load_split(cfg.name, False, root, cfg.test_subset),
-    )
+    train = load_split(cfg.name, True, root, cfg.train_subset)
+    test = load_split(cfg.name, False, root, cfg.test_subset)
+    if train.image_shape != test.image_shape:
+        raise DataError(
+            f"the training images are {train.image_shape} but the test images are {test.image_shape} "
+            f"({images_file(cfg.name, True, root)}, {images_file(cfg.name, False, root)}); both splits must hold "
+            "images of one size: replace the mismatched file"
+        )
+    return train, test
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
