@@ -51,7 +51,7 @@ def main():
 
 @main.command("data")
 @click.option("--dataset", type=click.Choice(["fashion-mnist", "mnist"]), default="fashion-mnist", show_default=True)
-@click.option("--root", help="Your own folder of the IDX files: read in place, never copied; refused if they are not there.")
+@click.option("--root", help="Your own folder of IDX files: read in place, never copied; refused without them.")
 @click.option("--download/--no-download", default=True, show_default=True, help="Fall back to torchvision's download.")
 @click.option("--test-images", is_flag=True, help="Print the test split's IDX image file instead of the folder.")
 def data_command(dataset: str, root: str | None, download: bool, test_images: bool):
