@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import re
 import shutil
 from dataclasses import dataclass
@@ -35,6 +36,9 @@ METRICS_FILE = "metrics.jsonl"
 IMAGES_DIR = "images"
 CHECKPOINTS_DIR = "checkpoints"
 STATE_FILE = "trainer_state.json"
+# Accelerate's names for the model and optimizer state inside a checkpoint
+CHECKPOINT_MODEL_FILE = "model.safetensors"
+OPTIMIZER_FILE = "optimizer.bin"
 CHECKPOINT_RE = re.compile(r"^step-(\d{8})$")
 # Keys that may change when a run is resumed; any other difference is refused.
 RESUMABLE_CHANGES = {"train.epochs", "train.checkpoint_every", "train.keep_checkpoints", "train.eval_batch_size"}
@@ -119,11 +123,8 @@ def is_finished(run_dir: Path, checkpoint: Path | None, epochs: int) -> bool:
     """The run already holds its final model for `epochs` epochs: resuming it has nothing to do."""
     if checkpoint is None or not (run_dir / artifacts.MODEL_FILE).is_file():
         return False
-    try:
-        state = json.loads((checkpoint / STATE_FILE).read_text())
-    except (OSError, ValueError):
-        return False
-    return isinstance(state, dict) and state.get("epoch") == epochs and not state.get("step_in_epoch")
+    state = read_state(checkpoint)
+    return state.epoch == epochs and not state.step_in_epoch
 
 
 def auto_name(kind: str) -> str:
@@ -151,6 +152,7 @@ def decide_run(cfg: Config, resume: str | None) -> tuple[Path, Path | None]:
                 f"{run_dir} has checkpoints newer than {checkpoint.name} ({', '.join(newer)}); "
                 "move them away to restart from an older one"
             )
+        check_checkpoint(checkpoint)
     return run_dir, checkpoint
 
 
@@ -220,6 +222,62 @@ def remove_checkpoint(path: Path) -> None:
     shutil.rmtree(path)
 
 
+def _damaged(checkpoint: Path, what: str) -> ResumeError:
+    """The error for a checkpoint that cannot be resumed from, with the way to an earlier one."""
+    earlier = [p for p in list_checkpoints(checkpoint.parent.parent) if p.name < checkpoint.name]
+    if earlier:
+        todo = f"move {checkpoint} away and run the command again to resume from {earlier[-1].name}"
+    else:
+        todo = "there is no earlier checkpoint: start a new run with another --name"
+    return ResumeError(f"checkpoint {checkpoint} is damaged: {what}; {todo}")
+
+
+def read_state(checkpoint: Path) -> TrainerState:
+    """A checkpoint's trainer_state.json, checked field by field."""
+    path = checkpoint / STATE_FILE
+    try:
+        raw = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise _damaged(checkpoint, f"{STATE_FILE} cannot be read ({str(e).splitlines()[0]})") from None
+    fields = TrainerState.__dataclass_fields__
+    if not isinstance(raw, dict):
+        raise _damaged(checkpoint, f"{STATE_FILE} holds a {type(raw).__name__}, not an object")
+    unknown, missing = sorted(set(raw) - set(fields)), sorted(set(fields) - set(raw))
+    if unknown or missing:
+        what = "; ".join(f"{k} field(s) {', '.join(v)}" for k, v in (("unknown", unknown), ("no", missing)) if v)
+        raise _damaged(checkpoint, f"{STATE_FILE} has {what}")
+    for name, value in raw.items():
+        kind = int if fields[name].type == "int" else (int, float)
+        if isinstance(value, bool) or not isinstance(value, kind) or value < 0:
+            raise _damaged(checkpoint, f"{STATE_FILE} has {name}={value!r}")
+    return TrainerState(**raw)
+
+
+def check_checkpoint(checkpoint: Path) -> TrainerState:
+    """Refuse, before anything is loaded or written, a checkpoint that cannot be resumed from."""
+    from safetensors import SafetensorError, safe_open
+
+    state = read_state(checkpoint)
+    model = checkpoint / CHECKPOINT_MODEL_FILE
+    for needed in (model, checkpoint / OPTIMIZER_FILE):
+        if not needed.is_file():
+            raise _damaged(checkpoint, f"{needed.name} is missing")
+    try:
+        with safe_open(str(model), "pt") as f:
+            f.keys()
+    except (SafetensorError, OSError) as e:
+        raise _damaged(checkpoint, f"{model.name} cannot be read ({str(e).splitlines()[0]})") from None
+    return state
+
+
 def load_checkpoint(accelerator: Accelerator, checkpoint: Path) -> TrainerState:
-    accelerator.load_state(str(checkpoint))
-    return TrainerState(**json.loads((checkpoint / STATE_FILE).read_text()))
+    state = check_checkpoint(checkpoint)
+    from safetensors import SafetensorError
+
+    try:
+        accelerator.load_state(str(checkpoint))
+    except (OSError, EOFError, ValueError, RuntimeError, SafetensorError, pickle.UnpicklingError) as e:
+        # torch reports a damaged file as RuntimeError ("failed reading zip archive ...")
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0].split(". ")[0][:200]
+        raise _damaged(checkpoint, f"it cannot be loaded ({reason})") from None
+    return state
