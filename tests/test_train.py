@@ -175,9 +175,49 @@ def test_a_finished_run_resumed_is_a_no_op_and_a_run_without_checkpoints_is_neve
     shutil.rmtree(first.run_dir / "checkpoints")
     before = _snapshot(first.run_dir)
     other = load_config("conv", ["train.epochs=1", *SMALL, f"run.output_dir={tmp_path}", "run.name=r"])
-    with pytest.raises(runs.ResumeError, match="holds a run but no checkpoint to resume from"):
+    with pytest.raises(runs.ResumeError, match="holds a model but no checkpoint to resume from"):
         train(other, resume="auto", cpu=True)
     assert _snapshot(first.run_dir) == before
+
+
+def test_a_run_stopped_before_its_first_checkpoint_starts_again_only_with_its_own_config(tmp_path):
+    cfg = load_config("linear", ["train.epochs=1", *SMALL, f"run.output_dir={tmp_path}", "run.name=r"])
+    (tmp_path / "r").mkdir()
+    runs.write_config(tmp_path / "r", cfg)  # what a run killed before its first checkpoint leaves
+    other = load_config("linear", ["train.epochs=1", *SMALL, "train.lr=0.01", f"run.output_dir={tmp_path}"])
+    other.run.name = "r"
+    with pytest.raises(runs.ResumeError, match=r"different configuration: train.lr \(0.001 -> 0.01\)"):
+        train(other, resume="auto", cpu=True)
+    assert train(cfg, resume="auto", cpu=True).metrics["epoch"] == 0
+    assert (tmp_path / "r" / "model.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_a_full_disk_stops_training_in_one_line_and_the_run_resumes_to_the_same_model(tmp_path):
+    """The disk fills while the first checkpoint is written: one line names the file and says how
+    to continue; after space is freed, the run (which had no checkpoint yet) starts again with its
+    own configuration and ends bitwise where an uninterrupted one does."""
+    from helpers import BIN, full_disk, weights
+
+    args = ["train", "--config", "linear", "--name", "r"]
+    args += sum((["--set", s] for s in [*SMALL, "train.epochs=2", "train.checkpoint_every=8"]), [])
+    run([f"{BIN}/vae-dist", *args, "--output-dir", str(tmp_path / "whole")])
+    # Room for the configuration and grids, not for the optimizer state (~5 MB).
+    with full_disk(tmp_path / "small", 1_000_000) as (preexec, mechanism):
+        out = run(
+            [f"{BIN}/vae-dist", *args, "--output-dir", str(tmp_path / "small")], check=False, preexec_fn=preexec
+        )
+    assert out.returncode == 2, (mechanism, out.stderr[-2000:])
+    error = out.stderr.strip().splitlines()[-1]
+    assert "Traceback" not in out.stderr
+    assert error.startswith("error: could not write ") and "nothing the run wrote before is lost" in error, error
+    assert "it has no checkpoint yet" in error and "--name r" in error and "--resume auto" in error
+    run_dir = tmp_path / "small" / "r"
+    assert list((run_dir / "checkpoints").iterdir()) == []  # the partial checkpoint is removed
+    assert not (run_dir / "model.safetensors").exists()
+    run([f"{BIN}/vae-dist", *args, "--output-dir", str(tmp_path / "small"), "--resume", "auto"])
+    a, b = weights(tmp_path / "whole" / "r" / "model.safetensors"), weights(run_dir / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 @pytest.mark.parametrize("name", ["../x", "/tmp/abs", ".", "..", "a/b"])

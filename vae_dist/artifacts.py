@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
+import re
+import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,10 +30,56 @@ class ModelFileError(UserError):
     """A model file that is missing, damaged or not a vae-dist model."""
 
 
-def atomic_write_text(path: Path, text: str) -> None:
+# ---------------------------------------------------------------- writing files
+
+
+def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    """`write(tmp)` then rename over `path`: a kill or a full disk leaves the old file (or none),
+    never a partial one; a failed write's partial temporary file is removed."""
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write(path, lambda tmp: tmp.write_text(text))
+
+
+def write_failure(e: BaseException, folder: Path) -> str | None:
+    """Why a write failed, if `e` is a failed write (disk full, file too large, read-only, ...);
+    None for anything else, which stays a bug. safetensors and torch's checkpoint writer do not
+    raise OSError: their messages are recognised here."""
+    if isinstance(e, OSError):
+        return e.strerror or str(e)
+    text = str(e)
+    found = re.search(r"os error (\d+)", text)  # safetensors (Rust) reports the errno this way
+    if found:
+        return os.strerror(int(found.group(1)))
+    if isinstance(e, RuntimeError) and ("unexpected pos" in text or "file write failed" in text):
+        # torch's zip writer drops the errno; say what is most likely
+        try:
+            full = shutil.disk_usage(folder).free < 16 * 2**20
+        except OSError:
+            full = False
+        return os.strerror(errno.ENOSPC) if full else "the write was cut short (disk full or a file size limit)"
+    return None
+
+
+def newest_file(where: Path) -> Path:
+    """The file under `where` written last (the one a failed write was writing), else `where`."""
+    if not where.is_dir():
+        return where
+    files = [p for p in where.rglob("*") if p.is_file()]
+    return max(files, key=lambda p: p.stat().st_mtime_ns) if files else where
+
+
+
+
+# ---------------------------------------------------------------- the model file
 
 
 def save_model(path: Path, model: VAE, model_cfg: ModelConfig, extra: dict[str, Any]) -> None:
@@ -44,9 +94,8 @@ def save_model(path: Path, model: VAE, model_cfg: ModelConfig, extra: dict[str, 
         **{k: json.dumps(v, sort_keys=True) for k, v in extra.items()},
     }
     state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in model.state_dict().items()}
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(dict(sorted(state.items())), str(tmp), metadata=dict(sorted(meta.items())))
-    os.replace(tmp, path)
+    tensors, metadata = dict(sorted(state.items())), dict(sorted(meta.items()))
+    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
 
 
 def read_model_metadata(path: str | Path) -> dict[str, Any]:
@@ -145,9 +194,7 @@ def save_grid(path: Path, rows: list[torch.Tensor]) -> None:
 
     pixels = grid_pixels(rows)
     image = Image.fromarray(pixels[0] if pixels.shape[0] == 1 else np.ascontiguousarray(pixels.transpose(1, 2, 0)))
-    tmp = path.with_name(path.name + ".tmp")
-    image.save(tmp, format="PNG")
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))
 
 
 def save_reconstruction_grid(path: Path, originals: torch.Tensor, recon: torch.Tensor) -> None:

@@ -17,6 +17,7 @@ import os
 import pickle
 import re
 import shutil
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -24,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from vae_dist import artifacts
+from vae_dist import artifacts, paths, ranks
 from vae_dist.config import Config
 from vae_dist.errors import UserError
 
@@ -102,11 +103,12 @@ def find_run(resume: str | None, name: str | None, output_dir: str | Path) -> Ru
     run_dir = Path(output_dir) / name
     if resume == "auto":
         checkpoints = list_checkpoints(run_dir)
-        if not checkpoints and (run_dir / CONFIG_FILE).exists():
-            # A folder that holds a run is never started again from scratch: that would replace its
-            # model, configuration, metrics and images.
+        if not checkpoints and (run_dir / artifacts.MODEL_FILE).exists():
+            # A folder that holds a trained model is never started again from scratch: that would
+            # replace its model, configuration, metrics and images. (One stopped before its first
+            # checkpoint holds nothing that its own configuration would not write again the same.)
             raise ResumeError(
-                f"run {run_dir} holds a run but no checkpoint to resume from; pass another --name "
+                f"run {run_dir} holds a model but no checkpoint to resume from; pass another --name "
                 "to start a new run, or move the folder away"
             )
         return RunTarget(run_dir, checkpoints[-1] if checkpoints else None, True)
@@ -142,10 +144,11 @@ def decide_run(cfg: Config, resume: str | None) -> tuple[Path, Path | None]:
             f"run directory {run_dir} already holds a run; "
             "pass --resume auto to continue it or --name to start a new one"
         )
-    if checkpoint:
+    if target.resume and (run_dir / CONFIG_FILE).exists():
         diff = config_differences(read_saved_config(run_dir), cfg)
         if diff:
             raise ResumeError(f"cannot resume {run_dir} with a different configuration: {'; '.join(diff)}")
+    if checkpoint:
         newer = [p.name for p in list_checkpoints(run_dir) if p.name > checkpoint.name]
         if newer:
             raise ResumeError(
@@ -195,25 +198,70 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
 
 def save_checkpoint(accelerator: Accelerator, run_dir: Path, state: TrainerState, keep: int) -> None:
     """Accelerate's state plus ours, written to a temporary folder and renamed: a kill at any
-    moment leaves either the previous checkpoints or a complete new one."""
+    moment leaves either the previous checkpoints or a complete new one. A failed write (a full
+    disk) removes the temporary folder and fails on every process."""
     folder = run_dir / CHECKPOINTS_DIR
     final = folder / f"step-{state.global_step:08d}"
     tmp = folder / f".tmp-step-{state.global_step:08d}"
-    if accelerator.is_main_process:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir(parents=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        artifacts.atomic_write_text(tmp / STATE_FILE, json.dumps(state.__dict__, indent=1))
+
+    def prepare():
+        with writing(run_dir, tmp):
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            tmp.mkdir(parents=True)
+
+    def save():
+        with writing(run_dir, tmp):
+            accelerator.save_state(str(tmp))
+
+    def finish():
+        with writing(run_dir, tmp):
+            artifacts.atomic_write_text(tmp / STATE_FILE, json.dumps(state.__dict__, indent=1))
         if final.exists():  # the same step saved twice (e.g. epoch end after a step save)
             remove_checkpoint(final)
         os.replace(tmp, final)
         for old in list_checkpoints(run_dir)[:-keep]:
             remove_checkpoint(old)
-    accelerator.wait_for_everyone()
+
+    try:
+        ranks.on_main(accelerator, "preparing a checkpoint", prepare)
+        ranks.on_every_rank(accelerator, "saving a checkpoint", save)
+        ranks.on_main(accelerator, "finishing a checkpoint", finish)
+    except BaseException:
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)  # gives back the space a partial checkpoint took
+        raise
+
+
+class WriteError(UserError):
+    """A file of the run could not be written (disk full, file too large, read-only folder)."""
+
+
+def resume_hint(run_dir: Path) -> str:
+    """How to continue `run_dir`, as a user would type it."""
+    args = f"--name {run_dir.name}"
+    if Path(run_dir.parent) != paths.runs_dir():
+        args += f" --output-dir {run_dir.parent}"
+    return f"{args} --resume auto"
+
+
+@contextmanager
+def writing(run_dir: Path, where: Path):
+    """Turn a failed write under `where` into one line: which file, that nothing written before
+    was lost, and how to continue. Other errors pass through unchanged."""
+    try:
+        yield
+    except Exception as e:
+        reason = artifacts.write_failure(e, where if where.is_dir() else where.parent)
+        if reason is None:
+            raise
+        path = Path(e.filename) if isinstance(e, OSError) and e.filename else artifacts.newest_file(where)
+        checkpoints = list_checkpoints(run_dir)
+        kept = f"its latest checkpoint is {checkpoints[-1].name}" if checkpoints else "it has no checkpoint yet"
+        raise WriteError(
+            f"could not write {'into ' if path.is_dir() else ''}{path} ({reason}); "
+            f"nothing the run wrote before is lost ({kept}). Free some space, then continue with {resume_hint(run_dir)}"
+        ) from None
 
 
 def remove_checkpoint(path: Path) -> None:

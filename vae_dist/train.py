@@ -18,7 +18,6 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,7 +26,7 @@ import click
 import torch
 from accelerate import Accelerator
 from accelerate.logging import get_logger
-from accelerate.utils import DistributedType, broadcast_object_list, set_seed
+from accelerate.utils import DistributedType, set_seed
 from tqdm.auto import tqdm
 
 from vae_dist import artifacts, data, runs
@@ -36,6 +35,7 @@ from vae_dist.errors import UserError
 from vae_dist.evaluation import evaluate, write_grids
 from vae_dist.losses import kl_weight, negative_elbo
 from vae_dist.models import VAE, build_model
+from vae_dist.ranks import on_main
 from vae_dist.rng import Stream, generator
 
 log = get_logger(__name__)
@@ -136,27 +136,6 @@ def _wrappers_do_nothing(accelerator: Accelerator) -> bool:
 # ---------------------------------------------------------------- the phases
 
 
-def on_main(accelerator: Accelerator, what: str, fn: Callable[[], Any]) -> Any:
-    """`fn()` on the main process only, its result shared with every process. If it fails, every
-    process fails too (none is left waiting in a collective): the main process with the original
-    error (a bug keeps its traceback), the others with its one-line message."""
-    shared: list[Any] = [None, None]
-    failure: BaseException | None = None
-    if accelerator.is_main_process:
-        try:
-            shared[0] = fn()
-        except (UserError, OSError) as e:
-            shared[1], failure = str(e).splitlines()[0] if str(e) else type(e).__name__, e
-        except BaseException as e:
-            shared[1], failure = f"the main process failed while {what} (see its traceback)", e
-    broadcast_object_list(shared)
-    if failure is not None:
-        raise failure
-    if shared[1]:
-        raise UserError(shared[1])
-    return shared[0]
-
-
 def decide_run(accelerator: Accelerator, cfg: Config, resume: str | None) -> tuple[Path, Path | None, bool]:
     """The main process decides the run folder and checkpoint (vae_dist.runs), and whether the run
     is already finished; the others are told. Nothing is written yet."""
@@ -225,11 +204,12 @@ def start_or_resume(accelerator: Accelerator, cfg: Config, run_dir: Path, checkp
         log.info(f"resumed from {checkpoint} (epoch {epoch}, step {session.state.global_step})", main_process_only=True)
 
     def write_run_files():
-        (run_dir / runs.IMAGES_DIR).mkdir(parents=True, exist_ok=True)
-        runs.write_config(run_dir, cfg)
-        metrics_path = run_dir / runs.METRICS_FILE
-        kept = [r for r in artifacts.read_jsonl(metrics_path) if r["epoch"] < session.state.epoch]
-        artifacts.atomic_write_text(metrics_path, "".join(json.dumps(r) + "\n" for r in kept))
+        with runs.writing(run_dir, run_dir):
+            (run_dir / runs.IMAGES_DIR).mkdir(parents=True, exist_ok=True)
+            runs.write_config(run_dir, cfg)
+            metrics_path = run_dir / runs.METRICS_FILE
+            kept = [r for r in artifacts.read_jsonl(metrics_path) if r["epoch"] < session.state.epoch]
+            artifacts.atomic_write_text(metrics_path, "".join(json.dumps(r) + "\n" for r in kept))
 
     on_main(accelerator, "writing the run folder", write_run_files)  # the first write to the run folder
     log.info(
@@ -312,9 +292,13 @@ def train_epoch(s: Session, epoch: int) -> dict[str, Any]:
         "images_per_s": images_seen / seconds if seconds > 0 else None,
         "processes": world,
     }
-    if acc.is_main_process:
-        write_grids(s.core, s.test, cfg, s.run_dir / runs.IMAGES_DIR, epoch, device)
-        artifacts.append_jsonl(s.run_dir / runs.METRICS_FILE, metrics)
+
+    def write_epoch_files():
+        with runs.writing(s.run_dir, s.run_dir):
+            write_grids(s.core, s.test, cfg, s.run_dir / runs.IMAGES_DIR, epoch, device)
+            artifacts.append_jsonl(s.run_dir / runs.METRICS_FILE, metrics)
+
+    on_main(acc, "writing the epoch's grids and metrics", write_epoch_files)
     log.info(
         f"epoch {epoch}: train loss {metrics['train_loss']:.2f}, test -ELBO {metrics['test_neg_elbo']:.2f} "
         f"(recon {metrics['test_recon']:.2f} + KL {metrics['test_kl']:.2f}) nats, "
@@ -327,7 +311,9 @@ def train_epoch(s: Session, epoch: int) -> dict[str, Any]:
 def save_final_model(s: Session, metrics: dict[str, Any]) -> dict[str, Any]:
     """model.safetensors, self-describing; a resumed finished run reports its last epoch."""
     cfg = s.cfg
-    if s.accelerator.is_main_process:
+
+    def write_model():
+        nonlocal metrics
         if not metrics:
             metrics = (artifacts.read_jsonl(s.run_dir / runs.METRICS_FILE) or [{}])[-1]
         extra = {
@@ -339,9 +325,11 @@ def save_final_model(s: Session, metrics: dict[str, Any]) -> dict[str, Any]:
             "eval_seed": cfg.train.eval_seed,  # export verification draws the same evaluation noise
             "versions": {"torch": torch.__version__, "vae_dist": _version()},
         }
-        artifacts.save_model(s.run_dir / artifacts.MODEL_FILE, s.core, cfg.model, extra)
+        with runs.writing(s.run_dir, s.run_dir / artifacts.MODEL_FILE):
+            artifacts.save_model(s.run_dir / artifacts.MODEL_FILE, s.core, cfg.model, extra)
         log.info(f"model written to {s.run_dir / artifacts.MODEL_FILE}", main_process_only=True)
-    s.accelerator.wait_for_everyone()
+
+    on_main(s.accelerator, "writing the model", write_model)
     return metrics
 
 
