@@ -38,8 +38,7 @@ train: data
 	$(BIN)/vae-dist train --config $(CONFIG) --output-dir $(RUNS) $(ARGS)
 
 train-ddp: data
-	$(BIN)/accelerate launch --config_file configs/accelerate/cpu_2proc.yaml --num_processes $(NPROC) \
-	  vae_dist/train.py --config $(CONFIG) --output-dir $(RUNS) $(ARGS)
+	$(BIN)/vae-dist train --processes $(NPROC) --config $(CONFIG) --output-dir $(RUNS) $(ARGS)
 
 # Each model: a new run (vae-dist train prints its folder), its export, and samples in RUN/samples/.
 demo: data

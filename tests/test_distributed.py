@@ -302,3 +302,108 @@ def test_a_run_folder_that_cannot_be_written_stops_every_process(tmp_path):
     assert out.returncode != 0 and time.time() - started < 120
     errors = [line for line in out.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and str(blocker) in errors[0], out.stderr[-3000:]
+
+
+def _vae_dist_train(nproc: int, args: list[str], stderr) -> subprocess.Popen:
+    """`vae-dist train` itself (nproc 1) or through its launcher (--processes nproc)."""
+    cmd = [str(BIN / "vae-dist"), "train", *args] + (["--processes", str(nproc)] if nproc > 1 else [])
+    return subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=subprocess.DEVNULL, stderr=stderr)
+
+
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_sigterm_checkpoints_at_the_next_step_and_the_run_resumes_to_the_same_weights(tmp_path, uninterrupted, nproc):
+    """What a scheduler does before pre-empting a job: SIGTERM to the command (the launcher
+    passes it on to every process). Every process saves at the same next step, and stops with
+    exit status 143 and one line saying how to continue."""
+    run_dir = tmp_path / "r"
+    args = [*RESUME, "--output-dir", str(tmp_path), "--name", "r"]
+    with open(tmp_path / "stderr", "w") as err:
+        proc = _vae_dist_train(nproc, args, err)
+        deadline = time.time() + 300
+        while _step(run_dir) < 10:  # running, past its first checkpoint
+            assert proc.poll() is None and time.time() < deadline, (tmp_path / "stderr").read_text()[-3000:]
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=120) == 143, (tmp_path / "stderr").read_text()[-3000:]
+    stderr = (tmp_path / "stderr").read_text()
+    assert "Traceback" not in stderr
+    last = stderr.strip().splitlines()[-1]
+    assert last.startswith("stopped by SIGTERM at step "), stderr[-3000:]
+    step = int(last.split("at step ")[1].split()[0])
+    assert f"the run's latest checkpoint is step-{step:08d}" in last and "--name r " in last and "--resume auto" in last
+    assert _step(run_dir) == step and not (run_dir / "model.safetensors").exists()
+    assert not list((run_dir / "checkpoints").glob(".tmp-*"))
+    state = json.loads((run_dir / "checkpoints" / f"step-{step:08d}" / "trainer_state.json").read_text())
+    assert state["global_step"] == step
+
+    with open(tmp_path / "stderr2", "w") as err:
+        assert _vae_dist_train(nproc, [*args, "--resume", "auto"], err).wait(timeout=600) == 0
+    a, b = weights(uninterrupted[nproc] / "model.safetensors"), weights(run_dir / "model.safetensors")
+    if nproc == 1:
+        assert all(torch.equal(a[k], b[k]) for k in a), f"stopped at step {step}: weights differ"
+    else:
+        assert relative_l2(a, b) <= 1e-6
+    assert [m["epoch"] for m in metrics(run_dir)] == [0, 1]
+
+
+def test_sigint_exits_130_with_the_way_to_continue(tmp_path):
+    run_dir = tmp_path / "r"
+    with open(tmp_path / "stderr", "w") as err:
+        proc = _vae_dist_train(1, [*RESUME, "--output-dir", str(tmp_path), "--name", "r"], err)
+        deadline = time.time() + 300
+        while _step(run_dir) < 10:
+            assert proc.poll() is None and time.time() < deadline
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=120) == 130
+    stderr = (tmp_path / "stderr").read_text()
+    assert "Traceback" not in stderr and "Aborted" not in stderr
+    last = stderr.strip().splitlines()[-1]
+    assert last.startswith("interrupted; the run's latest checkpoint is step-") and "--resume auto" in last, last
+
+
+def test_a_launched_run_reports_a_usage_error_in_one_line_and_its_exit_status(tmp_path):
+    """`vae-dist train --processes 2`: the worker's one line and exit 2, none of the launcher's traceback."""
+    out = run(
+        [
+            str(BIN / "vae-dist"),
+            "train",
+            "--processes",
+            "2",
+            *PARITY,
+            "--set",
+            "train.batch_size=7",
+            "--output-dir",
+            str(tmp_path),
+            "--name",
+            "r",
+        ],
+        check=False,
+    )
+    assert out.returncode == 2, out.stderr[-3000:]
+    lines = [line for line in out.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: train.batch_size (7) must be a multiple"), out.stderr
+    assert not (tmp_path / "r").exists()
+
+
+def test_a_process_started_by_hand_says_what_it_waits_for(tmp_path):
+    """WORLD_SIZE/MASTER_ADDR set by hand and the peer never comes: before waiting, the process
+    logs the address, its rank and world size, and the time-out."""
+    port = free_port()
+    e = {**env(), "WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1"}
+    e["MASTER_PORT"] = str(port)
+    cmd = [str(BIN / "vae-dist"), "train", "--config", "linear", "--output-dir", str(tmp_path), "--name", "r"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=e, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 120
+        line = ""
+        while "waiting" not in line:
+            assert time.time() < deadline and proc.poll() is None
+            line = proc.stderr.readline()
+        assert f"rank 0 of 2 waiting for the other processes at 127.0.0.1:{port} (time-out 30 min)" in line
+        time.sleep(1)
+        assert proc.poll() is None  # still waiting, as it said
+    finally:
+        proc.kill()
+        proc.wait()
+    assert not (tmp_path / "r").exists()

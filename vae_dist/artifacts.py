@@ -77,8 +77,6 @@ def newest_file(where: Path) -> Path:
     return max(files, key=lambda p: p.stat().st_mtime_ns) if files else where
 
 
-
-
 # ---------------------------------------------------------------- the model file
 
 

@@ -242,7 +242,13 @@ def resume_hint(run_dir: Path) -> str:
     args = f"--name {run_dir.name}"
     if Path(run_dir.parent) != paths.runs_dir():
         args += f" --output-dir {run_dir.parent}"
-    return f"{args} --resume auto"
+    return f"to continue, run the same command with {args} --resume auto"
+
+
+def progress_kept(run_dir: Path) -> str:
+    """Where a continued run would start from, in words."""
+    checkpoints = list_checkpoints(run_dir)
+    return f"the run's latest checkpoint is {checkpoints[-1].name}" if checkpoints else "the run has no checkpoint yet"
 
 
 @contextmanager
@@ -256,11 +262,10 @@ def writing(run_dir: Path, where: Path):
         if reason is None:
             raise
         path = Path(e.filename) if isinstance(e, OSError) and e.filename else artifacts.newest_file(where)
-        checkpoints = list_checkpoints(run_dir)
-        kept = f"its latest checkpoint is {checkpoints[-1].name}" if checkpoints else "it has no checkpoint yet"
         raise WriteError(
             f"could not write {'into ' if path.is_dir() else ''}{path} ({reason}); "
-            f"nothing the run wrote before is lost ({kept}). Free some space, then continue with {resume_hint(run_dir)}"
+            f"nothing the run wrote before is lost ({progress_kept(run_dir)}). "
+            f"Free some space; then, {resume_hint(run_dir)}"
         ) from None
 
 

@@ -16,7 +16,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -61,6 +63,7 @@ def make_accelerator(cfg: Config, cpu: bool | None = None) -> Accelerator:
         )
     if cpu and cfg.train.mixed_precision == "fp16":
         raise ConfigError("train.mixed_precision=fp16 needs a GPU; on the CPU use bf16 or no")
+    waiting = rendezvous()
     try:
         accelerator = Accelerator(
             cpu=cpu,
@@ -69,6 +72,8 @@ def make_accelerator(cfg: Config, cpu: bool | None = None) -> Accelerator:
         )
     except ValueError as e:  # e.g. WORLD_SIZE set by hand without a rendezvous address
         raise LaunchError(f"cannot set up the processes: {str(e).splitlines()[0]}") from e
+    except torch.distributed.DistError as e:  # the peers never came
+        raise LaunchError(f"{waiting} failed: {str(e).splitlines()[0]}; start every process") from e
     check_launch(accelerator)
     world = accelerator.num_processes
     if cfg.train.batch_size % (world * cfg.train.grad_accum_steps):
@@ -77,6 +82,24 @@ def make_accelerator(cfg: Config, cpu: bool | None = None) -> Accelerator:
             f"train.grad_accum_steps ({world} x {cfg.train.grad_accum_steps}); it is the global batch"
         )
     return accelerator
+
+
+def rendezvous() -> str | None:
+    """For processes started by hand (WORLD_SIZE, RANK, MASTER_ADDR, MASTER_PORT set, no launcher):
+    say what this one is about to wait for, since it waits silently until the peers come or
+    PyTorch's time-out passes. Under a launcher the wait is short and says nothing."""
+    world = os.environ.get("WORLD_SIZE", "1")
+    if world in ("", "1") or "MASTER_ADDR" not in os.environ or "TORCHELASTIC_RUN_ID" in os.environ:
+        return None
+    from torch.distributed.constants import default_pg_timeout
+
+    waiting = (
+        f"rank {os.environ.get('RANK', '?')} of {world} waiting for the other processes at "
+        f"{os.environ['MASTER_ADDR']}:{os.environ.get('MASTER_PORT', '?')} "
+        f"(time-out {default_pg_timeout.total_seconds() / 60:g} min)"
+    )
+    logging.getLogger(__name__).info(waiting)  # Accelerate's logger cannot log before its state exists
+    return waiting
 
 
 def check_launch(accelerator: Accelerator) -> None:
@@ -151,6 +174,49 @@ def decide_run(accelerator: Accelerator, cfg: Config, resume: str | None) -> tup
     return run_dir, Path(checkpoint) if checkpoint else None, finished
 
 
+class Stopped(Exception):
+    """Training stopped on a signal; the message says what was kept and how to continue."""
+
+    def __init__(self, message: str, status: int):
+        super().__init__(message)
+        self.status = status  # 128 + the signal's number, as a shell reports it
+
+
+class StopRequest:
+    """SIGTERM (what schedulers send before killing a pre-empted job) asks the run to save a
+    checkpoint after its next optimizer step and stop. The processes agree on that step: each
+    step, they share whether any of them was signalled (over gloo, whatever the training backend)."""
+
+    def __init__(self, accelerator: Accelerator):
+        self.signal = 0
+        self.group = None
+        if accelerator.num_processes > 1:
+            import torch.distributed as dist
+
+            self.group = dist.new_group(backend="gloo")
+        self.previous = None
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGTERM, self._record)
+
+    def _record(self, signum, frame) -> None:
+        self.signal = signum
+
+    def requested(self) -> int:
+        """The signal that asks to stop (0: none), the same on every process."""
+        if self.group is None:
+            return self.signal
+        import torch.distributed as dist
+
+        flag = torch.tensor([self.signal])
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
+        return int(flag.item())
+
+    def close(self) -> None:
+        if self.previous is not None:
+            signal.signal(signal.SIGTERM, self.previous)
+            self.previous = None
+
+
 @dataclass
 class Session:
     """Everything the epoch loop works with, once set up."""
@@ -163,6 +229,7 @@ class Session:
     optimizer: torch.optim.Optimizer
     train_images: torch.Tensor  # uint8 [N, C, H, W] on the device
     test: data.Split  # on the device
+    stop: StopRequest
     state: runs.TrainerState = field(default_factory=runs.TrainerState)
 
     @property
@@ -192,6 +259,7 @@ def start_or_resume(accelerator: Accelerator, cfg: Config, run_dir: Path, checkp
         optimizer,
         train_split.images.to(device),
         data.Split(test_split.images.to(device)),
+        StopRequest(accelerator),
     )
     if checkpoint:
         session.state = runs.load_checkpoint(accelerator, checkpoint)
@@ -275,11 +343,19 @@ def train_epoch(s: Session, epoch: int) -> dict[str, Any]:
         if step % 50 == 0:
             bar.set_postfix(loss=f"{terms.loss.detach().mean().item():.2f}")
         every = cfg.train.checkpoint_every
-        if every and state.global_step % every == 0 and step + 1 < steps:
+        stop = s.stop.requested()
+        if stop or (every and state.global_step % every == 0 and step + 1 < steps):
             state.step_in_epoch = step + 1
             state.epoch_loss_sum = acc.reduce(loss_sum.clone(), "sum").item()
             state.epoch_images, state.epoch_seconds = images_seen, time.perf_counter() - t0
             runs.save_checkpoint(acc, s.run_dir, state, cfg.train.keep_checkpoints)
+        if stop:
+            bar.close()
+            raise Stopped(
+                f"stopped by {signal.Signals(stop).name} at step {state.global_step} (epoch {epoch}); "
+                f"{runs.progress_kept(s.run_dir)}; {runs.resume_hint(s.run_dir)}",
+                128 + stop,
+            )
     bar.close()
     seconds = time.perf_counter() - t0
     total_loss = acc.reduce(loss_sum.clone(), "sum").item()
@@ -351,9 +427,18 @@ def train(cfg: Config, resume: str | None = None, cpu: bool | None = None) -> Tr
         metrics = (artifacts.read_jsonl(run_dir / runs.METRICS_FILE) or [{}])[-1]
         accelerator.end_training()
         return TrainResult(run_dir, model, metrics)
-    session = start_or_resume(accelerator, cfg, run_dir, checkpoint)
-    metrics = train_epochs(session)
-    metrics = save_final_model(session, metrics)
+    session = None
+    try:
+        session = start_or_resume(accelerator, cfg, run_dir, checkpoint)
+        metrics = train_epochs(session)
+        metrics = save_final_model(session, metrics)
+    except KeyboardInterrupt:
+        raise Stopped(
+            f"interrupted; {runs.progress_kept(run_dir)}; {runs.resume_hint(run_dir)}", 130
+        ) from None
+    finally:
+        if session is not None:
+            session.stop.close()
     accelerator.end_training()
     return TrainResult(run_dir, session.core, metrics)
 
@@ -385,9 +470,38 @@ def _version() -> str:
     default=None,
     help="Force CPU (gloo between processes) or leave the choice to Accelerate; default: CPU when no GPU is present.",
 )
-def train_command(config_path, overrides, name, output_dir, resume, cpu):
-    """Train a VAE (run under `accelerate launch` for several processes)."""
+@click.option(
+    "--processes",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Processes on this machine (one per GPU; gloo on CPU), started through Accelerate's launcher.",
+)
+def train_command(config_path, overrides, name, output_dir, resume, cpu, processes):
+    """Train a VAE (on several processes with --processes, or under `accelerate launch`)."""
+    if processes > 1:
+        from vae_dist.launch import launch_training
+
+        if "TORCHELASTIC_RUN_ID" in os.environ or int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
+            click.echo("error: --processes starts a launcher; under a launcher, give it the process count", err=True)
+            sys.exit(2)
+
+        args = [
+            a
+            for k, v in (
+                ("--config", config_path),
+                ("--name", name),
+                ("--output-dir", output_dir),
+                ("--resume", resume),
+            )
+            if v
+            for a in (k, v)
+        ]
+        args += [a for o in overrides for a in ("--set", o)]
+        args += [] if cpu is None else ["--cpu" if cpu else "--no-cpu"]
+        sys.exit(launch_training(processes, args))
     logging.basicConfig(format="%(asctime)s %(levelname)s %(message)s", level=logging.INFO)
+    logging.getLogger("accelerate").setLevel(logging.WARNING)  # its INFO lines per checkpoint are noise here
     main_rank = os.environ.get("RANK", "0") == "0"
     try:
         if config_path is None and resume:
@@ -409,6 +523,14 @@ def train_command(config_path, overrides, name, output_dir, resume, cpu):
         if main_rank:
             click.echo(f"error: {e}", err=True)
         sys.exit(2)
+    except Stopped as e:
+        if main_rank:
+            click.echo(str(e), err=True)
+        sys.exit(e.status)
+    except KeyboardInterrupt:  # before the run folder was decided: nothing written
+        if main_rank:
+            click.echo("interrupted before training started; nothing was written", err=True)
+        sys.exit(130)
     if main_rank:
         click.echo(str(run_dir))
 
