@@ -24,6 +24,10 @@ the manifest) are picked with --variant and --format:
 and was accepted, else int8-dynamic. --format onnx (default) or ort (the ORT-format copy, for
 mobile and minimal onnxruntime builds). A variant the export rejected (its quality cost is over
 the budget, or it failed a check) is refused unless --allow-rejected is given.
+
+Exit status: 0 the PNG was written; 1 the export is there but its manifest does not vouch for the
+files (not verified, changed since, a rejected variant); 2 a mistake in what was given (an option,
+a file, a missing export), nothing written; 130 interrupted. Problems are one line on stderr.
 """
 
 from __future__ import annotations
@@ -61,8 +65,24 @@ PAD = 2  # pixels between grid cells, as in the training grids (before upscaling
 CHUNK = 256  # images per onnxruntime call
 
 
+# Exit status, as `vae-dist` has it: 1 where vae-dist says "verification failed", 2 for a mistake
+# in what was given (nothing is written), 130 when interrupted.
+EXIT_UNVERIFIED = 1
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+
 class SampleError(Exception):
     """A problem with the user's input; reported as one line, without a traceback."""
+
+    status = EXIT_USAGE
+
+
+class UnverifiedError(SampleError):
+    """An export that is there but that its manifest does not vouch for: not verified, changed
+    since, a rejected or failed variant, or a damaged manifest."""
+
+    status = EXIT_UNVERIFIED
 
 
 # ---------------------------------------------------------------- models
@@ -101,10 +121,12 @@ def read_manifest(folder: Path) -> dict[str, Any]:
         raise SampleError(f"no {MANIFEST_FILE} in {folder}; copy the whole export folder, or export the run again")
     try:
         manifest = json.loads(manifest_path.read_text())
-    except ValueError:
-        raise SampleError(f"{manifest_path} is not valid JSON") from None
+    except OSError as e:
+        raise SampleError(f"{manifest_path} cannot be read ({e.strerror})") from None
+    except (ValueError, UnicodeDecodeError):
+        raise UnverifiedError(f"{manifest_path} is not valid JSON; verify or export the run again") from None
     if not isinstance(manifest, dict):
-        raise SampleError(f"{manifest_path} is not a manifest (a JSON object); export the run again")
+        raise UnverifiedError(f"{manifest_path} is not a manifest (a JSON object); verify or export the run again")
     return manifest
 
 
@@ -119,7 +141,7 @@ def check_verified(path: Path, allow_rejected: bool = False) -> tuple[dict[str, 
         raise SampleError(f"no {MANIFEST_FILE} beside {path}; copy the whole export folder, or export the run again")
     manifest = read_manifest(path.parent)
     if manifest.get("verified") is not True:
-        raise SampleError(
+        raise UnverifiedError(
             f"{path.parent} did not pass verification (manifest: verified={manifest.get('verified')}); "
             "refusing to use it; see the manifest's verification failures"
         )
@@ -131,18 +153,22 @@ def check_verified(path: Path, allow_rejected: bool = False) -> tuple[dict[str, 
                 name, variant, entry = candidate, record, record["files"][path.name]
                 break
     if not entry or "sha256" not in entry:
-        raise SampleError(f"{path.name} is not listed in {manifest_path}")
+        raise UnverifiedError(f"{path.name} is not listed in {manifest_path}, so it was never verified")
     status = variant.get("status")
     reasons = "; ".join(variant.get("reasons") or []) or "no reason recorded"
     if status == "rejected" and not allow_rejected:
-        raise SampleError(
+        raise UnverifiedError(
             f"{path.name} belongs to the variant {name}, which the export rejected ({reasons}); "
             "refusing to use it; pass --allow-rejected to use it anyway"
         )
     if status not in ("verified", "rejected"):
-        raise SampleError(f"{path.name} belongs to the variant {name}, which has status {status!r} ({reasons})")
-    if _sha256(path) != entry["sha256"]:
-        raise SampleError(
+        raise UnverifiedError(f"{path.name} belongs to the variant {name}, which has status {status!r} ({reasons})")
+    try:
+        digest = _sha256(path)
+    except OSError as e:
+        raise SampleError(f"{path} cannot be read ({e.strerror})") from None
+    if digest != entry["sha256"]:
+        raise UnverifiedError(
             f"{path} is not the file that was verified (sha256 differs from {manifest_path}); verify it again"
         )
     return manifest, name, variant
@@ -173,7 +199,7 @@ def variant_files(folder: Path, variant: str, fmt: str, allow_rejected: bool) ->
         f"{name} {status[name]}: {(listed[name].get('reasons') or ['no reason recorded'])[0]}" for name in present
     )
     hint = "; pass --allow-rejected to use a rejected one anyway" if "rejected" in status.values() else ""
-    raise SampleError(f"no accepted {wanted} variant in {folder} ({why}){hint}")
+    raise UnverifiedError(f"no accepted {wanted} variant in {folder} ({why}){hint}")
 
 
 def load_model(path: Path, role: str, threads: int, allow_rejected: bool = False) -> Model:
@@ -181,6 +207,9 @@ def load_model(path: Path, role: str, threads: int, allow_rejected: bool = False
 
     if not path.is_file():
         raise SampleError(f"{path}: no such file")
+    # Bytes that differ from the verified ones are reported as such, before anything reads them;
+    # without a manifest, what the file is comes first (check_verified then says what is missing).
+    vouched = check_verified(path, allow_rejected) if (path.parent / MANIFEST_FILE).is_file() else None
     options = ort.SessionOptions()
     # A fixed thread count keeps results independent of the machine's core count; these
     # models are small enough that one thread is fast.
@@ -214,7 +243,7 @@ def load_model(path: Path, role: str, threads: int, allow_rejected: bool = False
         raise SampleError(f"{path} lacks valid latent_dim/image_shape metadata") from None
     if len(image_shape) != 3:
         raise SampleError(f"{path}: image_shape metadata {list(image_shape)} is not [C, H, W]")
-    manifest, variant, entry = check_verified(path, allow_rejected)
+    manifest, variant, entry = vouched or check_verified(path, allow_rejected)
     source = (manifest.get("source") or {}).get("sha256")
     return Model(
         path,
@@ -381,10 +410,16 @@ def save_png(pixels: np.ndarray, out: Path) -> None:
     image = Image.fromarray(pixels[0] if c == 1 else np.ascontiguousarray(pixels.transpose(1, 2, 0)))
     if not out.parent.is_dir():
         raise SampleError(f"cannot write {out}: folder {out.parent} does not exist")
+    # Written beside and renamed: a full disk or an interrupt leaves no half PNG, and an
+    # earlier file of that name stays as it was.
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
     try:
-        image.save(out, format="PNG")  # Pillow writes no timestamp: same pixels, same bytes
+        image.save(tmp, format="PNG")  # Pillow writes no timestamp: same pixels, same bytes
+        os.replace(tmp, out)
     except OSError as e:
         raise SampleError(f"cannot write {out} ({e.strerror or e})") from None
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def chunks(items: list[np.ndarray], size: int) -> list[list[np.ndarray]]:
@@ -541,7 +576,10 @@ def main(argv: list[str] | None = None) -> int:
         print(args.func(args))
     except SampleError as e:
         print(f"{parser.prog}: error: {e}", file=sys.stderr)
-        return 1
+        return e.status
+    except KeyboardInterrupt:
+        print(f"{parser.prog}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
     return 0
 
 

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import errno
 import gzip
 import json
+import os
 import shutil
 import struct
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +19,8 @@ from PIL import Image
 
 from export import sample as sampler
 from export.pipeline import export_run
-from helpers import NO_TORCH, ROOT, SHAPE, make_run, python_without, run_sampler
+from helpers import NO_TORCH, ROOT, SHAPE, full_disk, make_run, python_without, run_sampler
+from helpers import run as run_command
 from vae_dist import artifacts, data
 
 SAMPLE_PY = ROOT / "export" / "sample.py"
@@ -158,7 +162,7 @@ def test_default_model_dir_is_the_newest_verified_export(run, tmp_path):
     proc = run_sampler(["sample", "-n", "1", "--runs", "elsewhere", "--out", "y.png"], cwd=tmp_path)
     assert proc.returncode == 0 and proc.stderr.strip() == f"using {Path('elsewhere/conv-tiny/onnx')}", proc.stderr
     proc = run_sampler(["sample", "-n", "1", "--out", "z.png"], cwd=tmp_path)
-    assert proc.returncode == 1 and "no verified export under runs/" in proc.stderr
+    assert proc.returncode == 2 and "no verified export under runs/" in proc.stderr
 
 
 # ---------------------------------------------------------------- errors
@@ -169,6 +173,10 @@ def _edit_manifest(folder: Path, **changes) -> None:
     manifest = json.loads(path.read_text())
     manifest.update(changes)
     path.write_text(json.dumps(manifest))
+
+
+def _truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[:1000])
 
 
 def _retouch(path: Path) -> None:
@@ -244,6 +252,23 @@ ERRORS = {
         lambda d, t: (_retouch(d / "decoder.onnx"), ["sample", "--model-dir", str(d)])[1],
         "is not the file that was verified",
     ),
+    "damaged after verification": (
+        lambda d, t: (_truncate(d / "decoder.onnx"), ["sample", "--model-dir", str(d)])[1],
+        "decoder.onnx is not the file that was verified (sha256 differs",
+    ),
+    "manifest not JSON": (
+        lambda d, t: ((d / "manifest.json").write_text("{"), ["sample", "--model-dir", str(d)])[1],
+        "manifest.json is not valid JSON; verify or export the run again",
+    ),
+    "not listed in the manifest": (
+        lambda d, t: ["sample", "--decoder", str(shutil.copy(d / "decoder.onnx", d / "mine.onnx"))],
+        "mine.onnx is not listed in",
+    ),
+    "no such variant": (
+        lambda d, t: ["sample", "--model-dir", str(d), "--variant", "fp16"],
+        "has no fp16 variant (it has: none); export the run again to make it",
+    ),
+    "bad option": (lambda d, t: ["sample", "--model-dir", str(d), "--colour"], "unrecognized arguments: --colour"),
     "no manifest": (
         lambda d, t: ((d / "manifest.json").unlink(), ["sample", "--model-dir", str(d)])[1],
         "holds no verified export (no manifest.json); export the run first",
@@ -273,13 +298,56 @@ def _garbage(folder: Path, name: str = "decoder.onnx") -> Path:
     return folder / name
 
 
+# An export that is there but not vouched for by its manifest: vae-dist's "verification failed".
+# Every other case is a mistake in what was given: exit status 2, as vae-dist has it.
+UNVERIFIED = {
+    "unverified",
+    "changed after verification",
+    "damaged after verification",
+    "manifest not JSON",
+    "not listed in the manifest",
+}
+
+
 @pytest.mark.parametrize("case", ERRORS)
 def test_errors_are_one_line_without_traceback(case, onnx_dir, tmp_path):
     make_args, message = ERRORS[case]
     args = make_args(onnx_dir, tmp_path)
     proc = run_sampler([*args, "--out", str(tmp_path / "out.png")] if "--out" not in args else args, cwd=tmp_path)
-    assert proc.returncode != 0
+    assert proc.returncode == (sampler.EXIT_UNVERIFIED if case in UNVERIFIED else sampler.EXIT_USAGE), proc.stderr
     assert "Traceback" not in proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0], proc.stderr
+    assert lines[0].startswith("sample.py") and ": error: " in lines[0]
     assert not (tmp_path / "out.png").exists()
+
+
+def test_exit_status_convention():
+    assert (sampler.EXIT_UNVERIFIED, sampler.EXIT_USAGE, sampler.EXIT_INTERRUPTED) == (1, 2, 130)
+    assert issubclass(sampler.UnverifiedError, sampler.SampleError)
+    assert sampler.UnverifiedError.status == 1 and sampler.SampleError.status == 2
+
+
+def test_an_interrupt_is_one_line_and_exit_status_130(onnx_dir, tmp_path, monkeypatch, capsys):
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(sampler, "cmd_sample", interrupted)
+    assert sampler.main(["sample", "--model-dir", str(onnx_dir), "--out", str(tmp_path / "s.png")]) == 130
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.endswith(": interrupted")  # after the program's name
+
+
+def test_a_full_disk_leaves_no_partial_png_and_the_earlier_one_as_it_was(onnx_dir, tmp_path):
+    folder = tmp_path / "out"
+    folder.mkdir()
+    out = folder / "samples.png"
+    out.write_bytes(b"an earlier result")
+    with full_disk(folder, free_bytes=1000) as (preexec_fn, _):
+        cmd = [sys.executable, "-m", "export.sample", "sample", "--model-dir", str(onnx_dir), "-n", "400"]
+        proc = run_command([*cmd, "--out", str(out)], check=False, preexec_fn=preexec_fn)
+    assert proc.returncode == sampler.EXIT_USAGE, proc.stderr
+    reasons = (os.strerror(errno.ENOSPC), os.strerror(errno.EFBIG))
+    assert proc.stderr.strip().splitlines() in ([f"sample.py: error: cannot write {out} ({r})"] for r in reasons)
+    assert out.read_bytes() == b"an earlier result"
+    assert list(folder.iterdir()) == [out]

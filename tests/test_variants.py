@@ -372,7 +372,7 @@ def test_sampler_explains_a_variant_it_cannot_use(variant_runs, tmp_path, args, 
     proc = run_sampler(
         ["sample", "--model-dir", str(variant_runs / "linear" / "onnx"), "--out", str(tmp_path / "x.png"), *args]
     )
-    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr  # nothing to refuse: a usage error
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0], proc.stderr
 
