@@ -1,0 +1,537 @@
+"""Bad input to every command, one table row per mistake: the real command, in its own tmp folder
+(VAE_DIST_RUNS=tmp/runs, VAE_DIST_DATA the real data), refuses it with one line and no traceback,
+leaves the files it was given as they were, and creates nothing it should not.
+
+To add a case, append a `Case` to CASES: an id, the command (`sh("vae-dist ...")` or
+`sh("python -m ...")`), its exit status and a phrase of its error line are required; the fields
+below them (commented in `Case`) say what to set up and what must not change. What is promised:
+docs/guarantees.md.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from helpers import BIN, env, make_run
+
+# A tiny real run: 4 steps of 64 images, checkpoints at steps 2 and 4, a few seconds.
+TINY = (
+    "--set data.train_subset=256 --set data.test_subset=64 --set train.epochs=1 --set train.batch_size=64 "
+    "--set model.hidden_dims=[32] --set model.latent_dim=4 --set train.checkpoint_every=2 "
+    "--set train.eval_batch_size=64 --set train.grid_images=2 --set train.grid_samples=4"
+)
+TRAINED, EXPORTED = "runs/tiny", "runs/exp"  # where `start` puts the module's runs
+
+# How each tool's one error line starts.
+ERROR = r"error: "  # vae-dist's own errors
+ARGPARSE = r"sample\.py( \w+)?: error: "  # the sampler: argparse names the program (and mode) first
+CLICK = r"Error: "  # click's option checks, after its "Usage:" lines
+VERDICT = r"\S+: verification FAILED$"  # verify's last stdout line; the FAIL lines above it say why
+
+def sh(command: str) -> tuple[str, ...]:
+    return tuple(shlex.split(command))
+
+
+def nothing(tmp: Path) -> None:
+    pass
+
+
+@dataclass(frozen=True)
+class Case:
+    id: str
+    argv: tuple[str, ...]  # run with cwd = the case's tmp folder; "vae-dist" and "python" are this venv's
+    status: int  # the expected exit status
+    phrase: str  # in the error line (for status 0: in exactly one line of the output)
+    start: str = ""  # "trained" (a 1-epoch run with checkpoints, TRAINED) or "exported" (EXPORTED): copied in
+    setup: Callable[[Path], object] = nothing  # then writes or damages files under tmp
+    unchanged: tuple[str, ...] = ()  # globs under tmp; each matches a file, and the matches keep their sha256
+    absent: tuple[str, ...] = ()  # globs under tmp that match nothing, before and after
+    line: str = ERROR  # what the error line starts with (a regex); it is the last line of `stream`
+    stream: str = "stderr"
+    detail: str = ""  # also somewhere in the output, e.g. one of verify's FAIL lines
+    then: Callable[[Path], object] | None = None  # further checks of tmp afterwards
+    slow: bool = True  # False for a handful of quick rows that `make test-fast` keeps
+
+
+# ---------------------------------------------------------------- what the rows set up
+
+
+def writes(name: str, content: str | bytes) -> Callable[[Path], None]:
+    def setup(tmp: Path) -> None:
+        path = tmp / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(content if isinstance(content, bytes) else content.encode())
+
+    return setup
+
+
+def removes(name: str) -> Callable[[Path], None]:
+    def setup(tmp: Path) -> None:
+        path = tmp / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+
+    return setup
+
+
+def tiny_model(name: str, damage: Callable[[Path], None] = lambda path: None) -> Callable[[Path], None]:
+    """A finished run holding only a tiny model file (helpers.make_run), then `damage`d."""
+
+    def setup(tmp: Path) -> None:
+        damage(make_run(tmp / "runs", name, "linear") / "model.safetensors")
+
+    return setup
+
+
+def truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def unknown_kind(path: Path) -> None:
+    """The same weights, with metadata that names a model kind vae-dist does not know."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata()
+    model = json.loads(meta["model"])
+    meta["model"] = json.dumps({**model, "kind": "rnn"}, sort_keys=True)
+    save_file(load_file(str(path)), str(path), metadata=meta)
+
+
+def swap_roles(tmp: Path) -> None:
+    onnx_dir = tmp / EXPORTED / "onnx"
+    enc, dec = onnx_dir / "encoder.onnx", onnx_dir / "decoder.onnx"
+    held = enc.read_bytes()
+    enc.write_bytes(dec.read_bytes())
+    dec.write_bytes(held)
+
+
+def tamper_decoder(tmp: Path) -> None:
+    """A valid decoder that computes something else: its first bias shifted by 0.5."""
+    import onnx
+    from onnx import numpy_helper
+
+    path = tmp / EXPORTED / "onnx" / "decoder.onnx"
+    model = onnx.load(str(path))
+    bias = next(t for t in model.graph.initializer if len(t.dims) == 1)
+    bias.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(bias) + np.float32(0.5), bias.name))
+    onnx.save(model, str(path))
+
+
+def png(name: str, height: int, width: int) -> Callable[[Path], None]:
+    def setup(tmp: Path) -> None:
+        from PIL import Image
+
+        Image.fromarray(np.zeros((height, width), np.uint8)).save(tmp / name)
+
+    return setup
+
+
+def absent_outside(path: Path) -> None:
+    assert not path.exists(), f"{path} was created"
+
+
+def manifest_says_verified(value: bool) -> Callable[[Path], None]:
+    def check(tmp: Path) -> None:
+        manifest = json.loads((tmp / EXPORTED / "onnx" / "manifest.json").read_text())
+        assert isinstance(manifest, dict) and manifest["verified"] is value
+
+    return check
+
+
+# The named files must exist; "**/*" also catches any file added, removed or changed in the run.
+RUN_FILES = (f"{TRAINED}/config.yaml", f"{TRAINED}/metrics.jsonl", f"{TRAINED}/images/*", f"{TRAINED}/**/*")
+TRAINED_RUN = (f"{TRAINED}/model.safetensors", *RUN_FILES)
+EXPORT_FILES = (f"{EXPORTED}/model.safetensors", f"{EXPORTED}/onnx/*.onnx")
+NO_EXPORT = ("runs/*/onnx", "runs/*/onnx-failed", "runs/*/.onnx-staging-*")
+
+# ---------------------------------------------------------------- the table
+
+CASES = [
+    # -- configuration: refused before anything is written
+    Case(
+        "unknown-config-key",
+        sh("vae-dist train --config linear --name x --set train.learning_rate=0.1"),
+        2,
+        "unknown config key 'train.learning_rate'",
+        absent=("runs",),
+        slow=False,
+    ),
+    Case(
+        "wrong-value-type",
+        sh("vae-dist train --config bad.yaml --name x"),
+        2,
+        "train.epochs: expected int, got 'five'",
+        setup=writes("bad.yaml", "model:\n  kind: linear\ntrain:\n  epochs: five\n"),
+        unchanged=("bad.yaml",),
+        absent=("runs",),
+    ),
+    Case(
+        "nan-value",
+        sh("vae-dist train --config linear --name x --set train.lr=nan"),
+        2,
+        "train.lr must be a finite number > 0, got nan",
+        absent=("runs",),
+    ),
+    Case(
+        "config-not-text",
+        sh("vae-dist train --config bin.yaml --name x"),
+        2,
+        "config file 'bin.yaml' is not text",
+        setup=writes("bin.yaml", bytes(range(256)) * 4),
+        unchanged=("bin.yaml",),
+        absent=("runs",),
+    ),
+    Case(
+        "missing-config",
+        sh("vae-dist train --config nope.yaml --name x"),
+        2,
+        "config file 'nope.yaml' not found",
+        absent=("runs", "nope.yaml"),
+    ),
+    Case(
+        "name-parent",
+        sh("vae-dist train --config linear --name ../x"),
+        2,
+        "run name '../x' is not a plain folder name",
+        absent=("runs", "x"),
+        slow=False,
+    ),
+    Case(
+        "name-absolute",
+        sh("vae-dist train --config linear --name /abs"),
+        2,
+        "run name '/abs' is not a plain folder name",
+        absent=("runs",),
+        then=lambda tmp: absent_outside(Path("/abs")),
+    ),
+    Case(
+        "name-dot",
+        sh("vae-dist train --config linear --name ."),
+        2,
+        "run name '.' is not a plain folder name",
+        absent=("runs",),
+    ),
+    Case(
+        "resume-auto-without-name",
+        sh("vae-dist train --config linear --resume auto"),
+        2,
+        "--resume auto needs --name",
+        absent=("runs",),
+    ),
+    # -- an existing run: never started again, never continued with another configuration
+    Case(
+        "resume-without-checkpoints",
+        sh(f"vae-dist train --config linear --name tiny --resume auto {TINY}"),
+        2,
+        "no checkpoint to resume from",
+        start="trained",
+        setup=removes(f"{TRAINED}/checkpoints"),
+        unchanged=TRAINED_RUN,
+        absent=(f"{TRAINED}/checkpoints",),
+    ),
+    Case(
+        "new-run-into-existing-run",
+        sh(f"vae-dist train --config linear --name tiny {TINY}"),
+        2,
+        f"{TRAINED} already holds a run; pass --resume auto",
+        start="trained",
+        unchanged=TRAINED_RUN,
+    ),
+    Case(
+        "resume-with-other-config",
+        sh(f"vae-dist train --config linear --name tiny --resume auto {TINY} --set train.lr=0.01"),
+        2,
+        "with a different configuration: train.lr (0.001 -> 0.01)",
+        start="trained",
+        unchanged=TRAINED_RUN,
+    ),
+    Case(
+        "finished-run-resumed",
+        sh("vae-dist train --name tiny --resume auto"),
+        0,
+        "is finished (1 epochs); nothing to do",
+        start="trained",
+        unchanged=("runs/**/*",),
+    ),
+    Case(
+        "resume-run-config-not-yaml",
+        sh(f"vae-dist train --config linear --name tiny --resume auto {TINY} --set train.epochs=2"),
+        2,
+        f"{TRAINED}/config.yaml cannot be read",
+        start="trained",
+        setup=writes(f"{TRAINED}/config.yaml", "model: [kind: linear\n"),
+        unchanged=TRAINED_RUN,
+    ),
+    Case(
+        "resume-run-config-not-text",
+        sh("vae-dist train --name tiny --resume auto --set train.epochs=2"),
+        2,
+        f"{TRAINED}/config.yaml' is not text",
+        start="trained",
+        setup=writes(f"{TRAINED}/config.yaml", bytes(range(256))),
+        unchanged=TRAINED_RUN,
+    ),
+    # -- the training benchmark's options
+    Case(
+        "bench-batch-size-0",
+        sh("python -m vae_dist.bench --batch-size 0"),
+        2,
+        "Invalid value for '--batch-size': 0 is not in the range x>=1",
+        setup=writes("bench/train.json", '{"models": []}\n'),
+        unchanged=("bench/train.json",),
+        line=CLICK,
+    ),
+    Case(
+        "bench-seconds-0",
+        sh("python -m vae_dist.bench --seconds 0"),
+        2,
+        "Invalid value for '--seconds': 0.0 is not in the range x>0",
+        setup=writes("bench/train.json", '{"models": []}\n'),
+        unchanged=("bench/train.json",),
+        line=CLICK,
+    ),
+    # -- export of a run whose model file is missing or damaged: nothing exported
+    Case(
+        "export-without-model-file",
+        sh(f"vae-dist export {TRAINED} --variants none"),
+        2,
+        f"{TRAINED} holds no model.safetensors",
+        start="trained",
+        setup=removes(f"{TRAINED}/model.safetensors"),
+        unchanged=RUN_FILES,
+        absent=(f"{TRAINED}/model.safetensors", *NO_EXPORT),
+    ),
+    Case(
+        "export-truncated-model",
+        sh("vae-dist export runs/m --variants none"),
+        2,
+        "runs/m/model.safetensors cannot be read as a safetensors file",
+        setup=tiny_model("m", truncate),
+        unchanged=("runs/m/**/*",),
+        absent=NO_EXPORT,
+    ),
+    Case(
+        "export-unknown-model-kind",
+        sh("vae-dist export runs/m --variants none"),
+        2,
+        "describes a model of kind 'rnn'; this vae-dist knows linear, conv",
+        setup=tiny_model("m", unknown_kind),
+        unchanged=("runs/m/**/*",),
+        absent=NO_EXPORT,
+    ),
+    # -- an export folder that is not what was verified: verify fails it (exit 1, the manifest says
+    #    so), the sampler refuses it (exit 1: the export is there, its manifest does not vouch for it)
+    Case(
+        "verify-swapped-roles",
+        sh(f"vae-dist verify {EXPORTED}"),
+        1,
+        "verification FAILED",
+        start="exported",
+        setup=swap_roles,
+        unchanged=EXPORT_FILES,
+        line=VERDICT,
+        stream="stdout",
+        detail="encoder.onnx: metadata: role='decoder' (expected 'encoder')",
+        then=manifest_says_verified(False),
+    ),
+    Case(
+        "sample-swapped-roles",
+        sh(f"python -m export.sample sample --model-dir {EXPORTED} -n 4 --out out.png"),
+        1,
+        "decoder.onnx is not the file that was verified",
+        start="exported",
+        setup=swap_roles,
+        unchanged=(f"{EXPORTED}/**/*",),
+        absent=("out.png",),
+        line=ARGPARSE,
+    ),
+    Case(
+        "verify-tampered-onnx",
+        sh(f"vae-dist verify {EXPORTED}"),
+        1,
+        "verification FAILED",
+        start="exported",
+        setup=tamper_decoder,
+        unchanged=EXPORT_FILES,
+        line=VERDICT,
+        stream="stdout",
+        detail="FAIL decoder.onnx: output 'x_mean' max abs diff",
+        then=manifest_says_verified(False),
+    ),
+    Case(
+        "sample-tampered-onnx",
+        sh(f"python -m export.sample sample --model-dir {EXPORTED} -n 4 --out out.png"),
+        1,
+        "decoder.onnx is not the file that was verified",
+        start="exported",
+        setup=tamper_decoder,
+        unchanged=(f"{EXPORTED}/**/*",),
+        absent=("out.png",),
+        line=ARGPARSE,
+    ),
+    Case(  # verify writes a new manifest, after one warning line
+        "verify-manifest-not-an-object",
+        sh(f"vae-dist verify {EXPORTED}"),
+        0,
+        "manifest.json is not a manifest (a JSON object)",
+        start="exported",
+        setup=writes(f"{EXPORTED}/onnx/manifest.json", "[1, 2, 3]\n"),
+        unchanged=EXPORT_FILES,
+        then=manifest_says_verified(True),
+    ),
+    Case(
+        "sample-manifest-not-an-object",
+        sh(f"python -m export.sample sample --model-dir {EXPORTED} -n 4 --out out.png"),
+        1,
+        "manifest.json is not a manifest (a JSON object)",
+        start="exported",
+        setup=writes(f"{EXPORTED}/onnx/manifest.json", "[1, 2, 3]\n"),
+        unchanged=(f"{EXPORTED}/**/*",),
+        absent=("out.png",),
+        line=ARGPARSE,
+    ),
+    # -- the sampler's usage mistakes: exit 2, as vae-dist's
+    Case(
+        "sample-n-0",
+        sh("python -m export.sample sample -n 0 --out out.png"),
+        2,
+        "argument -n/--num: must be at least 1, got 0",
+        absent=("out.png",),
+        line=ARGPARSE,
+        slow=False,
+    ),
+    Case(
+        "sample-png-wrong-size",
+        sh(f"python -m export.sample reconstruct --model-dir {EXPORTED} big.png --out out.png"),
+        2,
+        "big.png is 32x32 pixels; the model takes 28x28",
+        start="exported",
+        setup=png("big.png", 32, 32),
+        unchanged=("big.png", f"{EXPORTED}/**/*"),
+        absent=("out.png",),
+        line=ARGPARSE,
+    ),
+    Case(
+        "sample-missing-file",
+        sh("python -m export.sample sample --decoder nope.onnx --out out.png"),
+        2,
+        "nope.onnx: no such file",
+        absent=("out.png", "nope.onnx"),
+        line=ARGPARSE,
+        slow=False,
+    ),
+    Case(
+        "sample-run-without-export",
+        sh("python -m export.sample sample --model-dir runs/plain --out out.png"),
+        2,
+        "runs/plain holds no verified export (no manifest.json); export the run first",
+        setup=tiny_model("plain"),
+        unchanged=("runs/plain/**/*",),
+        absent=("out.png", "runs/plain/onnx"),
+        line=ARGPARSE,
+        slow=False,
+    ),
+]
+
+
+# ---------------------------------------------------------------- running a row
+
+
+def launch(argv: tuple[str, ...], cwd: Path, data_dir: Path, timeout: float = 300) -> subprocess.CompletedProcess:
+    program = {"vae-dist": str(BIN / "vae-dist"), "python": sys.executable}[argv[0]]
+    environment = {**env(), "VAE_DIST_RUNS": str(cwd / "runs"), "VAE_DIST_DATA": str(data_dir)}
+    return subprocess.run(
+        [program, *argv[1:]], cwd=cwd, env=environment, capture_output=True, text=True, timeout=timeout
+    )
+
+
+def hashes(root: Path, patterns: tuple[str, ...]) -> dict[str, str]:
+    found = {}
+    for pattern in patterns:
+        files = [p for p in root.glob(pattern) if p.is_file()]
+        assert files, f"{pattern!r} matches no file: the unchanged-check would be empty"
+        found.update({str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in files})
+    return found
+
+
+@pytest.fixture(scope="module")
+def data_dir(fashion_root) -> Path:
+    return Path(fashion_root).resolve()
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, data_dir) -> Path:
+    """A real 1-epoch run with checkpoints, at runs/tiny under the folder returned."""
+    folder = tmp_path_factory.mktemp("trained")
+    # A relative --output-dir is what config.yaml records, so each copy resumes in its own folder.
+    proc = launch(sh(f"vae-dist train --config linear --name tiny --output-dir runs {TINY}"), folder, data_dir)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert [p.name for p in sorted((folder / TRAINED / "checkpoints").iterdir())] == ["step-00000002", "step-00000004"]
+    return folder
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory, data_dir) -> Path:
+    """A tiny model exported and verified (fp32 files only), at runs/exp under the folder returned."""
+    folder = tmp_path_factory.mktemp("exported")
+    make_run(folder / "runs", "exp", "linear")
+    proc = launch(sh(f"vae-dist export {EXPORTED} --variants none"), folder, data_dir)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return folder
+
+
+def _param(case: Case):
+    return pytest.param(case, id=case.id, marks=[pytest.mark.slow] if case.slow else [])
+
+
+def test_ids_are_unique():
+    assert len({c.id for c in CASES}) == len(CASES)
+
+
+@pytest.mark.parametrize("case", [_param(c) for c in CASES])
+def test_bad_input(case: Case, tmp_path, data_dir, request):
+    if case.start:
+        source = request.getfixturevalue(case.start)
+        shutil.copytree(source / "runs", tmp_path / "runs")
+    case.setup(tmp_path)
+    before = hashes(tmp_path, case.unchanged)
+    for pattern in case.absent:
+        assert not list(tmp_path.glob(pattern)), f"{pattern} exists before the command"
+
+    proc = launch(case.argv, tmp_path, data_dir)
+    output = f"$ {shlex.join(case.argv)}\n--- stdout\n{proc.stdout[-3000:]}\n--- stderr\n{proc.stderr[-3000:]}"
+
+    assert proc.returncode == case.status, output
+    assert "Traceback" not in proc.stderr + proc.stdout, output
+    lines = [line for line in proc.stdout.splitlines() + proc.stderr.splitlines() if line.strip()]
+    if case.status == 0:
+        assert sum(case.phrase in line for line in lines) == 1, output
+    else:
+        stream = (proc.stderr if case.stream == "stderr" else proc.stdout).strip().splitlines()
+        assert stream, output
+        errors = [line for line in stream if re.match(case.line, line)]
+        assert errors == [stream[-1]], f"the error is not one line, nor last:\n{output}"
+        assert case.phrase in stream[-1], output
+    if case.detail:
+        assert any(case.detail in line for line in lines), output
+    assert hashes(tmp_path, case.unchanged) == before, output
+    for pattern in case.absent:
+        assert not list(tmp_path.glob(pattern)), f"{pattern} was created\n{output}"
+    if case.then:
+        case.then(tmp_path)
