@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from helpers import BIN, env, make_run
+from helpers import BIN, env, full_disk, make_run
 
 # A tiny real run: 4 steps of 64 images, checkpoints at steps 2 and 4, a few seconds.
 TINY = (
@@ -33,6 +33,8 @@ TINY = (
     "--set train.eval_batch_size=64 --set train.grid_images=2 --set train.grid_samples=4"
 )
 TRAINED, EXPORTED = "runs/tiny", "runs/exp"  # where `start` puts the module's runs
+NEWEST = f"{TRAINED}/checkpoints/step-00000004"  # the trained run's latest checkpoint
+RESUME = f"vae-dist train --config linear --name tiny --resume auto {TINY} --set train.epochs=2"
 
 # How each tool's one error line starts.
 ERROR = r"error: "  # vae-dist's own errors
@@ -63,6 +65,7 @@ class Case:
     detail: str = ""  # also somewhere in the output, e.g. one of verify's FAIL lines
     then: Callable[[Path], object] | None = None  # further checks of tmp afterwards
     slow: bool = True  # False for a handful of quick rows that `make test-fast` keeps
+    disk: int = 0  # > 0: runs/ has only about this many bytes of room left (helpers.full_disk)
 
 
 # ---------------------------------------------------------------- what the rows set up
@@ -142,6 +145,54 @@ def png(name: str, height: int, width: int) -> Callable[[Path], None]:
     return setup
 
 
+def idx_set(folder: str, train_shape=(6, 28, 28), test_shape=(4, 28, 28)) -> Callable[[Path], None]:
+    """The four Fashion-MNIST IDX files, flat in `folder`, with images of the shapes given."""
+
+    def idx(shape) -> bytes:
+        return bytes([0, 0, 8, len(shape)]) + b"".join(n.to_bytes(4, "big") for n in shape) + bytes(np.prod(shape))
+
+    def setup(tmp: Path) -> None:
+        root = tmp / folder
+        root.mkdir(parents=True)
+        (root / "train-images-idx3-ubyte").write_bytes(idx(train_shape))
+        (root / "t10k-images-idx3-ubyte").write_bytes(idx(test_shape))
+        (root / "train-labels-idx1-ubyte").write_bytes(idx((train_shape[0],)))
+        (root / "t10k-labels-idx1-ubyte").write_bytes(idx((test_shape[0],)))
+
+    return setup
+
+
+def edits_state(change: Callable[[dict], object]) -> Callable[[Path], None]:
+    """The newest checkpoint's trainer_state.json, changed by `change`."""
+
+    def setup(tmp: Path) -> None:
+        path = tmp / NEWEST / "trainer_state.json"
+        state = json.loads(path.read_text())
+        change(state)
+        path.write_text(json.dumps(state))
+
+    return setup
+
+
+def moves_run_elsewhere(tmp: Path) -> None:
+    """The run's config.yaml names the folder it was first written in, not where it is now."""
+    path = tmp / TRAINED / "config.yaml"
+    path.write_text(re.sub(r"output_dir: .*", "output_dir: elsewhere/runs", path.read_text()))
+
+
+def continued(tmp: Path, checkpoint: str) -> None:
+    assert (tmp / TRAINED / "checkpoints" / checkpoint).is_dir(), "the run was not continued where it is"
+
+
+def data_folder_unchanged(tmp: Path) -> None:
+    """Nothing of a user's root was copied into the shared data folder."""
+    from vae_dist import data
+
+    shared = data.resolve("fashion-mnist", download=False)
+    names = sorted(p.name for p in shared.rglob("*") if p.is_file())
+    assert not any(".partial" in n for n in names) and len(names) == 4, names
+
+
 def absent_outside(path: Path) -> None:
     assert not path.exists(), f"{path} was created"
 
@@ -196,6 +247,16 @@ CASES = [
         setup=writes("bin.yaml", bytes(range(256)) * 4),
         unchanged=("bin.yaml",),
         absent=("runs",),
+    ),
+    Case(
+        "empty-config",
+        sh("vae-dist train --config empty.yaml --name x"),
+        2,
+        "config file 'empty.yaml' is empty",
+        setup=writes("empty.yaml", ""),
+        unchanged=("empty.yaml",),
+        absent=("runs",),
+        slow=False,
     ),
     Case(
         "missing-config",
@@ -286,6 +347,121 @@ CASES = [
         start="trained",
         setup=writes(f"{TRAINED}/config.yaml", bytes(range(256))),
         unchanged=TRAINED_RUN,
+    ),
+    Case(  # resumed where it is now, not where its config.yaml says it was first written
+        "resume-moved-run",
+        sh("vae-dist train --name tiny --resume auto --set train.epochs=2"),
+        0,
+        "resumed from",
+        start="trained",
+        setup=moves_run_elsewhere,
+        absent=("elsewhere",),
+        then=lambda tmp: continued(tmp, "step-00000008"),
+    ),
+    # -- a damaged checkpoint: refused, with the way to the earlier one
+    Case(
+        "checkpoint-state-not-json",
+        sh(RESUME),
+        2,
+        "trainer_state.json cannot be read",
+        start="trained",
+        setup=writes(f"{NEWEST}/trainer_state.json", "{broken"),
+        unchanged=TRAINED_RUN,
+        detail="to resume from step-00000002",
+    ),
+    Case(
+        "checkpoint-state-extra-key",
+        sh(RESUME),
+        2,
+        "trainer_state.json has unknown field(s) lr",
+        start="trained",
+        setup=edits_state(lambda state: state.update(lr=0.1)),
+        unchanged=TRAINED_RUN,
+    ),
+    Case(
+        "checkpoint-state-negative",
+        sh(RESUME),
+        2,
+        "trainer_state.json has global_step=-4",
+        start="trained",
+        setup=edits_state(lambda state: state.update(global_step=-4)),
+        unchanged=TRAINED_RUN,
+    ),
+    Case(
+        "checkpoint-model-truncated",
+        sh(RESUME),
+        2,
+        "model.safetensors cannot be read",
+        start="trained",
+        setup=lambda tmp: truncate(tmp / NEWEST / "model.safetensors"),
+        unchanged=TRAINED_RUN,
+    ),
+    Case(
+        "checkpoint-model-missing",
+        sh(RESUME),
+        2,
+        "damaged: model.safetensors is missing",
+        start="trained",
+        setup=removes(f"{NEWEST}/model.safetensors"),
+        unchanged=TRAINED_RUN,
+    ),
+    Case(
+        "checkpoint-optimizer-truncated",
+        sh(RESUME),
+        2,
+        "damaged: it cannot be loaded (PytorchStreamReader failed reading zip archive",
+        start="trained",
+        setup=lambda tmp: truncate(tmp / NEWEST / "optimizer.bin"),
+        unchanged=TRAINED_RUN,
+    ),
+    # -- a full disk while training: one line, the partial checkpoint removed, the rest kept
+    Case(
+        "train-disk-full",
+        sh(RESUME),
+        2,
+        "nothing the run wrote before is lost (the run's latest checkpoint is step-00000004)",
+        start="trained",
+        unchanged=(f"{NEWEST}/*", f"{TRAINED}/model.safetensors", f"{TRAINED}/checkpoints/step-00000002/*"),
+        absent=(f"{TRAINED}/checkpoints/.tmp-*", f"{TRAINED}/**/*.tmp"),
+        detail="--resume auto",
+        disk=100_000,
+    ),
+    # -- data: a root given is used or refused; the shared data folder is never changed
+    Case(
+        "data-root-without-files",
+        sh("vae-dist train --config linear --name x --set data.root=mine"),
+        2,
+        "data.root mine does not hold the Fashion-MNIST IDX files",
+        setup=lambda tmp: (tmp / "mine").mkdir(),
+        absent=("runs",),
+        then=data_folder_unchanged,
+    ),
+    Case(
+        "data-root-shapes-differ",
+        sh("vae-dist train --config linear --name x --set data.root=mine"),
+        2,
+        "the training images are (1, 28, 28) but the test images are (1, 32, 32)",
+        setup=idx_set("mine", test_shape=(4, 32, 32)),
+        unchanged=("mine/*",),
+        absent=("runs",),
+    ),
+    Case(
+        "data-root-one-dimensional",
+        sh("vae-dist train --config linear --name x --set data.root=mine"),
+        2,
+        "holds an array of shape (6,), not images",
+        setup=idx_set("mine", train_shape=(6,)),
+        unchanged=("mine/*",),
+        absent=("runs",),
+    ),
+    Case(
+        "data-root-used-in-place",
+        sh("vae-dist data --root mine"),
+        0,
+        "fashion-mnist test: 4 images of (1, 28, 28)",
+        setup=idx_set("mine"),
+        unchanged=("mine/*",),
+        then=data_folder_unchanged,
     ),
     # -- the training benchmark's options
     Case(
@@ -453,11 +629,19 @@ CASES = [
 # ---------------------------------------------------------------- running a row
 
 
-def launch(argv: tuple[str, ...], cwd: Path, data_dir: Path, timeout: float = 300) -> subprocess.CompletedProcess:
+def launch(
+    argv: tuple[str, ...], cwd: Path, data_dir: Path, timeout: float = 300, preexec_fn=None
+) -> subprocess.CompletedProcess:
     program = {"vae-dist": str(BIN / "vae-dist"), "python": sys.executable}[argv[0]]
     environment = {**env(), "VAE_DIST_RUNS": str(cwd / "runs"), "VAE_DIST_DATA": str(data_dir)}
     return subprocess.run(
-        [program, *argv[1:]], cwd=cwd, env=environment, capture_output=True, text=True, timeout=timeout
+        [program, *argv[1:]],
+        cwd=cwd,
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        preexec_fn=preexec_fn,
     )
 
 
@@ -514,8 +698,13 @@ def test_bad_input(case: Case, tmp_path, data_dir, request):
     for pattern in case.absent:
         assert not list(tmp_path.glob(pattern)), f"{pattern} exists before the command"
 
-    proc = launch(case.argv, tmp_path, data_dir)
-    output = f"$ {shlex.join(case.argv)}\n--- stdout\n{proc.stdout[-3000:]}\n--- stderr\n{proc.stderr[-3000:]}"
+    if case.disk:
+        with full_disk(tmp_path / "runs", case.disk) as (preexec, mechanism):
+            proc = launch(case.argv, tmp_path, data_dir, preexec_fn=preexec)
+    else:
+        proc, mechanism = launch(case.argv, tmp_path, data_dir), ""
+    output = f"$ {shlex.join(case.argv)} {mechanism}\n--- stdout\n{proc.stdout[-3000:]}"
+    output += f"\n--- stderr\n{proc.stderr[-3000:]}"
 
     assert proc.returncode == case.status, output
     assert "Traceback" not in proc.stderr + proc.stdout, output

@@ -250,9 +250,14 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
                 f"({', '.join(shipped_config_names())})"
             )
         try:
-            data = yaml.safe_load(path.read_text()) or {}
+            data = yaml.safe_load(path.read_text())
         except UnicodeDecodeError:
             raise ConfigError(f"config file {str(path)!r} is not text; pass a YAML file") from None
         except yaml.YAMLError as e:
             raise ConfigError(f"config file {str(path)!r} is not valid YAML: {e}".splitlines()[0]) from e
+        if data is None:  # an empty file most likely lost its contents: never train the defaults in its name
+            raise ConfigError(
+                f"config file {str(path)!r} is empty; give at least one section (e.g. `train: {{epochs: 5}}`), "
+                "or leave out --config to train the built-in defaults"
+            )
     return from_dict(data, overrides)

@@ -503,6 +503,7 @@ def train_command(config_path, overrides, name, output_dir, resume, cpu, process
     logging.basicConfig(format="%(asctime)s %(levelname)s %(message)s", level=logging.INFO)
     logging.getLogger("accelerate").setLevel(logging.WARNING)  # its INFO lines per checkpoint are noise here
     main_rank = os.environ.get("RANK", "0") == "0"
+    target = None
     try:
         if config_path is None and resume:
             # A resumed run without --config continues with the configuration it was started with.
@@ -518,6 +519,8 @@ def train_command(config_path, overrides, name, output_dir, resume, cpu, process
         cfg = load_config(config_path, overrides)
         cfg.run.name = name or cfg.run.name
         cfg.run.output_dir = output_dir or cfg.run.output_dir
+        if resume and target is not None:  # the run is where it was found, wherever it was first written
+            cfg.run.name, cfg.run.output_dir = target.run_dir.name, str(target.run_dir.parent)
         run_dir = train(cfg, resume=resume, cpu=cpu).run_dir
     except (UserError, OSError) as e:
         if main_rank:
