@@ -1,8 +1,9 @@
 """Click commands `export` and `verify`, meant to be added to the `vae-dist` group.
 
 Exit status: 0 when everything exported/verified, 1 when a verification failed, 2 for a usage
-problem (no such run, no data set, bad option). The fp32 files decide: an edge variant that is
-rejected or could not be made is reported, and recorded in the manifest, but does not change it.
+problem (no such run, no data set, bad option, a disk too full to write the export), 130 when
+interrupted. The fp32 files decide: an edge variant that is rejected or could not be made is
+reported, and recorded in the manifest, but does not change it. See docs/export.md#exit-status.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from vae_dist.errors import UserError
 
 EXIT_FAILED = 1
 EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
 
 
 def _setup_logging() -> None:
@@ -134,7 +136,8 @@ def export_command(run, opset, atol, elbo_tol, variant_names, quality_budget, da
     Without RUN: the latest run of each model kind under --output-dir.
     """
     _setup_logging()
-    from export.pipeline import export_run, find_latest_runs
+    from export.pipeline import WriteError, export_run, find_latest_runs
+    from vae_dist.artifacts import ModelFileError
 
     if run is not None:
         targets = [_locate(run, output_dir)]
@@ -156,9 +159,13 @@ def export_command(run, opset, atol, elbo_tol, variant_names, quality_budget, da
                 quality_budget=QUALITY_BUDGET if quality_budget is None else quality_budget,
             )
         except UserError as e:
-            click.echo(f"error: {target}: {e}", err=True)
+            named = isinstance(e, (WriteError, ModelFileError))  # these name their file already
+            click.echo(f"error: {e}" if named else f"error: {target}: {e}", err=True)
             status = max(status, EXIT_USAGE)
             continue
+        except KeyboardInterrupt:
+            click.echo(f"interrupted while exporting {target}; its previous export is untouched", err=True)
+            sys.exit(EXIT_INTERRUPTED)
         _print_report(str(result.onnx_dir), result.report, result.manifest)
         if not result.verified:
             status = max(status, EXIT_FAILED)
@@ -186,5 +193,8 @@ def verify_command(run, atol, elbo_tol, quality_budget, data_root, output_dir):
     except UserError as e:
         click.echo(f"error: {e}", err=True)
         sys.exit(EXIT_USAGE)
+    except KeyboardInterrupt:  # the manifest is replaced whole, so it is the old one or the new one
+        click.echo(f"interrupted while verifying {run}", err=True)
+        sys.exit(EXIT_INTERRUPTED)
     _print_report(str(onnx_dir), report, read_manifest(onnx_dir))
     sys.exit(0 if report.passed else EXIT_FAILED)

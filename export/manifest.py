@@ -181,8 +181,11 @@ def read_manifest(onnx_dir: Path) -> dict[str, Any] | None:
 def write_manifest(onnx_dir: Path, manifest: dict[str, Any]) -> Path:
     path = onnx_dir / MANIFEST_FILE
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
-    os.replace(tmp, path)  # a reader never sees half a manifest
+    try:
+        tmp.write_text(json.dumps(manifest, indent=2) + "\n")
+        os.replace(tmp, path)  # a reader never sees half a manifest, and a full disk leaves the old one
+    finally:
+        tmp.unlink(missing_ok=True)
     return path
 
 

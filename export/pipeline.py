@@ -13,12 +13,14 @@ manifest instead. `verify_run` checks an existing export again, variants include
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
 import shutil
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,6 +41,16 @@ log = logging.getLogger(__name__)
 
 FAILED_DIR = "onnx-failed"
 STAGING_PREFIX = ".onnx-staging-"
+# A write refused for want of room: a full disk, a full quota, or a file size limit (ulimit -f).
+NO_ROOM = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
+
+
+class WriteError(UserError):
+    """A file of an export could not be written for want of room; nothing else was changed."""
+
+    def __init__(self, message: str, path: Path | None, error: OSError):
+        super().__init__(message)
+        self.path, self.error = path, error
 
 
 # ---------------------------------------------------------------- finding runs
@@ -139,10 +151,13 @@ def export_run(
     remove_stale_staging(run_dir)
     staging = run_dir / f"{STAGING_PREFIX}{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir()
+    final = run_dir / ONNX_DIR
     try:
+        with writing(staging):
+            staging.mkdir()
         for spec in specs:
-            export_submodel(model, spec, staging / spec.filename, opset, onnx_metadata(spec, meta, opset, vers))
+            with writing(staging / spec.filename):
+                export_submodel(model, spec, staging / spec.filename, opset, onnx_metadata(spec, meta, opset, vers))
         report = verify_export(staging, model, meta, atol, data_root, elbo_tol=elbo_tol)
         manifest = manifest_lib.new_manifest(run_dir, model_path, meta, opset, vers)
         manifest = manifest_lib.record_verification(manifest, staging, specs, report.to_dict())
@@ -151,20 +166,102 @@ def export_run(
             section = make_variants(staging, model, meta, variants, quality_budget, data_root, fp32_report=report)
             operators = write_operator_config(staging, section)
         manifest = manifest_lib.record_variants(manifest, section, quality_budget, operators)
-        manifest_lib.write_manifest(staging, manifest)
-    except BaseException:
+        with writing(staging / MANIFEST_FILE):
+            manifest_lib.write_manifest(staging, manifest)
+        if not report.passed:
+            final = run_dir / FAILED_DIR
+        with writing(final):
+            _replace_dir(staging, final)
+    except BaseException as e:
         shutil.rmtree(staging, ignore_errors=True)
-        raise
+        error = e if isinstance(e, WriteError) else _no_room(e)
+        if error is None:
+            raise
+        raise _export_not_written(run_dir, staging, error) from None
     if report.passed:
-        final = run_dir / ONNX_DIR
-        _replace_dir(staging, final)
         shutil.rmtree(run_dir / FAILED_DIR, ignore_errors=True)  # superseded by a good export
         log.info("export of %s verified: %s", run_dir, final)
     else:
-        final = run_dir / FAILED_DIR
-        _replace_dir(staging, final)
         log.error("export of %s failed verification; files kept in %s", run_dir, final)
     return ExportResult(run_dir, final, report, manifest)
+
+
+# ---------------------------------------------------------------- a full disk
+
+
+@contextmanager
+def writing(path: Path, room_for: int = 0) -> Iterator[None]:
+    """Report a failure to write `path` for want of room as a WriteError naming `path`.
+
+    Python's own writes raise OSError(ENOSPC, EDQUOT or EFBIG). Tools that write from C++ say it
+    otherwise: onnxruntime raises its own Fail or InvalidProtobuf ("Protobuf serialization
+    failed"), and a file that onnxruntime's optimiser truncated without a word fails later to
+    parse (protobuf's DecodeError). So when a step that writes about `room_for` bytes fails in
+    any other way, the folder is asked whether that much still fits.
+    """
+    try:
+        yield
+    except WriteError:
+        raise
+    except Exception as e:
+        error = _no_room(e) or (_room_refused(path.parent, room_for) if room_for else None)
+        if error is None:
+            raise
+        raise WriteError(f"cannot write {path} ({_reason(error)})", path, error) from e
+
+
+def _no_room(e: BaseException) -> OSError | None:
+    """The OSError saying there is no room, anywhere in `e`'s chain of causes."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in NO_ROOM:
+            return e
+        e = e.__cause__ or e.__context__
+    return None
+
+
+def _room_refused(folder: Path, size: int) -> OSError | None:
+    """The error a write of `size` bytes into `folder` meets for want of room; None if it fits."""
+    if size <= 0:
+        return None
+    probe = folder / f".room-probe-{os.getpid()}"
+    block = bytes(min(size, 1 << 20))
+    try:
+        with open(probe, "wb") as f:
+            for start in range(0, size, len(block)):
+                f.write(block[: size - start])
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        return e if e.errno in NO_ROOM else None
+    finally:
+        probe.unlink(missing_ok=True)
+    return None
+
+
+def _reason(error: OSError) -> str:
+    return error.strerror or os.strerror(error.errno or 0)
+
+
+def _export_not_written(run_dir: Path, staging: Path, error: OSError | WriteError) -> WriteError:
+    """The one line for an export stopped by a full disk: which file, and that nothing else changed."""
+    path, cause = (error.path, error.error) if isinstance(error, WriteError) else (None, error)
+    if path is None and cause.filename:
+        path = Path(os.fsdecode(cause.filename))
+    if path is not None and path.is_relative_to(staging):  # the staging folder is not the user's business
+        name = path.relative_to(staging).as_posix()
+        what = f"{name} of the new export of {run_dir}" if name != "." else f"the new export of {run_dir}"
+    else:
+        what = str(path) if path is not None else f"a file while exporting {run_dir}"
+    previous = run_dir / ONNX_DIR
+    kept = f"the previous export in {previous} is untouched" if previous.is_dir() else "nothing was exported"
+    return WriteError(
+        f"cannot write {what} ({_reason(cause)}); {kept}; "
+        "free some space (or raise the quota or file size limit) and run the export again",
+        path,
+        cause,
+    )
 
 
 def remove_stale_staging(run_dir: Path) -> list[Path]:
@@ -191,13 +288,19 @@ def _process_exists(pid: int) -> bool:
 
 
 def _replace_dir(src: Path, dst: Path) -> None:
-    """Move `src` to `dst`, replacing it; `dst` is never a mix of old and new files."""
+    """Move `src` to `dst`, replacing it; `dst` is never a mix of old and new files, and stays
+    as it was if the move fails."""
     old = None
     if dst.exists():
         old = dst.with_name(f".{dst.name}-old-{os.getpid()}")
         shutil.rmtree(old, ignore_errors=True)
         os.replace(dst, old)
-    os.replace(src, dst)
+    try:
+        os.replace(src, dst)
+    except BaseException:
+        if old is not None:
+            os.replace(old, dst)
+        raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
 
@@ -245,12 +348,23 @@ def verify_run(
             0, Check("", "source", False, f"{model_path.name} changed since the export; export the run again")
         )
     manifest = manifest_lib.record_verification(previous, onnx_dir, specs, report.to_dict())
-    if manifest.get("variants"):
-        budget = quality_budget if quality_budget is not None else manifest.get("quality_budget", QUALITY_BUDGET)
-        section = reverify_variants(onnx_dir, model, meta, manifest["variants"], budget, data_root, fp32_report=report)
-        operators = write_operator_config(onnx_dir, section) if rebuilt else manifest.get("required_operators")
-        manifest = manifest_lib.record_variants(manifest, section, budget, operators)
-    manifest_lib.write_manifest(onnx_dir, manifest)
+    try:
+        if manifest.get("variants"):
+            budget = quality_budget if quality_budget is not None else manifest.get("quality_budget", QUALITY_BUDGET)
+            section = reverify_variants(
+                onnx_dir, model, meta, manifest["variants"], budget, data_root, fp32_report=report
+            )
+            operators = write_operator_config(onnx_dir, section) if rebuilt else manifest.get("required_operators")
+            manifest = manifest_lib.record_variants(manifest, section, budget, operators)
+        with writing(onnx_dir / MANIFEST_FILE):
+            manifest_lib.write_manifest(onnx_dir, manifest)
+    except WriteError as e:  # both files are replaced whole, so the old ones are still there
+        raise WriteError(
+            f"{e} while recording the verdict; {onnx_dir} is as it was; free some space (or raise the quota or "
+            "file size limit) and run verify again",
+            e.path,
+            e.error,
+        ) from None
     if report.passed:  # the verdict comes last, after every check including the source's
         log.info("%s verified", onnx_dir)
     else:
@@ -300,6 +414,8 @@ def make_variants(
                 count = variant.options["calibration_images"]
                 calibration = variants_lib.calibration_inputs(model, model_meta, count, data_root)
             manifest_lib.record_production(entry, _produce(onnx_dir, variant, calibration))
+        except WriteError:  # a full disk stops the export: the variant itself is not at fault
+            raise
         except Exception as e:  # the tools raise anything from ValueError to onnxruntime's own types
             log.warning("variant %s could not be made: %s", variant.name, e, exc_info=log.isEnabledFor(logging.DEBUG))
             for role in ("encoder", "decoder"):
@@ -350,7 +466,10 @@ def write_operator_config(onnx_dir: Path, section: dict[str, Any]) -> dict[str, 
         return None
     path = onnx_dir / variants_lib.REQUIRED_OPERATORS_FILE
     try:
-        variants_lib.write_required_operators(files, path)
+        with writing(path):
+            variants_lib.write_required_operators(files, path)
+    except WriteError:
+        raise
     except Exception as e:  # informational only: never worth failing the export over
         log.warning("could not write %s: %s", path.name, e)
         return None
@@ -377,7 +496,9 @@ def _produce(onnx_dir: Path, variant: VariantSpec, calibration: dict[str, np.nda
             options=variant.options,
             calibration=calibration[role] if variant.calibrated and calibration else None,
         )
-        record[role] = variant.produce(job)
+        # The tools write the target and temporary copies of about the source's size beside it.
+        with writing(job.target, room_for=2 * source.stat().st_size):
+            record[role] = variant.produce(job)
     record["seconds"] = round(time.perf_counter() - started, 2)
     log.info("made variant %s in %.1f s", variant.name, record["seconds"])
     return record

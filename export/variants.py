@@ -185,13 +185,18 @@ def write_required_operators(ort_files: list[Path], path: Path) -> Path:
     (build.sh --minimal_build --include_ops_by_config PATH)."""
     from onnxruntime.tools.ort_format_model import create_config_from_models
 
-    create_config_from_models([f.resolve() for f in ort_files], path, False)
-    # The tool lists the models by absolute path; keep only their names, which stay true when
-    # the export folder is moved.
-    lines = [
-        f"# - {Path(line[4:]).name}" if line.startswith("# - ") else line for line in path.read_text().splitlines()
-    ]
-    path.write_text("\n".join(lines) + "\n")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        create_config_from_models([f.resolve() for f in ort_files], tmp, False)
+        # The tool lists the models by absolute path; keep only their names, which stay true when
+        # the export folder is moved.
+        lines = [
+            f"# - {Path(line[4:]).name}" if line.startswith("# - ") else line for line in tmp.read_text().splitlines()
+        ]
+        tmp.write_text("\n".join(lines) + "\n")
+        os.replace(tmp, path)  # `vae-dist verify` rewrites it in a live export folder
+    finally:
+        tmp.unlink(missing_ok=True)
     return path
 
 

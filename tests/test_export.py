@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -18,13 +20,15 @@ import torch
 from click.testing import CliRunner
 from onnx import TensorProto, helper
 
+from export import pipeline
 from export import sample as sampler
 from export import spec as spec_lib
 from export.convert import ExportError, export_submodel
 from export.manifest import file_record
-from export.pipeline import FAILED_DIR, export_run, find_latest_runs
+from export.pipeline import FAILED_DIR, WriteError, export_run, find_latest_runs
 from export.verify import Check, Report, check_graph, load_test_images, random_ops, torch_scores
-from helpers import LATENT, ROOT, SHAPE, TINY_TEST_NEG_ELBO, cli, fashion_test_idx, make_run
+from helpers import BIN, LATENT, ROOT, SHAPE, TINY_TEST_NEG_ELBO, cli, fashion_test_idx, full_disk, make_run, weights
+from helpers import run as run_command
 from vae_dist import artifacts
 from vae_dist.config import ModelConfig
 from vae_dist.evaluation import evaluation_noise
@@ -405,29 +409,45 @@ def test_sampler_mirrors_the_project_defaults_and_grid_layout():
 
 
 def _damaged_model(folder: Path, how: str) -> Path:
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
     run = make_run(folder, f"bad-{how}", "linear")
     path = run / artifacts.MODEL_FILE
     if how == "truncated":
         path.write_bytes(path.read_bytes()[:-100])
+    elif how == "truncated header":
+        path.write_bytes(path.read_bytes()[:5])
+    elif how == "unknown kind":  # a model file from a newer vae-dist
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata()
+        meta["model"] = json.dumps({**json.loads(meta["model"]), "kind": "transformer"})
+        save_file(weights(path), str(path), metadata=meta)
     else:  # valid safetensors whose metadata is not a model description
-        from safetensors.torch import save_file
-
         save_file({"w": torch.zeros(1)}, str(path), metadata={"format": artifacts.FORMAT, "model": "[1, 2]"})
     return run
 
 
-@pytest.mark.parametrize("how", ["truncated", "metadata"])
-def test_a_damaged_model_file_is_one_line_and_does_not_stop_the_others(tmp_path, how):
+@pytest.mark.parametrize(
+    "how, says",
+    [
+        ("truncated", "cannot be read as a safetensors file"),
+        ("truncated header", "cannot be read as a safetensors file"),
+        ("unknown kind", "describes a model of kind 'transformer'; this vae-dist knows linear, conv"),
+        ("metadata", "train or copy the model again"),
+    ],
+)
+def test_a_damaged_model_file_is_one_line_and_does_not_stop_the_others(tmp_path, how, says):
     bad = _damaged_model(tmp_path, how)
     result = CliRunner().invoke(cli(), ["export", str(bad), "--variants", "none"])
     assert result.exit_code == 2, result.output
     assert "Traceback" not in result.output
     (line,) = [x for x in result.output.splitlines() if x.startswith("error:")]
-    assert "model.safetensors" in line and ("train or copy" in line or "cannot be read" in line)
+    assert line.startswith(f"error: {bad / artifacts.MODEL_FILE} ") and says in line, line  # the file, once
     assert not (bad / "onnx").exists()
     good = make_run(tmp_path, "good", "conv")
     found = find_latest_runs(tmp_path)
-    assert found["conv"] == good and ("linear" not in found or how == "truncated")
+    assert found["conv"] == good and "linear" not in found
 
 
 def test_an_export_removes_the_staging_folders_of_exports_that_were_killed(tmp_path):
@@ -441,3 +461,131 @@ def test_an_export_removes_the_staging_folders_of_exports_that_were_killed(tmp_p
         (folder / "encoder.onnx").write_bytes(b"half")
     assert export_run(run, variants=[]).verified
     assert not stale.exists() and live.is_dir()  # a running export's folder is left alone
+
+
+# ---------------------------------------------------------------- a full disk
+
+
+def _hashes(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): file_record(p)["sha256"] for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.slow  # an export in a subprocess, twice over for the variants
+@pytest.mark.parametrize(
+    "phase, free_bytes, variants",
+    [
+        ("fp32", 20_000, "none"),  # the encoder or the decoder does not fit
+        ("variants", 150_000, "fp16"),  # the fp32 files fit, an fp16 file does not (tmpfs only)
+    ],
+)
+def test_a_full_disk_stops_the_export_in_one_line_and_the_previous_export_is_untouched(
+    tmp_path, phase, free_bytes, variants
+):
+    run = make_run(tmp_path, "conv-full", "conv")
+    assert export_run(run, variants=[]).verified
+    before = _hashes(run)
+    with full_disk(run, free_bytes) as (preexec_fn, how):
+        if phase == "variants" and how != "tmpfs":
+            pytest.skip("a file size limit cannot stop the variants of these tiny models, which are smaller than fp32")
+        proc = run_command(
+            [str(BIN / "vae-dist"), "export", str(run), "--variants", variants], check=False, preexec_fn=preexec_fn
+        )
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    (line,) = [x for x in proc.stderr.splitlines() if "error" in x.lower()]
+    files = r"(en|de)coder\.onnx" if phase == "fp32" else r"(en|de)coder\.fp16\.onnx"
+    reasons = "|".join(re.escape(os.strerror(e)) for e in (errno.ENOSPC, errno.EFBIG))
+    assert re.fullmatch(
+        rf"error: cannot write {files} of the new export of {re.escape(str(run))} \(({reasons})\); "
+        rf"the previous export in {re.escape(str(run / 'onnx'))} is untouched; "
+        r"free some space \(or raise the quota or file size limit\) and run the export again",
+        line,
+    ), line
+    assert ".onnx-staging" not in proc.stderr  # no temporary path shown
+    assert _hashes(run) == before  # byte for byte, and nothing added: no staging folder left
+    assert not list(run.glob(".onnx-*"))
+
+
+def test_a_full_disk_without_a_previous_export_says_nothing_was_exported(tmp_path, monkeypatch):
+    run = make_run(tmp_path, "r", "linear")
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(pipeline.manifest_lib, "write_manifest", full)
+    result = CliRunner().invoke(cli(), ["export", str(run), "--variants", "none"])
+    assert result.exit_code == 2
+    assert result.output.strip() == (
+        f"error: cannot write manifest.json of the new export of {run} ({os.strerror(errno.ENOSPC)}); "
+        "nothing was exported; free some space (or raise the quota or file size limit) and run the export again"
+    )
+    assert sorted(p.name for p in run.iterdir()) == [artifacts.MODEL_FILE]
+
+
+def test_verify_on_a_full_disk_leaves_the_manifest_as_it_was(exported_runs, tmp_path, monkeypatch):
+    run = copy_run(exported_runs, "linear", tmp_path)
+    before = _hashes(run)
+    real_write = pipeline.manifest_lib.write_manifest
+
+    def no_room(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    def full(onnx_dir, manifest):  # the real write, on a disk that has no room left
+        monkeypatch.setattr(Path, "write_text", no_room)
+        return real_write(onnx_dir, manifest)
+
+    monkeypatch.setattr(pipeline.manifest_lib, "write_manifest", full)
+    result = CliRunner().invoke(cli(), ["verify", str(run)])
+    assert result.exit_code == 2
+    assert result.output.strip() == (
+        f"error: cannot write {run / 'onnx' / 'manifest.json'} (No space left on device) while recording the "
+        f"verdict; {run / 'onnx'} is as it was; free some space (or raise the quota or file size limit) and run "
+        "verify again"
+    )
+    assert _hashes(run) == before
+
+
+def test_a_write_refused_for_room_is_told_apart_from_a_failing_tool(tmp_path, monkeypatch):
+    """Tools writing from C++ report a full disk as their own errors: the folder is asked."""
+    with pytest.raises(RuntimeError):  # room enough: the tool's own error stands
+        with pipeline.writing(tmp_path / "x.onnx", room_for=1000):
+            raise RuntimeError("Protobuf serialization failed")
+    with pytest.raises(WriteError, match=r"cannot write .*x\.onnx \(No space left on device\)"):
+        with pipeline.writing(tmp_path / "x.onnx"):  # an OSError anywhere in the chain
+            try:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            except OSError as e:
+                raise ValueError("while saving") from e
+    monkeypatch.setattr(pipeline, "_room_refused", lambda folder, size: OSError(errno.EDQUOT, "Disk quota exceeded"))
+    with pytest.raises(WriteError, match=r"\(Disk quota exceeded\)"):
+        with pipeline.writing(tmp_path / "x.onnx", room_for=1000):
+            raise RuntimeError("Failed to save ORT format model")
+    assert list(tmp_path.iterdir()) == []  # the probe leaves nothing
+
+
+def test_the_operator_list_stops_the_export_only_for_want_of_room(tmp_path, monkeypatch, caplog):
+    section = {"fp32-ort": {"status": "verified", "files": {"encoder.ort": {}, "decoder.ort": {}}}}
+
+    def fails(error):
+        def write(files, path):
+            raise error
+
+        return write
+
+    monkeypatch.setattr(pipeline.variants_lib, "write_required_operators", fails(ValueError("not an ORT file")))
+    assert pipeline.write_operator_config(tmp_path, section) is None  # informational: a warning only
+    assert "could not write required_operators.config" in caplog.text
+    too_large = OSError(errno.EFBIG, "File too large")
+    monkeypatch.setattr(pipeline.variants_lib, "write_required_operators", fails(too_large))
+    with pytest.raises(WriteError, match="required_operators.config"):
+        pipeline.write_operator_config(tmp_path, section)
+
+
+def test_an_interrupted_export_exits_130_in_one_line(tmp_path, monkeypatch):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline, "export_run", interrupted)
+    result = CliRunner().invoke(cli(), ["export", str(tmp_path / "r"), "--variants", "none"])
+    assert result.exit_code == 130
+    assert result.output.strip() == f"interrupted while exporting {tmp_path / 'r'}; its previous export is untouched"
