@@ -71,7 +71,7 @@ def export_submodel(model: VAE, spec: SubModelSpec, path: Path, opset: int, meta
     if proto.ByteSize() > MAX_SINGLE_FILE:
         raise ExportError(f"{spec.filename}: {proto.ByteSize()} bytes does not fit in one ONNX file (2 GiB limit)")
     onnx.save_model(proto, str(path), save_as_external_data=False)
-    log.info("wrote %s (%d bytes, opset %d)", path, path.stat().st_size, opset)
+    log.info("exported %s (%d bytes, opset %d)", path.name, path.stat().st_size, opset)  # path: a staging folder
     return path
 
 

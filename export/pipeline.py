@@ -272,7 +272,7 @@ def remove_stale_staging(run_dir: Path) -> list[Path]:
         pid = folder.name.removeprefix(STAGING_PREFIX)
         if folder.is_dir() and pid.isdigit() and not _process_exists(int(pid)):
             shutil.rmtree(folder, ignore_errors=True)
-            log.info("removed %s, left by an export that did not finish", folder)
+            log.info("removed the files left in %s by an export that did not finish", run_dir)
             removed.append(folder)
     return removed
 
@@ -500,7 +500,7 @@ def _produce(onnx_dir: Path, variant: VariantSpec, calibration: dict[str, np.nda
         with writing(job.target, room_for=2 * source.stat().st_size):
             record[role] = variant.produce(job)
     record["seconds"] = round(time.perf_counter() - started, 2)
-    log.info("made variant %s in %.1f s", variant.name, record["seconds"])
+    log.debug("made variant %s in %.1f s", variant.name, record["seconds"])  # its verdict is logged next
     return record
 
 

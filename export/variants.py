@@ -185,6 +185,9 @@ def write_required_operators(ort_files: list[Path], path: Path) -> Path:
     (build.sh --minimal_build --include_ops_by_config PATH)."""
     from onnxruntime.tools.ort_format_model import create_config_from_models
 
+    # The tool logs the path it wrote at INFO on a logger of its own set to DEBUG: a temporary
+    # path, of no use to the user.
+    logging.getLogger("ort_format_model.utils").setLevel(logging.WARNING)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         create_config_from_models([f.resolve() for f in ort_files], tmp, False)

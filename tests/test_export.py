@@ -450,7 +450,7 @@ def test_a_damaged_model_file_is_one_line_and_does_not_stop_the_others(tmp_path,
     assert found["conv"] == good and "linear" not in found
 
 
-def test_an_export_removes_the_staging_folders_of_exports_that_were_killed(tmp_path):
+def test_an_export_removes_the_staging_folders_of_exports_that_were_killed(tmp_path, caplog):
     run = make_run(tmp_path, "r", "linear")
     dead = 2**22 + 12345  # above the default pid_max: no such process
     with pytest.raises(ProcessLookupError):
@@ -459,8 +459,18 @@ def test_an_export_removes_the_staging_folders_of_exports_that_were_killed(tmp_p
     for folder in (stale, live):
         folder.mkdir()
         (folder / "encoder.onnx").write_bytes(b"half")
-    assert export_run(run, variants=[]).verified
+    with caplog.at_level(logging.INFO):
+        assert export_run(run, variants=[]).verified
     assert not stale.exists() and live.is_dir()  # a running export's folder is left alone
+    # What the user reads (the command shows this project's lines only): a few, none naming a staging folder.
+    ours = [r.getMessage() for r in caplog.records if r.name.split(".")[0] in ("export", "vae_dist")]
+    assert ".onnx-staging" not in "\n".join(ours)
+    assert [re.sub(r"\(\d+ bytes", "(N bytes", line) for line in ours] == [
+        f"removed the files left in {run} by an export that did not finish",
+        "exported encoder.onnx (N bytes, opset 18)",
+        "exported decoder.onnx (N bytes, opset 18)",
+        f"export of {run} verified: {run / 'onnx'}",
+    ]
 
 
 # ---------------------------------------------------------------- a full disk

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import shutil
 from pathlib import Path
 
@@ -97,6 +98,15 @@ def test_every_variant_is_made_verified_measured_and_listed(variant_runs, kind):
     )
     text = (folder / "required_operators.config").read_text()
     assert "Gemm" in text and str(folder) not in text
+
+
+def test_the_operator_list_is_written_without_a_word_about_where(variant_runs, tmp_path, caplog):
+    """onnxruntime's tool logs the (temporary) path it wrote at INFO; the user sees no such line."""
+    files = sorted((variant_runs / "conv" / "onnx").glob("*.ort"))
+    with caplog.at_level(logging.DEBUG):
+        variants_lib.write_required_operators(files, tmp_path / "ops.config")
+    assert caplog.records == []
+    assert [p.name for p in tmp_path.iterdir()] == ["ops.config"]  # written beside and renamed
 
 
 @pytest.mark.parametrize("kind", KINDS)
