@@ -33,7 +33,7 @@ from export.convert import export_submodel, opset_of, versions
 from export.spec import DEFAULT_OPSET, ELBO_TOL, MANIFEST_FILE, ONNX_DIR, onnx_metadata, vae_specs
 from export.variants import FP32, QUALITY_BUDGET, VARIANTS, VariantSpec
 from export.verify import Check, Reference, Report, judge, load_test_images, verify_export
-from vae_dist import artifacts
+from vae_dist import artifacts, runs
 from vae_dist.errors import UserError
 from vae_dist.models import VAE
 
@@ -148,6 +148,7 @@ def export_run(
     model, meta = artifacts.load_model(model_path)
     specs = vae_specs(model, atol)
     vers = versions()
+    recorded = recorded_test_images(run_dir, meta)
     remove_stale_staging(run_dir)
     staging = run_dir / f"{STAGING_PREFIX}{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
@@ -158,7 +159,7 @@ def export_run(
         for spec in specs:
             with writing(staging / spec.filename):
                 export_submodel(model, spec, staging / spec.filename, opset, onnx_metadata(spec, meta, opset, vers))
-        report = verify_export(staging, model, meta, atol, data_root, elbo_tol=elbo_tol)
+        report = verify_export(staging, model, meta, atol, data_root, elbo_tol=elbo_tol, recorded_images=recorded)
         manifest = manifest_lib.new_manifest(run_dir, model_path, meta, opset, vers)
         manifest = manifest_lib.record_verification(manifest, staging, specs, report.to_dict())
         section, operators = {}, None
@@ -184,6 +185,23 @@ def export_run(
     else:
         log.error("export of %s failed verification; files kept in %s", run_dir, final)
     return ExportResult(run_dir, final, report, manifest)
+
+
+def recorded_test_images(run_dir: Path, model_meta: dict[str, Any]) -> int | None:
+    """How many test images training's recorded -ELBO (the model file's test_neg_elbo) was measured
+    on: the model file's own record when it has one, else that of the run's metrics line holding
+    the same figure; None when neither says (a model file copied without its run)."""
+    if isinstance(model_meta.get("test_images"), int):
+        return model_meta["test_images"]
+    recorded = model_meta.get("test_neg_elbo")
+    try:
+        lines = artifacts.read_jsonl(run_dir / runs.METRICS_FILE)
+    except (OSError, ValueError):  # a damaged log only costs the figure's context
+        return None
+    for line in reversed(lines):
+        if recorded is not None and line.get("test_neg_elbo") == recorded and isinstance(line.get("test_images"), int):
+            return line["test_images"]
+    return None
 
 
 # ---------------------------------------------------------------- a full disk
@@ -324,7 +342,9 @@ def verify_run(
         raise UserError(f"{onnx_dir} not found; export the run first (vae-dist export {run_dir})")
     model, meta = artifacts.load_model(model_path)
     specs = vae_specs(model, atol)
-    report = verify_export(onnx_dir, model, meta, atol, data_root, elbo_tol=elbo_tol)
+    report = verify_export(
+        onnx_dir, model, meta, atol, data_root, elbo_tol=elbo_tol, recorded_images=recorded_test_images(run_dir, meta)
+    )
     try:
         previous = manifest_lib.read_manifest(onnx_dir)
     except manifest_lib.ManifestError as e:  # a damaged manifest is rebuilt; the verdict below is what counts

@@ -25,11 +25,11 @@ from export import sample as sampler
 from export import spec as spec_lib
 from export.convert import ExportError, export_submodel
 from export.manifest import file_record
-from export.pipeline import FAILED_DIR, WriteError, export_run, find_latest_runs
+from export.pipeline import FAILED_DIR, WriteError, export_run, find_latest_runs, recorded_test_images
 from export.verify import Check, Report, check_graph, load_test_images, random_ops, torch_scores
 from helpers import BIN, LATENT, ROOT, SHAPE, TINY_TEST_NEG_ELBO, cli, fashion_test_idx, full_disk, make_run, weights
 from helpers import run as run_command
-from vae_dist import artifacts
+from vae_dist import artifacts, runs
 from vae_dist.config import ModelConfig
 from vae_dist.evaluation import evaluation_noise
 from vae_dist.losses import neg_elbo_from_mean, negative_elbo
@@ -171,7 +171,12 @@ def test_verify_passes_on_a_good_export(exported_runs, tmp_path):
     result = CliRunner().invoke(cli(), ["verify", str(run)])
     assert result.exit_code == 0, result.output
     assert "verified" in result.output and "FAIL" not in result.output
-    assert "encoder.onnx mu: max abs diff" in result.output and "-ELBO on 10000 test images" in result.output
+    assert "encoder.onnx mu: max abs diff" in result.output and "-ELBO on all 10000 test images" in result.output
+    # A tiny run has no metrics log: training's figure is shown, and said to be of unknown extent.
+    assert (
+        f"training's recorded -ELBO: {TINY_TEST_NEG_ELBO:.4f} nats, on a number of test images the run did not record"
+        in result.output
+    )
     assert result.output.strip().splitlines()[-1] == f"{run / 'onnx'}: verified"  # the verdict comes last
 
 
@@ -248,6 +253,50 @@ def test_verification_draws_the_evaluation_noise_the_run_used(tmp_path):
     assert elbo["noise_seed"] == 3 and elbo["torch_native"] == pytest.approx(native, abs=1e-9)
     _, other = torch_scores(model, images, evaluation_noise(len(images), LATENT, 0), "bernoulli")
     assert other != pytest.approx(native, abs=1e-9)
+
+
+def _log_metrics(run: Path, *records: dict) -> None:
+    with open(run / runs.METRICS_FILE, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in records)
+
+
+def test_training_record_is_compared_on_the_test_images_it_was_measured_on(tmp_path):
+    """Training may evaluate the first data.test_subset images only: the summary says so, and gives
+    torch's figure on those same images, with the same evaluation noise."""
+    run = make_run(tmp_path, "r", "linear")
+    _log_metrics(
+        run,
+        {"epoch": 0, "test_neg_elbo": 600.0, "test_images": 10000},
+        {"epoch": 1, "test_neg_elbo": TINY_TEST_NEG_ELBO, "test_images": 1000},
+    )
+    result = export_run(run, variants=[])
+    elbo = result.manifest["verification"]["elbo"]
+    assert elbo["images"] == 10000 and elbo["recorded"] == TINY_TEST_NEG_ELBO and elbo["recorded_images"] == 1000
+    model, meta = artifacts.load_model(run / artifacts.MODEL_FILE)
+    images = load_test_images(model, meta)[:1000]
+    _, native = torch_scores(model, images, evaluation_noise(1000, LATENT, 0), "bernoulli")
+    assert elbo["recorded_images_torch_native"] == pytest.approx(native, abs=1e-9)
+    assert abs(native - elbo["torch_native"]) > 1e-3  # another figure than the whole split's
+    lines = result.report.summary_lines()
+    assert lines[-2].startswith("-ELBO on all 10000 test images (nats): onnx ")
+    assert lines[-1] == (
+        f"training's recorded -ELBO: {TINY_TEST_NEG_ELBO:.4f} nats, on the first 1000 test images only "
+        f"(data.test_subset); torch from logits on those now: {native:.4f}"
+    )
+
+
+def test_where_the_count_behind_training_record_comes_from(tmp_path):
+    run = make_run(tmp_path, "r", "linear")
+    meta = {"test_neg_elbo": 250.5}
+    assert recorded_test_images(run, meta) is None  # no metrics log
+    _log_metrics(run, {"test_neg_elbo": 250.5, "test_images": 2000}, {"test_neg_elbo": 249.0, "test_images": 3000})
+    assert recorded_test_images(run, meta) == 2000  # the line holding the same figure
+    assert recorded_test_images(run, {"test_neg_elbo": 1.0}) is None
+    assert recorded_test_images(run, {**meta, "test_images": 500}) == 500  # the model file's own record first
+    (run / runs.METRICS_FILE).write_text("{not json\n{}\n")
+    assert recorded_test_images(run, meta) is None
+    e = {"recorded": 250.5, "images": 10000, "recorded_images": 10000}
+    assert Report._record_line(e) == "training's recorded -ELBO: 250.5000 nats, on the same 10000 test images"
 
 
 def test_random_ops_are_found_in_subgraphs():
