@@ -57,11 +57,15 @@ verify: data
 
 # onnxruntime only (no torch): prior samples, test-set reconstructions and an interpolation,
 # from the export of RUN (default: the newest verified export under $(RUNS)), into SAMPLES.
+# The test images are looked up, not prepared: `make demo` prepares the data once for both models,
+# and `make sample` on its own runs `make data` only when they cannot be found.
 SAMPLER = $(BIN)/python -m export.sample
 SAMPLES ?= $(RUNS)/samples
-sample: data
+TEST_IMAGES = $(BIN)/vae-dist data --dataset $(DATASET) --no-download --test-images
+sample: setup
 	mkdir -p $(SAMPLES)
-	@test_idx="$$($(BIN)/vae-dist data --dataset $(DATASET) --no-download --test-images)" && \
+	@test_idx="$$($(TEST_IMAGES) 2>/dev/null)" || \
+	{ $(MAKE) --no-print-directory data >&2 && test_idx="$$($(TEST_IMAGES))"; } && \
 	set -x && \
 	$(SAMPLER) sample $(if $(RUN),--model-dir $(RUN)) -n 64 --seed 1 --out $(SAMPLES)/prior.png && \
 	$(SAMPLER) reconstruct $(if $(RUN),--model-dir $(RUN)) --idx "$$test_idx" -n 16 --out $(SAMPLES)/reconstructions.png && \
