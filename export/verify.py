@@ -114,7 +114,7 @@ class Report:
         ]
         others = [c for c in self.failures() if c.check not in ("values", "source")]
         lines += [f"{c.file or 'export'}: {c.check}: {c.detail}" for c in others]
-        return lines
+        return list(dict.fromkeys(lines))  # a check repeated per batch size fails the same way: said once
 
     def summary_lines(self) -> list[str]:
         lines = [

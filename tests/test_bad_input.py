@@ -62,7 +62,7 @@ class Case:
     absent: tuple[str, ...] = ()  # globs under tmp that match nothing, before and after
     line: str = ERROR  # what the error line starts with (a regex); it is the last line of `stream`
     stream: str = "stderr"
-    detail: str = ""  # also somewhere in the output, e.g. one of verify's FAIL lines
+    detail: str = ""  # also in exactly one line of the output, e.g. one of verify's FAIL lines
     then: Callable[[Path], object] | None = None  # further checks of tmp afterwards
     slow: bool = True  # False for a handful of quick rows that `make test-fast` keeps
     disk: int = 0  # > 0: runs/ has only about this many bytes of room left (helpers.full_disk)
@@ -718,7 +718,7 @@ def test_bad_input(case: Case, tmp_path, data_dir, request):
         assert errors == [stream[-1]], f"the error is not one line, nor last:\n{output}"
         assert case.phrase in stream[-1], output
     if case.detail:
-        assert any(case.detail in line for line in lines), output
+        assert sum(case.detail in line for line in lines) == 1, f"not said exactly once: {case.detail}\n{output}"
     assert hashes(tmp_path, case.unchanged) == before, output
     for pattern in case.absent:
         assert not list(tmp_path.glob(pattern)), f"{pattern} was created\n{output}"

@@ -106,9 +106,15 @@ def read_model_metadata(path: str | Path) -> dict[str, Any]:
         with safe_open(str(path), "pt") as f:
             raw = f.metadata() or {}
     except (SafetensorError, OSError) as e:
-        raise ModelFileError(f"{path} cannot be read as a safetensors file ({str(e).splitlines()[0]})") from None
+        raise ModelFileError(
+            f"{path} cannot be read as a safetensors file ({str(e).splitlines()[0]}); it is damaged or truncated: "
+            "copy it again, or train the run again"
+        ) from None
     if raw.get("format") != FORMAT:
-        raise ModelFileError(f"{path} is not a vae-dist model file (format {raw.get('format')!r})")
+        raise ModelFileError(
+            f"{path} is not a vae-dist model file (format {raw.get('format')!r}, expected {FORMAT!r}); "
+            "give the model.safetensors of a vae-dist run"
+        )
     try:
         meta = {k: (v if k == "format" else json.loads(v)) for k, v in raw.items()}
     except ValueError:
@@ -118,10 +124,14 @@ def read_model_metadata(path: str | Path) -> dict[str, Any]:
         raise ModelFileError(f"{path} has damaged metadata (model or image_shape); train or copy the model again")
     if model.get("kind") not in MODELS:
         raise ModelFileError(
-            f"{path} describes a model of kind {model.get('kind')!r}; this vae-dist knows {', '.join(MODELS)}"
+            f"{path} describes a model of kind {model.get('kind')!r}; this vae-dist knows {', '.join(MODELS)}: "
+            "use the vae-dist version that trained it"
         )
     if meta.get("likelihood", "bernoulli") not in LIKELIHOODS:
-        raise ModelFileError(f"{path} names the likelihood {meta['likelihood']!r}; known: {', '.join(LIKELIHOODS)}")
+        raise ModelFileError(
+            f"{path} names the likelihood {meta['likelihood']!r}; known: {', '.join(LIKELIHOODS)}: "
+            "use the vae-dist version that trained it"
+        )
     return meta
 
 
