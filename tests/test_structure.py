@@ -22,6 +22,19 @@ def test_the_vae_dist_package_never_imports_the_export_package():
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
+def test_prepare_runs_where_torch_cannot_be_imported(tmp_path):
+    """Preparing a dataset is image decoding and numpy: it works on a machine without torch."""
+    from PIL import Image
+
+    (tmp_path / "src").mkdir()
+    for i in range(4):
+        Image.new("RGB", (5, 5), (i * 60, 0, 0)).save(tmp_path / "src" / f"{i}.png")
+    code = "from vae_dist.cli import main\nmain(['prepare', 'src', '--out', 'out', '--test-fraction', '0.25'])\n"
+    proc = python_without(("torch", "torchvision", "accelerate"), code, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "3 train + 1 test images of 3x5x5" in proc.stdout
+
+
 @pytest.mark.slow
 def test_training_works_without_onnx_and_onnxruntime(tmp_path):
     """A training machine may lack the export stack: import the trainer and train with it blocked."""

@@ -10,6 +10,7 @@ import click
 
 # name -> ("module:attribute" of a click command, its line in `vae-dist --help`)
 COMMANDS = {
+    "prepare": ("vae_dist.prepare:prepare_command", "Make a dataset to train on from a folder of images."),
     "train": ("vae_dist.train:train_command", "Train a VAE (under `accelerate launch` for several processes)."),
     "export": ("export.cli:export_command", "Export runs to ONNX, verify them with onnxruntime, make edge variants."),
     "verify": ("export.cli:verify_command", "Verify an existing export again."),

@@ -1,5 +1,5 @@
-"""The named random streams: every draw of training, evaluation and export verification comes from
-one of them. (The model's initial weights come from `set_seed(train.seed)`; benchmarks and the
+"""The named random streams: every draw of dataset preparation, training, evaluation and export
+verification comes from one of them. (The model's initial weights come from `set_seed(train.seed)`; benchmarks and the
 sampler draw their own inputs.)
 
 A stream's generator is seeded by (seed, stream, *position), so a draw depends only on what it is
@@ -11,8 +11,12 @@ from __future__ import annotations
 
 import enum
 import hashlib
+from typing import TYPE_CHECKING
 
-import torch
+import numpy as np
+
+if TYPE_CHECKING:
+    import torch
 
 
 class Stream(enum.IntEnum):
@@ -22,6 +26,7 @@ class Stream(enum.IntEnum):
     GRID_NOISE = 3  # the latents of the prior-sample grid, the same every epoch
     CALIBRATION = 4  # export: the images and latents that calibrate static quantisation
     VERIFY_LATENTS = 5  # export: the N(0, I) latents the decoder is checked on
+    DATASET_SPLIT = 6  # prepare: which distinct images form the test split, by (--seed)
 
 
 def derive_seed(*parts: int) -> int:
@@ -32,4 +37,11 @@ def derive_seed(*parts: int) -> int:
 
 def generator(seed: int, stream: Stream, *position: int) -> torch.Generator:
     """The generator of `stream` for `seed` at `position` (e.g. an epoch or a step)."""
+    import torch  # not at the top: `vae-dist prepare` draws with numpy and runs without loading torch
+
     return torch.Generator().manual_seed(derive_seed(seed, stream, *position))
+
+
+def numpy_generator(seed: int, stream: Stream, *position: int) -> np.random.Generator:
+    """The same stream for numpy code."""
+    return np.random.default_rng(derive_seed(seed, stream, *position))

@@ -1,0 +1,229 @@
+"""`vae-dist prepare`: small folders written here (odd sizes, RGBA, palette, grey, 16-bit, a
+truncated PNG, a text file named .jpg, nested folders, duplicates), each conversion checked by
+its pixels, and every refusal in one line."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from vae_dist import prepare as prep
+from vae_dist.prepare import Fit, PrepareError, fit_image, prepare, read_info
+
+
+def solid(mode: str, size: tuple[int, int], colour) -> Image.Image:
+    return Image.new(mode, size, colour)
+
+
+def gradient(width: int, height: int, seed: int) -> Image.Image:
+    """A colour image that differs from every other seed's."""
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8), "RGB")
+
+
+def folder_of(tmp_path, count: int = 10, size=(8, 8), name="src"):
+    src = tmp_path / name
+    src.mkdir()
+    for i in range(count):
+        gradient(*size, seed=i).save(src / f"{i:02d}.png")
+    return src
+
+
+def arrays(out):
+    return {s: np.load(out / f"{s}.npy") for s in ("train", "test")}
+
+
+# ---------------------------------------------------------------- the conversion, pixel by pixel
+
+
+def test_rgba_is_composited_over_white():
+    image = Image.new("RGBA", (2, 1), (0, 0, 0, 0))
+    image.putpixel((1, 0), (255, 0, 0, 128))
+    row = fit_image(image, Fit(1, 2, 3, "stretch"))
+    assert row.shape == (3, 1, 2)
+    assert row[:, 0, 0].tolist() == [255, 255, 255]  # fully transparent: the background
+    assert row[:, 0, 1].tolist() == [255, 127, 127]  # half red over white
+
+
+def test_palette_with_transparency_and_grey_and_16_bit():
+    palette = Image.new("P", (1, 1), 0)
+    palette.putpalette([10, 20, 30] + [0, 0, 0] * 255)
+    assert fit_image(palette, Fit(1, 1, 3, "stretch"))[:, 0, 0].tolist() == [10, 20, 30]
+    palette.info["transparency"] = 0
+    assert fit_image(palette, Fit(1, 1, 3, "stretch"))[:, 0, 0].tolist() == [255, 255, 255]
+    assert fit_image(solid("L", (1, 1), 77), Fit(1, 1, 1, "stretch")).tolist() == [[[77]]]
+    sixteen = Image.fromarray(np.array([[0, 257 * 100, 65535]], dtype=np.uint16))
+    assert fit_image(sixteen, Fit(1, 3, 1, "stretch")).tolist() == [[[0, 100, 255]]]
+    # RGB to grey is PIL's ITU-R 601-2 luma
+    assert fit_image(solid("RGB", (1, 1), (255, 0, 0)), Fit(1, 1, 1, "stretch")).tolist() == [[[76]]]
+
+
+def test_crop_pad_and_stretch_fit_an_odd_size():
+    # 6 wide, 2 high: left third black, middle white, right third black
+    image = Image.fromarray(np.array([[0, 0, 255, 255, 0, 0]] * 2, dtype=np.uint8), "L")
+    crop = fit_image(image, Fit(2, 2, 1, "crop"))  # the centred 2x2: white
+    assert crop.shape == (1, 2, 2) and (crop == 255).all()
+    pad = fit_image(image, Fit(6, 6, 1, "pad"))  # the 6x2 image centred, white above and below
+    assert (pad[0, :2] == 255).all() and (pad[0, 4:] == 255).all() and pad[0, 2, 0] == 0
+    stretch = fit_image(image, Fit(3, 3, 1, "stretch"))
+    assert stretch.shape == (1, 3, 3) and stretch[0, 1, 1] > 200 and stretch[0, 1, 0] < 60
+
+
+def test_resizing_is_antialiased():
+    # a fine checkerboard shrunk by 4 averages to grey instead of aliasing to black or white
+    board = (np.indices((64, 64)).sum(0) % 2 * 255).astype(np.uint8)
+    row = fit_image(Image.fromarray(board, "L"), Fit(16, 16, 1, "stretch"))
+    assert 100 < row.mean() < 155 and row.std() < 20
+
+
+# ---------------------------------------------------------------- a folder
+
+
+def test_a_mixed_folder_is_prepared_and_described(tmp_path):
+    src = tmp_path / "src"
+    (src / "nested" / "deeper").mkdir(parents=True)
+    for i in range(8):
+        gradient(12, 10, seed=i).save(src / f"rgb{i}.png")
+    gradient(12, 10, seed=20).save(src / "nested" / "photo.jpg", quality=95)
+    gradient(12, 10, seed=21).convert("RGBA").save(src / "nested" / "deeper" / "alpha.webp", lossless=True)
+    gradient(12, 10, seed=22).save(src / "bitmap.bmp")
+    frames = [gradient(12, 10, seed=23).convert("P"), gradient(12, 10, seed=24).convert("P")]
+    frames[0].save(src / "anim.gif", save_all=True, append_images=frames[1:])
+    gradient(12, 10, seed=0).save(src / "nested" / "copy-of-rgb0.png")  # an exact duplicate
+    good = src / "rgb1.png"
+    (src / "truncated.png").write_bytes(good.read_bytes()[:-40])
+    (src / "notes.jpg").write_text("not a picture")
+    (src / "README.txt").write_text("hello")
+
+    result = prepare(str(src), tmp_path / "out", test_fraction=0.25, seed=3, workers=2)
+    out, info = result.out, result.info
+    data = arrays(out)
+    assert info["shape"] == [3, 10, 12] and info["fit"] == {
+        "size": [10, 12], "channels": 3, "fit": "crop", "background": 255
+    }
+    assert info["duplicates"] == 1
+    assert info["counts"] == {"train": 9, "test": 3} and data["train"].shape == (9, 3, 10, 12)
+    skipped = {s["path"]: s["reason"] for s in info["skipped"]}
+    assert set(skipped) == {"truncated.png", "notes.jpg", "README.txt"}
+    assert "truncated" in skipped["truncated.png"] and "Pillow" in skipped["notes.jpg"]
+    # no image is in both splits, and every stored row is one of the readable files, converted
+    rows = {r.tobytes() for r in data["train"]}
+    assert not rows & {r.tobytes() for r in data["test"]}
+    fit = Fit(10, 12, 3, "crop")
+    expected = fit_image(Image.open(src / "nested" / "deeper" / "alpha.webp"), fit)
+    assert expected.tobytes() in rows | {r.tobytes() for r in data["test"]}
+    assert read_info(out) == info and json.loads((out / "dataset.json").read_text()) == info
+    assert "prepared" in result.summary() and "3 file(s) skipped" in result.summary()
+    # the same seed gives the same bytes; another seed another split
+    again = prepare(str(src), tmp_path / "again", test_fraction=0.25, seed=3, workers=1)
+    assert again.info["files"] == info["files"]
+    other = prepare(str(src), tmp_path / "other", test_fraction=0.25, seed=4, workers=1)
+    assert other.info["files"]["test.npy"]["sha256"] != info["files"]["test.npy"]["sha256"]
+
+
+def test_grey_images_make_one_channel_and_sizes_must_agree_unless_given(tmp_path):
+    src = tmp_path / "grey"
+    src.mkdir()
+    for i in range(5):
+        Image.fromarray(np.full((7, 9), i * 40, np.uint8), "L").save(src / f"{i}.png")
+    Image.fromarray(np.full((5, 5), 200, np.uint8), "L").save(src / "small.png")
+    with pytest.raises(PrepareError, match=r"2 different sizes \(5x5, 7x9, ...\); give --size"):
+        prepare(str(src), tmp_path / "out")
+    info = prepare(str(src), tmp_path / "out", size=(4, 4), test_fraction=0.5).info
+    assert info["shape"] == [1, 4, 4]
+
+
+def test_a_given_test_folder_keeps_its_images_and_drops_their_copies_from_train(tmp_path):
+    train = folder_of(tmp_path, 6, name="train")
+    test = tmp_path / "test"
+    test.mkdir()
+    gradient(8, 8, seed=2).save(test / "same-as-train-2.png")
+    gradient(8, 8, seed=99).save(test / "new.png")
+    info = prepare(str(train), tmp_path / "out", test_source=str(test)).info
+    assert info["counts"] == {"train": 5, "test": 2} and info["duplicates"] == 1
+    assert info["split"]["how"] == "given"
+
+
+def test_an_existing_output_is_refused_and_force_replaces_it_whole(tmp_path):
+    src = folder_of(tmp_path)
+    out = tmp_path / "out"
+    first = prepare(str(src), out, test_fraction=0.2)
+    before = (out / "train.npy").read_bytes()
+    with pytest.raises(PrepareError, match="already exists; pass --force"):
+        prepare(str(src), out, test_fraction=0.5)
+    assert (out / "train.npy").read_bytes() == before
+    second = prepare(str(src), out, test_fraction=0.5, force=True)
+    assert second.info["counts"] != first.info["counts"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "src"]  # no temporary folder left
+
+
+def test_the_built_in_data_set_is_prepared_as_published(tmp_path, fashion_root):
+    info = prepare("fashion-mnist", tmp_path / "fm").info
+    assert info["shape"] == [1, 28, 28] and info["counts"] == {"train": 60000, "test": 10000}
+    assert info["fit"] is None and info["split"] == {"how": "the data set's own"}
+    from vae_dist import data
+
+    test = np.load(tmp_path / "fm" / "test.npy", mmap_mode="r")
+    assert np.array_equal(test[:50], data.load_split("fashion-mnist", False, fashion_root, 50).images.numpy())
+
+
+# ---------------------------------------------------------------- reading one back, and refusals
+
+
+def test_read_info_refuses_what_is_not_a_complete_prepared_dataset(tmp_path):
+    src = folder_of(tmp_path)
+    out = prepare(str(src), tmp_path / "out", test_fraction=0.2).out
+    with pytest.raises(PrepareError, match="is not a prepared dataset"):
+        read_info(src)
+    train = out / "train.npy"
+    blob = train.read_bytes()
+    train.write_bytes(blob[: len(blob) - 10])
+    with pytest.raises(PrepareError, match="train.npy cannot be read"):
+        read_info(out)
+    train.write_bytes(blob)
+    info = json.loads((out / "dataset.json").read_text())
+    (out / "dataset.json").write_text(json.dumps({**info, "shape": [3, 8, 9]}))
+    with pytest.raises(PrepareError, match=r"but dataset.json says uint8 \(8, 3, 8, 9\)"):
+        read_info(out)
+    (out / "dataset.json").write_text(json.dumps(info))
+    flipped = bytearray(blob)
+    flipped[-1] ^= 0xFF
+    train.write_bytes(bytes(flipped))
+    read_info(out)  # sizes and headers agree: only the checksum finds it
+    with pytest.raises(PrepareError, match="does not match its sha256"):
+        prep.check(out)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["nowhere", "--out", "o"], "SOURCE 'nowhere' is not a folder"),
+        (["empty", "--out", "o"], "SOURCE empty holds no PNG, JPEG, WebP, BMP or GIF file"),
+        (["junk", "--out", "o"], "no image in junk could be read (1 tried)"),
+        (["src", "--out", "o", "--size", "0"], "--size '0': give a positive size"),
+        (["src", "--out", "o", "--size", "8x"], "--size '8x': give a positive size"),
+        (["src", "--out", "o", "--channels", "2"], "--channels must be 1 (grey) or 3 (RGB), got 2"),
+        (["src", "--out", "o", "--test-fraction", "1"], "--test-fraction must be between 0 and 1"),
+        (["src", "--out", "src"], "src already exists; pass --force"),
+        (["src"], "give SOURCE and --out DIR"),
+        (["--check", "src"], "src is not a prepared dataset"),
+    ],
+)
+def test_bad_input_is_one_line_and_writes_nothing(tmp_path, monkeypatch, args, message):
+    from vae_dist.prepare import prepare_command
+
+    folder_of(tmp_path)
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "junk").mkdir()
+    (tmp_path / "junk" / "a.png").write_text("text")
+    monkeypatch.chdir(tmp_path)
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    result = CliRunner().invoke(prepare_command, args)
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert lines == [lines[-1]] and lines[-1].startswith("error: ") and message in lines[-1], result.output
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
