@@ -211,7 +211,7 @@ def test_a_full_disk_stops_training_in_one_line_and_the_run_resumes_to_the_same_
     error = out.stderr.strip().splitlines()[-1]
     assert "Traceback" not in out.stderr
     assert error.startswith("error: could not write ") and "nothing the run wrote before is lost" in error, error
-    assert "it has no checkpoint yet" in error and "--name r" in error and "--resume auto" in error
+    assert "the run has no checkpoint yet" in error and "--name r" in error and "--resume auto" in error
     run_dir = tmp_path / "small" / "r"
     assert list((run_dir / "checkpoints").iterdir()) == []  # the partial checkpoint is removed
     assert not (run_dir / "model.safetensors").exists()
