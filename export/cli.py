@@ -103,7 +103,8 @@ data_root_option = click.option(
     "--data-root",
     type=click.Path(file_okay=False),
     default=None,
-    help="Folder with the test split's IDX files [default: data/, then the system data set].",
+    help="Where the run's data set is: its IDX folder for a built-in set, or the prepared dataset's folder "
+    "[default: the data folder and the system data set, or the folder the model file names].",
 )
 
 

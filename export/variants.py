@@ -475,9 +475,7 @@ def calibration_inputs(
     decoder: what a decoder is fed in use: posterior samples z = mu + sigma * eps of those images
     (reconstruction) and as many draws from the prior N(0, I) (sampling).
     """
-    name = model_meta["dataset"]
-    root = data.resolve(name, data_root, download=False)
-    train = data.load_split(name, True, root).images
+    train = data.model_split(model_meta["dataset"], True, data_root)
     g = generator(CALIBRATION_SEED, Stream.CALIBRATION)
     x = data.to_float(train[torch.randperm(len(train), generator=g)[:count]])
     with torch.no_grad():

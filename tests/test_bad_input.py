@@ -184,13 +184,26 @@ def continued(tmp: Path, checkpoint: str) -> None:
     assert (tmp / TRAINED / "checkpoints" / checkpoint).is_dir(), "the run was not continued where it is"
 
 
-def data_folder_unchanged(tmp: Path) -> None:
-    """Nothing of a user's root was copied into the shared data folder."""
-    from vae_dist import data
+def _data_folder_listing() -> dict[str, list[int]]:
+    from vae_dist import paths
 
-    shared = data.resolve("fashion-mnist", download=False)
-    names = sorted(p.name for p in shared.rglob("*") if p.is_file())
-    assert not any(".partial" in n for n in names) and len(names) == 4, names
+    folder = paths.data_dir().resolve()
+    return {str(p): [p.stat().st_size, p.stat().st_mtime_ns] for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def with_data_folder_listed(setup: Callable[[Path], None]) -> Callable[[Path], None]:
+    """`setup`, then a listing of the shared data folder for `data_folder_unchanged`."""
+
+    def both(tmp: Path) -> None:
+        setup(tmp)
+        (tmp / "data-folder.json").write_text(json.dumps(_data_folder_listing()))
+
+    return both
+
+
+def data_folder_unchanged(tmp: Path) -> None:
+    """Nothing of a user's root was copied into the shared data folder, nor anything changed there."""
+    assert _data_folder_listing() == json.loads((tmp / "data-folder.json").read_text())
 
 
 def absent_outside(path: Path) -> None:
@@ -432,7 +445,7 @@ CASES = [
         sh("vae-dist train --config linear --name x --set data.root=mine"),
         2,
         "data.root mine does not hold the Fashion-MNIST IDX files",
-        setup=lambda tmp: (tmp / "mine").mkdir(),
+        setup=with_data_folder_listed(lambda tmp: (tmp / "mine").mkdir()),
         absent=("runs",),
         then=data_folder_unchanged,
     ),
@@ -459,7 +472,7 @@ CASES = [
         sh("vae-dist data --root mine"),
         0,
         "fashion-mnist test: 4 images of (1, 28, 28)",
-        setup=idx_set("mine"),
+        setup=with_data_folder_listed(idx_set("mine")),
         unchanged=("mine/*",),
         then=data_folder_unchanged,
     ),

@@ -227,3 +227,51 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path, monkeypatch, args, m
     lines = [line for line in result.output.splitlines() if line.strip()]
     assert lines == [lines[-1]] and lines[-1].startswith("error: ") and message in lines[-1], result.output
     assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
+
+
+# ---------------------------------------------------------------- training and export on one
+
+
+def test_training_and_export_on_a_prepared_colour_folder(tmp_path):
+    """A folder of colour images, prepared, trained on by both models through data.path, then
+    exported and verified against its own test split (found from the model file alone)."""
+    from helpers import BIN, run
+    from vae_dist.artifacts import read_model_metadata
+    from vae_dist.config import load_config
+    from vae_dist.train import train
+
+    src = tmp_path / "pictures"
+    src.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(80):  # blobs of one colour on white, at random places: learnable, all distinct
+        pixels = np.full((20, 20, 3), 255, np.uint8)
+        y, x = rng.integers(0, 12, 2)
+        pixels[y : y + 8, x : x + 8] = rng.integers(0, 256, 3)
+        Image.fromarray(pixels).save(src / f"{i:03d}.png")
+    dataset = prepare(str(src), tmp_path / "ds", size=(16, 16), test_fraction=0.2).out
+    for kind in ("linear", "conv"):
+        cfg = load_config(
+            kind,
+            [f"data.path={dataset}", "train.epochs=2", "train.batch_size=16", "model.latent_dim=4",
+             "model.hidden_dims=[32]", "model.channels=[8,16]", "train.eval_batch_size=16",
+             f"run.output_dir={tmp_path / 'runs'}", f"run.name={kind}"],
+        )
+        result = train(cfg, cpu=True)
+        meta = read_model_metadata(result.run_dir / "model.safetensors")
+        assert meta["image_shape"] == [3, 16, 16] and meta["dataset"] == str(dataset)
+        assert meta["test_images"] == 16 and np.isfinite(result.metrics["test_neg_elbo"])
+        grid = Image.open(result.run_dir / "images" / "reconstruction_epoch001.png")
+        assert grid.mode == "RGB"
+    out = run([str(BIN / "vae-dist"), "export", str(tmp_path / "runs" / "conv"), "--variants", "none"])
+    assert "verified" in out.stdout.strip().splitlines()[-1]
+    assert "on all 16 test images" in out.stdout, out.stdout
+
+
+def test_a_data_path_that_is_not_a_prepared_dataset_is_one_line(tmp_path):
+    from vae_dist.config import load_config
+    from vae_dist.train import train
+
+    cfg = load_config("linear", [f"data.path={tmp_path}", f"run.output_dir={tmp_path / 'runs'}", "run.name=r"])
+    with pytest.raises(PrepareError, match="is not a prepared dataset .no dataset.json.; make one with"):
+        train(cfg, cpu=True)
+    assert not (tmp_path / "runs").exists()

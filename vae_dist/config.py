@@ -34,6 +34,7 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     name: str = "fashion-mnist"  # fashion-mnist | mnist
+    path: str | None = None  # a prepared dataset (vae-dist prepare): your own images; replaces `name`
     root: str | None = None  # your own IDX folder, read in place; unset: ./data, the Debian package, a download
     download: bool = True  # last resort, needs internet
     binarize: str = "none"  # none | dynamic (resample x ~ Bernoulli(pixel) every step)
@@ -160,6 +161,8 @@ def validate(cfg: Config) -> Config:
     for key in ("model.hidden_dims", "model.channels"):
         if any(v < 1 for v in get(cfg, key)):
             raise ConfigError(f"{key}: every width must be >= 1, got {get(cfg, key)!r}")
+    if cfg.data.path is not None and cfg.data.root is not None:
+        raise ConfigError("data.path (a prepared dataset) and data.root (a folder of IDX files) exclude each other")
     if cfg.model.kind == "conv" and not cfg.model.channels:
         raise ConfigError("model.channels: the conv VAE needs at least one stage")
     if cfg.train.batch_size % cfg.train.grad_accum_steps:

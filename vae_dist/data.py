@@ -64,6 +64,7 @@ FILES = {
     "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
 }
 ALL_FILES = FILES["train"] + FILES["test"]
+PREPARED_DIR = "prepared"  # <data folder>/prepared/<name>: a built-in set in the prepared format
 
 
 class DataError(UserError):
@@ -247,11 +248,40 @@ def load_split(name: str, train: bool, root: Path, subset: int = 0) -> Split:
     return Split(torch.from_numpy(array.copy()))
 
 
+def prepared_built_in(name: str, download: bool = True) -> Path:
+    """The built-in data set `name` in the prepared format, made once under the data folder."""
+    from vae_dist import prepare
+
+    folder = paths.data_dir() / PREPARED_DIR / name
+    if not (folder / prepare.INFO_FILE).is_file():
+        resolve(name, download=download)  # says where it looked when the IDX files are missing
+        prepare.prepare(name, folder, download=download)
+        log.info("prepared %s once, into %s", DATASETS[name].pretty, folder)
+    return folder
+
+
+def load_prepared(folder: Path, train: bool, subset: int = 0) -> Split:
+    """One split of a prepared dataset (checked by `prepare.read_info`), read into memory."""
+    from vae_dist import prepare
+
+    array = np.load(Path(folder) / prepare.array_file("train" if train else "test"), mmap_mode="r")
+    return Split(torch.from_numpy(np.array(array[:subset] if subset else array)))
+
+
 def load_splits(cfg) -> tuple[Split, Split]:
-    """Train and test splits for a `DataConfig`, checked to hold images of one shape."""
-    root = resolve(cfg.name, cfg.root, download=cfg.download)
-    train = load_split(cfg.name, True, root, cfg.train_subset)
-    test = load_split(cfg.name, False, root, cfg.test_subset)
+    """Train and test splits for a `DataConfig`: a prepared dataset (data.path, or the built-in
+    set prepared once), or a user's IDX folder read in place (data.root)."""
+    from vae_dist import prepare
+
+    if cfg.root:
+        root = resolve(cfg.name, cfg.root, download=cfg.download)
+        train = load_split(cfg.name, True, root, cfg.train_subset)
+        test = load_split(cfg.name, False, root, cfg.test_subset)
+    else:
+        folder = Path(cfg.path) if cfg.path else prepared_built_in(cfg.name, cfg.download)
+        prepare.read_info(folder)
+        train = load_prepared(folder, True, cfg.train_subset)
+        test = load_prepared(folder, False, cfg.test_subset)
     if train.image_shape != test.image_shape:
         raise DataError(
             f"the training images are {train.image_shape} but the test images are {test.image_shape} "
@@ -269,3 +299,26 @@ def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
 def to_float(images: torch.Tensor) -> torch.Tensor:
     """uint8 [0, 255] -> float32 [0, 1]."""
     return images.to(torch.float32).div_(255.0)
+
+
+def dataset_name(cfg) -> str:
+    """What a model file records as its data set: the built-in name, or the prepared folder."""
+    return str(cfg.path) if cfg.path else cfg.name
+
+
+def model_split(dataset: str, train: bool, where: str | Path | None = None) -> torch.Tensor:
+    """A split of the data set a model file names (`dataset_name`), uint8 [N, C, H, W]; never
+    downloads. `where` points elsewhere: the IDX folder of a built-in set, or a prepared dataset."""
+    from vae_dist import prepare
+
+    if dataset in DATASETS:
+        root = resolve(dataset, where, download=False)
+        return load_split(dataset, train, root).images
+    folder = Path(where or dataset)
+    if not (folder / prepare.INFO_FILE).is_file():
+        raise DataError(
+            f"the model was trained on the prepared dataset {dataset}, and {folder} is not one (no "
+            f"{prepare.INFO_FILE}); give the dataset's folder with --data-root"
+        )
+    prepare.read_info(folder)
+    return load_prepared(folder, train).images

@@ -265,6 +265,7 @@ def prepare(
     seed: int = 0,
     workers: int | None = None,
     force: bool = False,
+    download: bool = True,
 ) -> Prepared:
     """Prepare `source` into `out`, written whole into a temporary folder and then renamed."""
     out = Path(out)
@@ -282,7 +283,7 @@ def prepare(
     staging.mkdir()
     try:
         if source in BUILT_IN:
-            info = _prepare_built_in(source, staging, size, channels, test_source)
+            info = _prepare_built_in(source, staging, size, channels, test_source, download)
         else:
             info = _prepare_folder(
                 source,
@@ -299,11 +300,15 @@ def prepare(
             path = staging / array_file(split)
             info["files"][array_file(split)] = {"bytes": path.stat().st_size, "sha256": _sha256(path)}
         (staging / INFO_FILE).write_text(json.dumps(info, indent=1) + "\n")
-        if out.exists():  # --force: the old one goes only once the new one is complete
+        if out.exists() and force:  # the old one goes only once the new one is complete
             old = out.with_name(f".{out.name}.old-{os.getpid()}")
             os.replace(out, old)
             os.replace(staging, out)
             shutil.rmtree(old, ignore_errors=True)
+        elif out.exists() and (out / INFO_FILE).is_file():
+            # Another process (e.g. on another machine sharing the folder) finished the same
+            # preparation first: keep its copy.
+            shutil.rmtree(staging)
         else:
             os.replace(staging, out)
     except BaseException:
@@ -327,7 +332,7 @@ def _new_info(source: str, shape: tuple[int, ...], fit: Fit | None) -> dict[str,
     }
 
 
-def _prepare_built_in(name, staging, size, channels, test_source) -> dict[str, Any]:
+def _prepare_built_in(name, staging, size, channels, test_source, download) -> dict[str, Any]:
     from vae_dist import data
 
     if size is not None or channels not in (None, 1) or test_source is not None:
@@ -335,7 +340,7 @@ def _prepare_built_in(name, staging, size, channels, test_source) -> dict[str, A
             f"{name} is prepared as it is published (1x28x28, its own test split): "
             "leave out --size, --channels and --test"
         )
-    root = data.resolve(name, download=True)
+    root = data.resolve(name, download=download)
     arrays = {split: data.load_split(name, split == "train", root).images.numpy() for split in SPLITS}
     info = _new_info(name, arrays["train"].shape[1:], None)
     for split, array in arrays.items():

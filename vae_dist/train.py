@@ -393,7 +393,7 @@ def save_final_model(s: Session, metrics: dict[str, Any]) -> dict[str, Any]:
         if not metrics:
             metrics = (artifacts.read_jsonl(s.run_dir / runs.METRICS_FILE) or [{}])[-1]
         extra = {
-            "dataset": cfg.data.name,
+            "dataset": data.dataset_name(cfg.data),
             "likelihood": cfg.loss.likelihood,
             "epochs": cfg.train.epochs,
             "steps": s.state.global_step,
