@@ -1,6 +1,8 @@
 import gzip
+import os
 import struct
 
+import numpy as np
 import pytest
 import torch
 
@@ -138,3 +140,33 @@ def test_real_fashion_mnist(fashion_root):
     train, test = (data.load_split("fashion-mnist", t, fashion_root) for t in (True, False))
     assert train.images.shape == (60000, 1, 28, 28) and test.images.shape == (10000, 1, 28, 28)
     assert train.images.dtype == torch.uint8 and 60 < train.images.float().mean() < 80
+
+
+def test_rows_read_from_disk_equal_rows_held_in_memory(tmp_path):
+    """A split left on disk gives exactly the rows of the same split held in memory, in the order
+    asked for (repeats and any order included), and prefetching changes nothing."""
+    rng = np.random.default_rng(0)
+    array = rng.integers(0, 256, (50, 3, 5, 7), dtype=np.uint8)
+    np.save(tmp_path / "train.npy", array)
+    mapped = data.MappedSplit(tmp_path / "train.npy", 50, (3, 5, 7))
+    memory = data.Split(torch.from_numpy(array))
+    lists = [torch.tensor([49, 0, 7, 7, 3]), torch.randperm(50), torch.tensor([], dtype=torch.long)]
+    cpu = torch.device("cpu")
+    for indices in lists:
+        assert torch.equal(mapped.rows(indices, cpu), memory.rows(indices, cpu))
+    for a, b in zip(data.prefetched(mapped, lists, cpu), data.prefetched(memory, lists, cpu), strict=True):
+        assert torch.equal(a, b)
+    os.truncate(tmp_path / "train.npy", (tmp_path / "train.npy").stat().st_size - 100)  # cut while open
+    with pytest.raises(DataError, match="is shorter than its header says"):
+        mapped.rows(torch.tensor([49]), cpu)
+    with pytest.raises(DataError, match="train.npy cannot be read"):
+        data.MappedSplit(tmp_path / "train.npy", 50, (3, 5, 7))
+
+
+@pytest.mark.parametrize("in_memory, limit, kind", [("always", 0, "Split"), ("never", 1e9, "MappedSplit"),
+                                                    ("auto", 0.01, "MappedSplit"), ("auto", 1.0, "Split")])
+def test_where_a_split_is_read_from(tmp_path, in_memory, limit, kind):
+    np.save(tmp_path / "train.npy", np.zeros((20, 1, 28, 28), np.uint8))  # 15.3 KiB
+    split = data.load_prepared(tmp_path, True, 0, in_memory, limit)
+    assert type(split).__name__ == kind and len(split) == 20
+    assert len(data.load_prepared(tmp_path, True, 5, in_memory, limit)) == 5

@@ -105,6 +105,17 @@ def test_evaluation_is_exact_across_world_sizes(one_process, two_processes):
     assert abs(m1["test_neg_elbo"] - m2["test_neg_elbo"]) <= 1e-4
 
 
+def test_two_processes_reading_from_disk_train_the_same_model(tmp_path, one_process):
+    """Each process reads only its own rows of each batch from the prepared files."""
+    run(launch_cmd(2, [*PARITY, "--set", "data.in_memory=never", "--output-dir", str(tmp_path), "--name", "r"]))
+    diff = relative_l2(weights(one_process / "model.safetensors"), weights(tmp_path / "r" / "model.safetensors"))
+    print(f"1 process in memory vs 2 processes reading from disk: relative L2 {diff:.3e}")
+    assert diff <= 1e-5
+    assert metrics(tmp_path / "r")[-1]["test_neg_elbo"] == pytest.approx(
+        metrics(one_process)[-1]["test_neg_elbo"], abs=1e-4
+    )
+
+
 def _start(nproc: int, args: list[str]) -> subprocess.Popen:
     return subprocess.Popen(
         launch_cmd(nproc, args),
@@ -142,11 +153,17 @@ def _step(run_dir: Path) -> int:
 
 
 @pytest.mark.parametrize(
-    "nproc,point",
-    [(1, "first checkpoint"), (1, "first epoch logged"), (2, "mid second epoch")],
+    "nproc,point,reading",
+    [
+        (1, "first checkpoint", "always"),
+        (1, "first epoch logged", "always"),
+        (2, "mid second epoch", "always"),
+        (1, "first checkpoint", "never"),  # rows read from disk; compared with the in-memory run
+    ],
 )
-def test_sigkill_then_resume_gives_the_same_weights(tmp_path, uninterrupted, nproc, point):
+def test_sigkill_then_resume_gives_the_same_weights(tmp_path, uninterrupted, nproc, point, reading):
     run_dir = tmp_path / "r"
+    args = [*RESUME, "--set", f"data.in_memory={reading}"]
     ready = {
         "first checkpoint": lambda: _step(run_dir) >= 10,
         "first epoch logged": lambda: (
@@ -154,13 +171,13 @@ def test_sigkill_then_resume_gives_the_same_weights(tmp_path, uninterrupted, npr
         ),
         "mid second epoch": lambda: _step(run_dir) >= 50,
     }[point]
-    _kill_when(_start(nproc, [*RESUME, "--output-dir", str(tmp_path), "--name", "r"]), ready)
+    _kill_when(_start(nproc, [*args, "--output-dir", str(tmp_path), "--name", "r"]), ready)
     assert not (run_dir / "model.safetensors").exists(), "the run finished before the kill"
     killed_at = _step(run_dir)
     if point == "first epoch logged":  # by path, with the configuration saved in the run
         run(launch_cmd(nproc, ["--resume", str(run_dir)]))
     else:
-        run(launch_cmd(nproc, [*RESUME, "--output-dir", str(tmp_path), "--name", "r", "--resume", "auto"]))
+        run(launch_cmd(nproc, [*args, "--output-dir", str(tmp_path), "--name", "r", "--resume", "auto"]))
 
     a = weights(uninterrupted[nproc] / "model.safetensors")
     b = weights(run_dir / "model.safetensors")

@@ -228,3 +228,18 @@ def test_a_run_name_is_one_plain_folder_name(tmp_path, name):
     with pytest.raises(runs.ResumeError, match="not a plain folder name"):
         train(cfg, cpu=True)
     assert not any(tmp_path.rglob("*.yaml"))
+
+
+def test_reading_from_disk_trains_bitwise_the_same_model_as_reading_from_memory(tmp_path):
+    results = {}
+    for mode in ("always", "never"):
+        cfg = load_config(
+            "conv",
+            ["train.epochs=1", *SMALL, f"data.in_memory={mode}", f"run.output_dir={tmp_path}", f"run.name={mode}"],
+        )
+        results[mode] = train(cfg, cpu=True)
+    a, b = (results[m].model.state_dict() for m in ("always", "never"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert results["always"].metrics["test_neg_elbo"] == results["never"].metrics["test_neg_elbo"]
+    grids = [(tmp_path / m / "images" / "reconstruction_epoch000.png").read_bytes() for m in ("always", "never")]
+    assert grids[0] == grids[1]

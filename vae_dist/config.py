@@ -35,6 +35,8 @@ class ModelConfig:
 class DataConfig:
     name: str = "fashion-mnist"  # fashion-mnist | mnist
     path: str | None = None  # a prepared dataset (vae-dist prepare): your own images; replaces `name`
+    in_memory: str = "auto"  # auto | always | never: hold a split in memory, or read its rows from disk
+    memory_limit_mb: float = 2048  # auto: a split larger than this is read from disk, batch by batch
     root: str | None = None  # your own IDX folder, read in place; unset: ./data, the Debian package, a download
     download: bool = True  # last resort, needs internet
     binarize: str = "none"  # none | dynamic (resample x ~ Bernoulli(pixel) every step)
@@ -87,6 +89,7 @@ CHOICES = {
     "model.kind": ("linear", "conv"),
     "data.name": ("fashion-mnist", "mnist"),
     "data.binarize": ("none", "dynamic"),
+    "data.in_memory": ("auto", "always", "never"),
     "loss.likelihood": ("bernoulli", "gaussian"),
     "train.mixed_precision": ("no", "fp16", "bf16"),
 }
@@ -100,6 +103,7 @@ POSITIVE = (
     "train.grid_images",
     "train.grid_samples",
     "train.keep_checkpoints",
+    "data.memory_limit_mb",
 )
 NON_NEGATIVE = (
     "loss.beta",

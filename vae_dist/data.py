@@ -11,6 +11,7 @@ data folder), then torchvision's download into the data folder.
 from __future__ import annotations
 
 import gzip
+import hashlib
 import logging
 import math
 import os
@@ -19,6 +20,7 @@ import socket
 import struct
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -225,7 +227,7 @@ def images_file(name: str, train: bool, root: Path) -> Path:
 
 @dataclass
 class Split:
-    """One split as uint8 [N, C, H, W]."""
+    """One split held in memory as uint8 [N, C, H, W] (on the training device once moved)."""
 
     images: torch.Tensor
 
@@ -235,6 +237,102 @@ class Split:
 
     def __len__(self) -> int:
         return self.images.shape[0]
+
+    def to(self, device: torch.device) -> Split:
+        return Split(self.images.to(device))
+
+    def rows(self, indices: torch.Tensor, device: torch.device) -> torch.Tensor:
+        """Images `indices`, in that order, uint8 on `device`."""
+        return self.images[indices.to(self.images.device)].to(device)
+
+
+class MappedSplit:
+    """One split of a prepared dataset left on disk: each read takes only the rows asked for, with
+    positioned reads (the file is never mapped, so none of it counts as this process's memory but
+    the rows in flight). Reads go in file order and land in pinned memory when the device is a GPU."""
+
+    def __init__(self, path: Path, count: int, shape: tuple[int, int, int]):
+        self.path, self.count, self.shape = Path(path), count, tuple(shape)
+        try:
+            array = np.load(self.path, mmap_mode="r")  # only to learn where the rows start
+        except (OSError, ValueError) as e:
+            raise DataError(f"{self.path} cannot be read ({str(e).splitlines()[0]}); prepare it again") from None
+        self.offset = array.offset
+        self.row_bytes = math.prod(self.shape)
+        del array
+        self.fd = os.open(self.path, os.O_RDONLY)
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return self.shape
+
+    def __len__(self) -> int:
+        return self.count
+
+    def to(self, device: torch.device) -> MappedSplit:
+        return self
+
+    def rows(self, indices: torch.Tensor, device: torch.device) -> torch.Tensor:
+        out = torch.empty((len(indices), *self.shape), dtype=torch.uint8, pin_memory=device.type == "cuda")
+        self.read_into(indices.cpu().numpy(), out)
+        return out.to(device, non_blocking=True)
+
+    def read_into(self, wanted: np.ndarray, out: torch.Tensor) -> None:
+        """Rows `wanted` into the uint8 CPU tensor `out` [len(wanted), C, H, W]; allocates nothing."""
+        buffer = out.numpy().reshape(len(wanted), self.row_bytes)
+        for pos in np.argsort(wanted, kind="stable"):  # in file order
+            got = os.preadv(self.fd, [buffer[pos]], self.offset + int(wanted[pos]) * self.row_bytes)
+            if got != self.row_bytes:
+                raise DataError(f"{self.path} is shorter than its header says (row {wanted[pos]}); prepare it again")
+
+    def __del__(self):
+        fd = getattr(self, "fd", None)
+        if fd is not None:
+            os.close(fd)
+
+
+AnySplit = Split | MappedSplit  # what training, evaluation and the grids read rows from
+
+
+def prefetched(split: AnySplit, index_lists, device: torch.device):
+    """The rows of each index list in turn. For a split on disk, the next list's rows are read in a
+    background thread (positioned reads release the GIL) while the current ones are used, into two
+    buffers allocated once and used in turn: the process's memory does not grow with the steps. On
+    a GPU the buffers are pinned and copied without blocking; a buffer is refilled only once its
+    last copy is done. So each batch is valid until the next one is asked for."""
+    if isinstance(split, Split):
+        for indices in index_lists:
+            yield split.rows(indices, device)
+        return
+    from concurrent.futures import ThreadPoolExecutor
+
+    cuda = device.type == "cuda"
+    buffers: list[torch.Tensor | None] = [None, None]
+    copied: list[Any] = [None, None]  # the CUDA event after each buffer's last copy
+
+    def finish(slot: int, reading, rows: torch.Tensor) -> torch.Tensor:
+        reading.result()
+        out = rows.to(device, non_blocking=True)
+        if cuda:
+            copied[slot] = torch.cuda.Event()
+            copied[slot].record()
+        return out
+
+    with ThreadPoolExecutor(1, thread_name_prefix="prefetch") as pool:
+        pending, slot = None, 0
+        for indices in index_lists:
+            wanted = indices.cpu().numpy()
+            if buffers[slot] is None or buffers[slot].shape[0] < len(wanted):
+                buffers[slot] = torch.empty((len(wanted), *split.shape), dtype=torch.uint8, pin_memory=cuda)
+            if copied[slot] is not None:
+                copied[slot].synchronize()
+            rows = buffers[slot][: len(wanted)]
+            ahead = (slot, pool.submit(split.read_into, wanted, rows), rows)
+            if pending is not None:
+                yield finish(*pending)
+            pending, slot = ahead, 1 - slot
+        if pending is not None:
+            yield finish(*pending)
 
 
 def load_split(name: str, train: bool, root: Path, subset: int = 0) -> Split:
@@ -260,12 +358,19 @@ def prepared_built_in(name: str, download: bool = True) -> Path:
     return folder
 
 
-def load_prepared(folder: Path, train: bool, subset: int = 0) -> Split:
-    """One split of a prepared dataset (checked by `prepare.read_info`), read into memory."""
+def load_prepared(folder: Path, train: bool, subset: int = 0, in_memory: str = "always", limit_mb: float = 0):
+    """One split of a prepared dataset (checked by `prepare.read_info`): read into memory (a
+    `Split`), or left on disk (a `MappedSplit`) when `in_memory` is "never", or "auto" and the
+    split is larger than `limit_mb`."""
     from vae_dist import prepare
 
-    array = np.load(Path(folder) / prepare.array_file("train" if train else "test"), mmap_mode="r")
-    return Split(torch.from_numpy(np.array(array[:subset] if subset else array)))
+    path = Path(folder) / prepare.array_file("train" if train else "test")
+    array = np.load(path, mmap_mode="r")
+    count = min(subset, len(array)) if subset else len(array)
+    size_mb = count * math.prod(array.shape[1:]) / 2**20
+    if in_memory == "never" or (in_memory == "auto" and size_mb > limit_mb):
+        return MappedSplit(path, count, array.shape[1:])
+    return Split(torch.from_numpy(np.array(array[:count])))
 
 
 def load_splits(cfg) -> tuple[Split, Split]:
@@ -280,8 +385,8 @@ def load_splits(cfg) -> tuple[Split, Split]:
     else:
         folder = Path(cfg.path) if cfg.path else prepared_built_in(cfg.name, cfg.download)
         prepare.read_info(folder)
-        train = load_prepared(folder, True, cfg.train_subset)
-        test = load_prepared(folder, False, cfg.test_subset)
+        train = load_prepared(folder, True, cfg.train_subset, cfg.in_memory, cfg.memory_limit_mb)
+        test = load_prepared(folder, False, cfg.test_subset, cfg.in_memory, cfg.memory_limit_mb)
     if train.image_shape != test.image_shape:
         raise DataError(
             f"the training images are {train.image_shape} but the test images are {test.image_shape} "
@@ -299,6 +404,21 @@ def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
 def to_float(images: torch.Tensor) -> torch.Tensor:
     """uint8 [0, 255] -> float32 [0, 1]."""
     return images.to(torch.float32).div_(255.0)
+
+
+def dataset_digest(cfg) -> str:
+    """What identifies the data a run reads, cheaply: the sha256 of dataset.json (which holds each
+    array's size and sha256), or of the IDX files' names and sizes for data.root."""
+    from vae_dist import prepare
+
+    if cfg.root:
+        root = resolve(cfg.name, cfg.root, download=False)
+        files = [images_file(cfg.name, t, root) for t in (True, False)]
+        text = repr([(p.name, p.stat().st_size) for p in files])
+    else:
+        folder = Path(cfg.path) if cfg.path else paths.data_dir() / PREPARED_DIR / cfg.name
+        text = (folder / prepare.INFO_FILE).read_text()
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def dataset_name(cfg) -> str:

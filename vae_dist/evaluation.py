@@ -22,7 +22,7 @@ def evaluation_noise(n: int, latent_dim: int, seed: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def evaluate(accelerator: Accelerator, model: VAE, test: data.Split, cfg: Config) -> dict[str, float]:
+def evaluate(accelerator: Accelerator, model: VAE, test: data.AnySplit, cfg: Config) -> dict[str, float]:
     """-ELBO on exactly the whole test split, whatever the number of processes.
 
     Each process takes a contiguous share, padded to equal length; every row carries its image
@@ -38,7 +38,7 @@ def evaluate(accelerator: Accelerator, model: VAE, test: data.Split, cfg: Config
     model.eval()
     for lo in range(0, per, cfg.train.eval_batch_size):
         idx = share[lo : lo + cfg.train.eval_batch_size]
-        x = data.to_float(test.images[idx.to(test.images.device)])
+        x = data.to_float(test.rows(idx, accelerator.device))
         logits, mu, logvar = model(x, eps[idx].to(x.device))
         t = negative_elbo(logits, x, mu, logvar, 1.0, cfg.loss.likelihood)
         index = torch.where(valid[lo : lo + len(idx)], idx, -1).to(x.device, torch.float64)
@@ -57,11 +57,11 @@ def evaluate(accelerator: Accelerator, model: VAE, test: data.Split, cfg: Config
 
 
 @torch.no_grad()
-def write_grids(model: VAE, test: data.Split, cfg: Config, images_dir: Path, epoch: int, device) -> None:
+def write_grids(model: VAE, test: data.AnySplit, cfg: Config, images_dir: Path, epoch: int, device) -> None:
     """Test images above their reconstructions (the decoder's mean at the posterior mean), and
     samples from the prior (the same latents every epoch)."""
     model.eval()
-    x = data.to_float(test.images[: cfg.train.grid_images].to(device))
+    x = data.to_float(test.rows(torch.arange(min(cfg.train.grid_images, len(test))), device))
     mu, _ = model.encode(x)
     recon = torch.sigmoid(model.decode(mu))
     artifacts.save_reconstruction_grid(images_dir / f"reconstruction_epoch{epoch:03d}.png", x, recon)

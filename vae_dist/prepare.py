@@ -296,21 +296,49 @@ def prepare(
                 seed,
                 workers or os.cpu_count() or 1,
             )
-        for split in SPLITS:
-            path = staging / array_file(split)
-            info["files"][array_file(split)] = {"bytes": path.stat().st_size, "sha256": _sha256(path)}
-        (staging / INFO_FILE).write_text(json.dumps(info, indent=1) + "\n")
-        if out.exists() and force:  # the old one goes only once the new one is complete
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            os.replace(out, old)
-            os.replace(staging, out)
-            shutil.rmtree(old, ignore_errors=True)
-        elif out.exists() and (out / INFO_FILE).is_file():
-            # Another process (e.g. on another machine sharing the folder) finished the same
-            # preparation first: keep its copy.
-            shutil.rmtree(staging)
-        else:
-            os.replace(staging, out)
+        _publish(staging, out, info, force)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return Prepared(out, info)
+
+
+def _publish(staging: Path, out: Path, info: dict[str, Any], force: bool) -> None:
+    """Record each array's size and sha256 in dataset.json, then put the folder in place."""
+    for split in SPLITS:
+        path = staging / array_file(split)
+        info["files"][array_file(split)] = {"bytes": path.stat().st_size, "sha256": _sha256(path)}
+    (staging / INFO_FILE).write_text(json.dumps(info, indent=1) + "\n")
+    if out.exists() and force:  # the old one goes only once the new one is complete
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        os.replace(out, old)
+        os.replace(staging, out)
+        shutil.rmtree(old, ignore_errors=True)
+    elif out.exists() and (out / INFO_FILE).is_file():
+        # Another process (e.g. on another machine sharing the folder) finished the same
+        # preparation first: keep its copy.
+        shutil.rmtree(staging)
+    else:
+        os.replace(staging, out)
+
+
+def from_arrays(out: Path, train: np.ndarray, test: np.ndarray, source: str = "arrays") -> Prepared:
+    """A prepared dataset made from two uint8 [N, C, H, W] arrays (e.g. memory-mapped ones), for
+    images that already are rows: written whole into a temporary folder and renamed."""
+    out = Path(out)
+    if out.exists():
+        raise PrepareError(f"{out} already exists; choose another folder")
+    if train.dtype != np.uint8 or test.dtype != np.uint8 or train.ndim != 4 or train.shape[1:] != test.shape[1:]:
+        raise PrepareError("from_arrays needs two uint8 arrays [N, C, H, W] of one image shape")
+    staging = out.with_name(f".{out.name}.partial-{os.getpid()}")
+    staging.mkdir(parents=True)
+    try:
+        info = _new_info(source, train.shape[1:], None)
+        info["split"] = {"how": "given"}
+        for split, array in (("train", train), ("test", test)):
+            _write_split(staging / array_file(split), array, np.arange(len(array)))
+            info["counts"][split] = len(array)
+        _publish(staging, out, info, force=False)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

@@ -42,7 +42,14 @@ CHECKPOINT_MODEL_FILE = "model.safetensors"
 OPTIMIZER_FILE = "optimizer.bin"
 CHECKPOINT_RE = re.compile(r"^step-(\d{8})$")
 # Keys that may change when a run is resumed; any other difference is refused.
-RESUMABLE_CHANGES = {"train.epochs", "train.checkpoint_every", "train.keep_checkpoints", "train.eval_batch_size"}
+RESUMABLE_CHANGES = {
+    "train.epochs",
+    "train.checkpoint_every",
+    "train.keep_checkpoints",
+    "train.eval_batch_size",
+    "data.in_memory",  # where the rows are read from, not what they hold
+    "data.memory_limit_mb",
+}
 
 
 class ResumeError(UserError):

@@ -227,14 +227,14 @@ class Session:
     model: torch.nn.Module  # as prepared by Accelerate (DDP-wrapped under several processes)
     core: VAE  # the same model, unwrapped
     optimizer: torch.optim.Optimizer
-    train_images: torch.Tensor  # uint8 [N, C, H, W] on the device
-    test: data.Split  # on the device
+    train: data.AnySplit  # uint8 [N, C, H, W], on the device or read from disk
+    test: data.AnySplit
     stop: StopRequest
     state: runs.TrainerState = field(default_factory=runs.TrainerState)
 
     @property
     def steps_per_epoch(self) -> int:
-        return self.train_images.shape[0] // self.cfg.train.batch_size
+        return len(self.train) // self.cfg.train.batch_size
 
 
 def start_or_resume(accelerator: Accelerator, cfg: Config, run_dir: Path, checkpoint: Path | None) -> Session:
@@ -242,6 +242,16 @@ def start_or_resume(accelerator: Accelerator, cfg: Config, run_dir: Path, checkp
     the run folder's files (metrics of epochs that will run again are dropped)."""
     with accelerator.local_main_process_first():  # one copy or download per machine
         train_split, test_split = data.load_splits(cfg.data)
+    if accelerator.num_processes > 1:  # copies on several machines must be the same data
+        from accelerate.utils import gather_object
+
+        digests = gather_object([data.dataset_digest(cfg.data)])
+        if len(set(digests)) > 1:
+            other = next(i for i, d in enumerate(digests) if d != digests[0])
+            raise data.DataError(
+                f"process {other} reads other data than process 0 (their {cfg.data.path or 'data set'} differs); "
+                "give every machine the same copy (vae-dist prepare --check DIR on each)"
+            )
     if len(train_split) < cfg.train.batch_size:
         raise ConfigError(
             f"train.batch_size ({cfg.train.batch_size}) is larger than the training split ({len(train_split)} images)"
@@ -257,8 +267,8 @@ def start_or_resume(accelerator: Accelerator, cfg: Config, run_dir: Path, checkp
         model,
         accelerator.unwrap_model(model),
         optimizer,
-        train_split.images.to(device),
-        data.Split(test_split.images.to(device)),
+        train_split.to(device),
+        test_split.to(device),
         StopRequest(accelerator),
     )
     if checkpoint:
@@ -307,10 +317,10 @@ def train_epoch(s: Session, epoch: int) -> dict[str, Any]:
     micro = B // accum  # images per micro-step, all processes together
     local = micro // world
     dynamic = cfg.data.binarize == "dynamic"
-    image_shape = tuple(s.train_images.shape[1:])
+    image_shape = s.train.image_shape
     steps = s.steps_per_epoch
 
-    order = data.epoch_order(len(s.train_images), cfg.train.seed, epoch).to(device)
+    order = data.epoch_order(len(s.train), cfg.train.seed, epoch)
     # A resumed epoch's partial sum is the global one: it is counted once, on rank 0.
     loss_sum = torch.tensor(state.epoch_loss_sum if rank == 0 else 0.0, dtype=torch.float64, device=device)
     images_seen = state.epoch_images
@@ -322,18 +332,23 @@ def train_epoch(s: Session, epoch: int) -> dict[str, Any]:
         dynamic_ncols=True,
         disable=not acc.is_local_main_process or not sys.stderr.isatty(),
     )
-    for step in range(state.step_in_epoch, steps):
-        beta = kl_weight(cfg.loss.beta, cfg.loss.kl_warmup_steps, state.global_step)
+    mine = [slice(m * micro + rank * local, m * micro + (rank + 1) * local) for m in range(accum)]
+
+    def my_rows(step: int) -> torch.Tensor:  # this process's images of the step, micro-batch after micro-batch
         batch = order[step * B : (step + 1) * B]
+        return torch.cat([batch[part] for part in mine])
+
+    todo = range(state.step_in_epoch, steps)
+    for step, rows in zip(todo, data.prefetched(s.train, map(my_rows, todo), device)):
+        beta = kl_weight(cfg.loss.beta, cfg.loss.kl_warmup_steps, state.global_step)
         gen = generator(cfg.train.seed, Stream.STEP_NOISE, state.global_step)
         eps = torch.randn(B, s.core.latent_dim, generator=gen)
         uniform = torch.rand(B, *image_shape, generator=gen) if dynamic else None
         for m in range(accum):
-            mine = slice(m * micro + rank * local, m * micro + (rank + 1) * local)
-            x = data.to_float(s.train_images[batch[mine]])
+            x = data.to_float(rows[m * local : (m + 1) * local])
             if dynamic:
-                x = (uniform[mine].to(device) < x).to(x.dtype)
-            terms = micro_step(acc, s.model, s.optimizer, x, eps[mine].to(device), beta, cfg.loss.likelihood)
+                x = (uniform[mine[m]].to(device) < x).to(x.dtype)
+            terms = micro_step(acc, s.model, s.optimizer, x, eps[mine[m]].to(device), beta, cfg.loss.likelihood)
             loss_sum += terms.loss.detach().sum()
         images_seen += B
         state.global_step += 1
