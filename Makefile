@@ -15,7 +15,7 @@ RUN     ?=
 # The folders the commands use (vae_dist/paths.py): runs under $(RUNS), data under ./data.
 export VAE_DIST_RUNS := $(RUNS)
 
-.PHONY: setup data train train-ddp demo export verify sample test test-fast lint bench bench-infer clean
+.PHONY: setup data emoji train train-ddp demo export verify sample test test-fast lint bench bench-infer clean
 
 setup: $(VENV)/.installed
 
@@ -33,6 +33,19 @@ data: setup
 	    { apt-get update -q >/dev/null && apt-get install -y -q dataset-fashion-mnist; } || true; \
 	  fi; }
 	$(BIN)/vae-dist data --dataset $(DATASET)
+
+# A real colour image set for the worked example and the tests: Twemoji's 64x64 PNGs (CC-BY 4.0)
+# from the npm package emoji-datasource-twitter (MIT), unpacked into $(EMOJI).
+EMOJI         ?= data/emoji-twitter-64
+EMOJI_PACKAGE ?= emoji-datasource-twitter@16.0.0
+emoji: $(EMOJI)/.complete
+$(EMOJI)/.complete:
+	@command -v npm >/dev/null || { echo "error: npm is needed to fetch $(EMOJI_PACKAGE) (apt-get install npm)" >&2; exit 2; }
+	rm -rf $(EMOJI) $(EMOJI).partial && mkdir -p $(EMOJI).partial
+	cd $(EMOJI).partial && npm pack -q $(EMOJI_PACKAGE) >/dev/null && \
+	  tar xzf emoji-datasource-twitter-*.tgz package/img/twitter/64 package/LICENSE
+	mv $(EMOJI).partial/package/img/twitter/64 $(EMOJI).images && mv $(EMOJI).partial/package/LICENSE $(EMOJI).LICENSE
+	rm -rf $(EMOJI).partial && mv $(EMOJI).images $(EMOJI) && touch $@
 
 train: data
 	$(BIN)/vae-dist train --config $(CONFIG) --output-dir $(RUNS) $(ARGS)
@@ -72,13 +85,13 @@ sample: setup
 	$(SAMPLER) interpolate $(if $(RUN),--model-dir $(RUN)) --idx "$$test_idx" --pair 0 1 --out $(SAMPLES)/interpolation.png
 
 # Everything, nothing skipped (CI runs this); then the linter.
-test: data
+test: data emoji
 	$(BIN)/ruff check .
 	$(BIN)/pytest -q
 
 # The edit-test loop: leaves out the tests marked slow (accelerate launches, multi-process and
 # end-to-end training runs, a package install, the benchmark run).
-test-fast: data
+test-fast: data emoji
 	$(BIN)/ruff check .
 	$(BIN)/pytest -q -m "not slow"
 

@@ -22,3 +22,11 @@ def test_images(fashion_root) -> np.ndarray:
     from vae_dist import data
 
     return data.load_split("fashion-mnist", False, fashion_root, subset=10).images.numpy()
+
+
+@pytest.fixture(scope="session")
+def emoji_dir() -> Path:
+    """Twemoji's 64x64 PNGs, which `make test` fetches into data/emoji-twitter-64 (Makefile: EMOJI)."""
+    folder = Path(__file__).resolve().parents[1] / "data" / "emoji-twitter-64"
+    assert (folder / ".complete").is_file(), f"{folder} is missing: run `make emoji`"
+    return folder

@@ -328,3 +328,15 @@ def test_a_dataset_larger_than_the_memory_limit_trains_within_it(tmp_path):
     print(f"peak RssAnon: tiny dataset {baseline} MiB, 300 MB from disk {on_disk} MiB, in memory {in_memory} MiB")
     assert on_disk <= baseline + 64
     assert in_memory >= baseline + 250  # the measure does see a split held in memory
+
+
+def test_the_real_colour_set_is_prepared(tmp_path, emoji_dir):
+    """Twemoji's PNGs (RGBA and palette images, 64x64): every file read, transparency over white."""
+    result = prepare(str(emoji_dir), tmp_path / "emoji", workers=2)
+    info = result.info
+    assert info["shape"] == [3, 64, 64] and info["skipped"] == []
+    assert info["counts"]["train"] + info["counts"]["test"] + info["duplicates"] == 3786
+    assert info["counts"]["test"] == round(0.1 * (3786 - info["duplicates"]))
+    test = np.load(tmp_path / "emoji" / "test.npy", mmap_mode="r")
+    assert (test[:, :, 0, 0] == 255).all(axis=1).mean() > 0.5  # most corners are transparent: white
+    assert 100 < test.mean() < 230

@@ -140,8 +140,13 @@ def _decode_chunk(args: tuple[list[str], Fit]) -> list[tuple[np.ndarray | None, 
 
 
 def find_images(source: Path) -> tuple[list[Path], list[dict[str, str]]]:
-    """Candidate image files under `source` (recursive, sorted by path), and the other files."""
-    files = sorted((p for p in source.rglob("*") if p.is_file()), key=lambda p: p.relative_to(source).as_posix())
+    """Candidate image files under `source` (recursive, sorted by path), and the other files.
+    Hidden files and folders (names starting with '.') are left out."""
+    files = sorted(
+        (p for p in source.rglob("*") if p.is_file() and not any(part.startswith(".") for part in
+                                                                   p.relative_to(source).parts)),
+        key=lambda p: p.relative_to(source).as_posix(),
+    )
     images = [p for p in files if p.suffix.lower() in IMAGE_SUFFIXES]
     others = [
         {"path": p.relative_to(source).as_posix(), "reason": "not a PNG, JPEG, WebP, BMP or GIF file name"}

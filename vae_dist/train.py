@@ -291,9 +291,9 @@ def start_or_resume(accelerator: Accelerator, cfg: Config, run_dir: Path, checkp
 
     on_main(accelerator, "writing the run folder", write_run_files)  # the first write to the run folder
     log.info(
-        f"run {run_dir}: {cfg.model.kind} VAE on {cfg.data.name} {train_split.image_shape}, {len(train_split)} train / "
-        f"{len(test_split)} test images, {accelerator.num_processes} process(es) on {device}, "
-        f"{session.steps_per_epoch} steps/epoch",
+        f"run {run_dir}: {cfg.model.kind} VAE on {data.dataset_name(cfg.data)} {train_split.image_shape}, "
+        f"{len(train_split)} train / {len(test_split)} test images, "
+        f"{accelerator.num_processes} process(es) on {device}, {session.steps_per_epoch} steps/epoch",
         main_process_only=True,
     )
     return session
