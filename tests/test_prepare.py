@@ -260,6 +260,7 @@ def test_training_and_export_on_a_prepared_colour_folder(tmp_path):
         meta = read_model_metadata(result.run_dir / "model.safetensors")
         assert meta["image_shape"] == [3, 16, 16] and meta["dataset"] == str(dataset)
         assert meta["test_images"] == 16 and np.isfinite(result.metrics["test_neg_elbo"])
+        assert meta["fit"] == {"size": [16, 16], "channels": 3, "fit": "crop", "background": 255}
         grid = Image.open(result.run_dir / "images" / "reconstruction_epoch001.png")
         assert grid.mode == "RGB"
     out = run([str(BIN / "vae-dist"), "export", str(tmp_path / "runs" / "conv"), "--variants", "none"])

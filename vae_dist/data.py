@@ -421,6 +421,17 @@ def dataset_digest(cfg) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
+def dataset_fit(cfg) -> dict[str, Any] | None:
+    """How the dataset's images were fitted (size, channels, policy, background), for a model file
+    to record: what a new image must go through to be fed to the model. None for a data set
+    stored as published."""
+    from vae_dist import prepare
+
+    if not cfg.path:
+        return None
+    return prepare.read_info(Path(cfg.path)).get("fit")
+
+
 def dataset_name(cfg) -> str:
     """What a model file records as its data set: the built-in name, or the prepared folder."""
     return str(cfg.path) if cfg.path else cfg.name

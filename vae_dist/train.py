@@ -414,6 +414,7 @@ def save_final_model(s: Session, metrics: dict[str, Any]) -> dict[str, Any]:
             "steps": s.state.global_step,
             "test_neg_elbo": metrics.get("test_neg_elbo"),
             "test_images": len(s.test),  # what test_neg_elbo was measured on (data.test_subset)
+            "fit": data.dataset_fit(cfg.data),  # how images were made rows (vae-dist prepare), or None
             "eval_seed": cfg.train.eval_seed,  # export verification draws the same evaluation noise
             "versions": {"torch": torch.__version__, "vae_dist": _version()},
         }
