@@ -99,6 +99,7 @@ class Model:
     variant: str = "fp32"  # as the manifest names it
     status: str = "verified"
     reasons: tuple[str, ...] = ()
+    fit: dict[str, Any] | None = None  # how images become rows (vae-dist prepare); None: as published
 
     def run(self, inputs: np.ndarray) -> list[np.ndarray]:
         """All outputs, computed in chunks so that large inputs do not need large buffers."""
@@ -243,6 +244,10 @@ def load_model(path: Path, role: str, threads: int, allow_rejected: bool = False
         raise SampleError(f"{path} lacks valid latent_dim/image_shape metadata") from None
     if len(image_shape) != 3:
         raise SampleError(f"{path}: image_shape metadata {list(image_shape)} is not [C, H, W]")
+    try:
+        fit = json.loads(meta.get("fit") or "null")
+    except ValueError:
+        raise SampleError(f"{path} has damaged fit metadata") from None
     manifest, variant, entry = vouched or check_verified(path, allow_rejected)
     source = (manifest.get("source") or {}).get("sha256")
     return Model(
@@ -255,6 +260,7 @@ def load_model(path: Path, role: str, threads: int, allow_rejected: bool = False
         variant,
         entry.get("status", "verified"),
         tuple(entry.get("reasons") or ()),
+        fit if isinstance(fit, dict) else None,
     )
 
 
@@ -316,8 +322,51 @@ def load_models(args: argparse.Namespace, roles: tuple[str, ...]) -> dict[str, M
 # ---------------------------------------------------------------- images in
 
 
-def read_png(path: Path, shape: tuple[int, int, int]) -> np.ndarray:
-    """One image as float32 [C, H, W] in [0, 1]; it must already have the model's size."""
+# The conversion of vae_dist.prepare.fit_image, repeated here because this file imports nothing of
+# the project (tests/test_sample.py checks that both give the same pixels); docs/data.md.
+GREY_16_BIT = ("I", "I;16", "I;16B", "I;16L")
+
+
+def fit_pixels(img, fit: dict[str, Any]) -> np.ndarray:
+    """A PIL image as uint8 [C, H, W], converted and fitted as `vae-dist prepare` did (`fit`)."""
+    from PIL import Image, ImageOps
+
+    (h, w), c, policy, bg = fit["size"], fit["channels"], fit["fit"], fit["background"]
+    img = ImageOps.exif_transpose(img)
+    if img.mode in GREY_16_BIT:
+        values = np.asarray(img, dtype=np.int64).clip(0, 65535)
+        img = Image.fromarray(((values * 255 + 32767) // 65535).astype(np.uint8), "L")
+    elif img.mode == "F":
+        img = Image.fromarray(np.asarray(img, dtype=np.float32).clip(0, 255).round().astype(np.uint8), "L")
+    if img.mode in ("RGBA", "LA", "PA") or "transparency" in img.info:
+        img = img.convert("RGBA")
+        img = Image.alpha_composite(Image.new("RGBA", img.size, (bg, bg, bg, 255)), img)
+    img = img.convert("L" if c == 1 else "RGB")
+    iw, ih = img.size
+    if policy == "crop":
+        if iw * h > ih * w:
+            cw = max(1, round(ih * w / h))
+            box = ((iw - cw) // 2, 0, (iw - cw) // 2 + cw, ih)
+        else:
+            ch = max(1, round(iw * h / w))
+            box = (0, (ih - ch) // 2, iw, (ih - ch) // 2 + ch)
+        img = img.resize((w, h), Image.Resampling.LANCZOS, box=box)
+    elif policy == "pad":
+        scale = min(w / iw, h / ih)
+        inner = (max(1, round(iw * scale)), max(1, round(ih * scale)))
+        canvas = Image.new(img.mode, (w, h), bg if img.mode == "L" else (bg, bg, bg))
+        canvas.paste(img.resize(inner, Image.Resampling.LANCZOS), ((w - inner[0]) // 2, (h - inner[1]) // 2))
+        img = canvas
+    else:
+        img = img.resize((w, h), Image.Resampling.LANCZOS)
+    pixels = np.asarray(img, dtype=np.uint8)
+    return pixels[None] if pixels.ndim == 2 else np.ascontiguousarray(pixels.transpose(2, 0, 1))
+
+
+def read_png(path: Path, shape: tuple[int, int, int], fit: dict[str, Any] | None = None) -> np.ndarray:
+    """One image file (PNG, JPEG, ...) as float32 [C, H, W] in [0, 1]. A model trained on a
+    prepared dataset takes any size, fitted as its dataset was; otherwise the file must already
+    have the model's size."""
     from PIL import Image, UnidentifiedImageError
 
     c, h, w = shape
@@ -325,13 +374,16 @@ def read_png(path: Path, shape: tuple[int, int, int]) -> np.ndarray:
         raise SampleError(f"the model takes {c}-channel images; image files can give 1 or 3 channels")
     try:
         with Image.open(path) as img:
+            img.seek(0)
             img.load()
+            if fit is not None:
+                return fit_pixels(img, fit).astype(np.float32) / 255.0
             if img.size != (w, h):
                 raise SampleError(f"{path} is {img.size[0]}x{img.size[1]} pixels; the model takes {w}x{h}")
             img = img.convert("L" if c == 1 else "RGB")
     except FileNotFoundError:
         raise SampleError(f"{path}: no such file") from None
-    except (UnidentifiedImageError, OSError) as e:
+    except (UnidentifiedImageError, OSError, ValueError) as e:
         raise SampleError(f"{path} is not a readable image ({e})") from None
     pixels = np.asarray(img, dtype=np.uint8).reshape(h, w, c).transpose(2, 0, 1)
     return pixels.astype(np.float32) / 255.0
@@ -368,14 +420,16 @@ def read_idx(path: Path, shape: tuple[int, int, int], indices: list[int]) -> np.
     return images[indices].astype(np.float32) / 255.0
 
 
-def input_images(args: argparse.Namespace, shape: tuple[int, int, int], indices: list[int]) -> np.ndarray:
+def input_images(
+    args: argparse.Namespace, shape: tuple[int, int, int], indices: list[int], fit: dict[str, Any] | None = None
+) -> np.ndarray:
     if args.images and args.idx:
         raise SampleError("give image files or --idx, not both")
     if args.images:
-        return np.stack([read_png(Path(p), shape) for p in args.images])
+        return np.stack([read_png(Path(p), shape, fit) for p in args.images])
     if args.idx:
         return read_idx(Path(args.idx), shape, indices)
-    raise SampleError("no input images: give PNG files or --idx FILE (e.g. t10k-images-idx3-ubyte.gz)")
+    raise SampleError("no input images: give image files or --idx FILE (e.g. t10k-images-idx3-ubyte.gz)")
 
 
 # ---------------------------------------------------------------- images out
@@ -443,7 +497,7 @@ def cmd_sample(args: argparse.Namespace) -> str:
 def cmd_reconstruct(args: argparse.Namespace) -> str:
     models = load_models(args, ("encoder", "decoder"))
     enc, dec = models["encoder"], models["decoder"]
-    x = input_images(args, enc.image_shape, list(range(args.start, args.start + args.num)))
+    x = input_images(args, enc.image_shape, list(range(args.start, args.start + args.num)), enc.fit)
     mu, _ = enc.run(x)
     (recon,) = dec.run(mu)  # the decoder's mean at the posterior mean, as in the training grids
     rows = []
@@ -458,7 +512,7 @@ def cmd_interpolate(args: argparse.Namespace) -> str:
     enc, dec = models["encoder"], models["decoder"]
     if args.images and len(args.images) != 2:
         raise SampleError(f"interpolate takes exactly two images, got {len(args.images)}")
-    x = input_images(args, enc.image_shape, list(args.pair))
+    x = input_images(args, enc.image_shape, list(args.pair), enc.fit)
     mu, _ = enc.run(x)
     t = np.linspace(0.0, 1.0, args.steps, dtype=np.float32)[:, None]
     (path,) = dec.run(((1 - t) * mu[0] + t * mu[1]).astype(np.float32))
@@ -535,7 +589,9 @@ def build_parser() -> Parser:
     p.set_defaults(func=cmd_sample)
 
     p = sub.add_parser("reconstruct", parents=[common], help="originals above their reconstructions")
-    p.add_argument("images", nargs="*", help="PNG files of the model's image size")
+    p.add_argument(
+        "images", nargs="*", help="image files (PNG, JPEG, ...): any size for a prepared dataset's model, else its size"
+    )
     p.add_argument("--idx", help="IDX image file (optionally .gz), e.g. the test split")
     p.add_argument("-n", "--num", type=at_least(1), default=8, help="images taken from --idx [default: 8]")
     p.add_argument("--start", type=at_least(0), default=0, help="first image taken from --idx [default: 0]")
@@ -546,7 +602,7 @@ def build_parser() -> Parser:
     p.set_defaults(func=cmd_reconstruct)
 
     p = sub.add_parser("interpolate", parents=[common], help="decode a straight line between two images' latents")
-    p.add_argument("images", nargs="*", help="two PNG files of the model's image size")
+    p.add_argument("images", nargs="*", help="two image files (as for reconstruct)")
     p.add_argument("--idx", help="IDX image file (optionally .gz); see --pair")
     p.add_argument(
         "--pair",

@@ -48,6 +48,7 @@ IDENTITY_KEYS = ("format", "role", "model_kind", "latent_dim", "image_shape")
 METADATA_KEYS = (
     *IDENTITY_KEYS,
     "dataset",
+    "fit",
     "likelihood",
     "opset",
     "test_neg_elbo",
@@ -158,6 +159,8 @@ def onnx_metadata(
     values = {
         **identity_metadata(spec.role, model_meta),
         "dataset": str(model_meta.get("dataset", "")),
+        # how the dataset's images were made rows (vae-dist prepare); the sampler fits new images the same way
+        "fit": json.dumps(model_meta.get("fit"), sort_keys=True),
         "likelihood": str(model_meta.get("likelihood", "bernoulli")),
         "opset": str(opset),
         "test_neg_elbo": "" if neg_elbo is None else repr(float(neg_elbo)),

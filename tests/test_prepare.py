@@ -266,6 +266,15 @@ def test_training_and_export_on_a_prepared_colour_folder(tmp_path):
     out = run([str(BIN / "vae-dist"), "export", str(tmp_path / "runs" / "conv"), "--variants", "none"])
     assert "verified" in out.stdout.strip().splitlines()[-1]
     assert "on all 16 test images" in out.stdout, out.stdout
+    # the sampler (onnxruntime alone) takes a photo of any size and fits it as prepare did
+    from helpers import run_sampler
+
+    Image.fromarray(rng.integers(0, 256, (45, 70, 3), dtype=np.uint8)).save(tmp_path / "photo.jpg")
+    onnx_dir = tmp_path / "runs" / "conv" / "onnx"
+    out = run_sampler(["reconstruct", "--model-dir", str(onnx_dir), str(tmp_path / "photo.jpg"),
+                       "--out", str(tmp_path / "rec.png"), "--scale", "1"])
+    assert out.returncode == 0, out.stderr
+    assert Image.open(tmp_path / "rec.png").size == (2 + 1 * 18, 2 + 2 * 18)  # one 16x16 cell, 2 px borders
 
 
 def test_a_data_path_that_is_not_a_prepared_dataset_is_one_line(tmp_path):
@@ -341,3 +350,20 @@ def test_the_real_colour_set_is_prepared(tmp_path, emoji_dir):
     test = np.load(tmp_path / "emoji" / "test.npy", mmap_mode="r")
     assert (test[:, :, 0, 0] == 255).all(axis=1).mean() > 0.5  # most corners are transparent: white
     assert 100 < test.mean() < 230
+
+
+def test_the_shipped_colour_cnn_trains_on_the_real_colour_set(tmp_path, emoji_dir):
+    from vae_dist.config import load_config
+    from vae_dist.train import train
+
+    dataset = prepare(str(emoji_dir), tmp_path / "emoji", workers=2).out
+    cfg = load_config(
+        "conv64",
+        [f"data.path={dataset}", "data.train_subset=256", "data.test_subset=64", "train.epochs=1",
+         f"run.output_dir={tmp_path / 'runs'}", "run.name=r"],
+    )
+    result = train(cfg, cpu=True)
+    assert result.model.image_shape == (3, 64, 64) and result.model.latent_dim == 64
+    assert 0 < result.metrics["test_neg_elbo"] < 12288 * 0.7  # far below the 8517 nats of predicting 0.5
+    grid = Image.open(result.run_dir / "images" / "reconstruction_epoch000.png")
+    assert grid.mode == "RGB" and grid.width >= 8 * 64

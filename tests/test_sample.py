@@ -351,3 +351,32 @@ def test_a_full_disk_leaves_no_partial_png_and_the_earlier_one_as_it_was(onnx_di
     assert proc.stderr.strip().splitlines() in ([f"sample.py: error: cannot write {out} ({r})"] for r in reasons)
     assert out.read_bytes() == b"an earlier result"
     assert list(folder.iterdir()) == [out]
+
+
+def _images_of_every_kind():
+    from PIL import Image
+
+    rng = np.random.default_rng(1)
+    rgb = Image.fromarray(rng.integers(0, 256, (37, 53, 3), dtype=np.uint8), "RGB")
+    rgba = Image.fromarray(rng.integers(0, 256, (40, 30, 4), dtype=np.uint8), "RGBA")
+    grey = Image.fromarray(rng.integers(0, 256, (21, 64), dtype=np.uint8), "L")
+    sixteen = Image.fromarray(rng.integers(0, 65536, (33, 17), dtype=np.uint16))
+    palette = rgb.convert("P")
+    palette.info["transparency"] = 3
+    return {"rgb": rgb, "rgba": rgba, "grey": grey, "16-bit": sixteen, "palette": palette}
+
+
+@pytest.mark.parametrize("policy", ["crop", "pad", "stretch"])
+@pytest.mark.parametrize("channels", [1, 3])
+def test_the_sampler_fits_an_image_exactly_as_prepare_does(policy, channels):
+    """export/sample.py repeats vae_dist.prepare's conversion (it may not import the project):
+    the same pixels for every kind of image, size and policy."""
+    from export.sample import fit_pixels
+    from vae_dist.prepare import Fit, fit_image
+
+    for size in ((16, 16), (24, 12)):
+        fit = Fit(*size, channels, policy)
+        for name, image in _images_of_every_kind().items():
+            ours = fit_pixels(image, fit.to_dict())
+            assert np.array_equal(ours, fit_image(image, fit)), (name, size, policy, channels)
+            assert ours.shape == (channels, *size)
