@@ -363,7 +363,7 @@ def test_the_shipped_colour_cnn_trains_on_the_real_colour_set(tmp_path, emoji_di
          f"run.output_dir={tmp_path / 'runs'}", "run.name=r"],
     )
     result = train(cfg, cpu=True)
-    assert result.model.image_shape == (3, 64, 64) and result.model.latent_dim == 64
+    assert result.model.image_shape == (3, 64, 64) and result.model.latent_dim == 128
     assert 0 < result.metrics["test_neg_elbo"] < 12288 * 0.7  # far below the 8517 nats of predicting 0.5
     grid = Image.open(result.run_dir / "images" / "reconstruction_epoch000.png")
     assert grid.mode == "RGB" and grid.width >= 8 * 64
