@@ -41,7 +41,7 @@ EMOJI_PACKAGE ?= emoji-datasource-twitter@16.0.0
 emoji: $(EMOJI)/.complete
 $(EMOJI)/.complete:
 	@command -v npm >/dev/null || { echo "error: npm is needed to fetch $(EMOJI_PACKAGE) (apt-get install npm)" >&2; exit 2; }
-	rm -rf $(EMOJI) $(EMOJI).partial && mkdir -p $(EMOJI).partial
+	rm -rf $(EMOJI) $(EMOJI).partial $(EMOJI).images && mkdir -p $(EMOJI).partial
 	cd $(EMOJI).partial && npm pack -q $(EMOJI_PACKAGE) >/dev/null && \
 	  tar xzf emoji-datasource-twitter-*.tgz package/img/twitter/64 package/LICENSE
 	mv $(EMOJI).partial/package/img/twitter/64 $(EMOJI).images && mv $(EMOJI).partial/package/LICENSE $(EMOJI).LICENSE

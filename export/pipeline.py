@@ -13,7 +13,6 @@ manifest instead. `verify_run` checks an existing export again, variants include
 
 from __future__ import annotations
 
-import errno
 import json
 import logging
 import os
@@ -34,6 +33,7 @@ from export.spec import DEFAULT_OPSET, ELBO_TOL, MANIFEST_FILE, ONNX_DIR, onnx_m
 from export.variants import FP32, QUALITY_BUDGET, VARIANTS, VariantSpec
 from export.verify import Check, Reference, Report, judge, load_test_images, verify_export
 from vae_dist import artifacts, runs
+from vae_dist.artifacts import NO_ROOM
 from vae_dist.errors import UserError
 from vae_dist.models import VAE
 
@@ -41,8 +41,6 @@ log = logging.getLogger(__name__)
 
 FAILED_DIR = "onnx-failed"
 STAGING_PREFIX = ".onnx-staging-"
-# A write refused for want of room: a full disk, a full quota, or a file size limit (ulimit -f).
-NO_ROOM = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
 
 
 class WriteError(UserError):

@@ -383,7 +383,7 @@ def read_png(path: Path, shape: tuple[int, int, int], fit: dict[str, Any] | None
             img = img.convert("L" if c == 1 else "RGB")
     except FileNotFoundError:
         raise SampleError(f"{path}: no such file") from None
-    except (UnidentifiedImageError, OSError, ValueError) as e:
+    except (UnidentifiedImageError, OSError, SyntaxError, Image.DecompressionBombError) as e:
         raise SampleError(f"{path} is not a readable image ({e})") from None
     pixels = np.asarray(img, dtype=np.uint8).reshape(h, w, c).transpose(2, 0, 1)
     return pixels.astype(np.float32) / 255.0

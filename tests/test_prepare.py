@@ -209,6 +209,7 @@ def test_read_info_refuses_what_is_not_a_complete_prepared_dataset(tmp_path):
         (["src", "--out", "o", "--channels", "2"], "--channels must be 1 (grey) or 3 (RGB), got 2"),
         (["src", "--out", "o", "--test-fraction", "1"], "--test-fraction must be between 0 and 1"),
         (["src", "--out", "src"], "src already exists; pass --force"),
+        (["src", "--out", "src", "--force"], "src is not a prepared dataset (no dataset.json); --force replaces only"),
         (["src"], "give SOURCE and --out DIR"),
         (["--check", "src"], "src is not a prepared dataset"),
     ],

@@ -243,3 +243,12 @@ def test_reading_from_disk_trains_bitwise_the_same_model_as_reading_from_memory(
     assert results["always"].metrics["test_neg_elbo"] == results["never"].metrics["test_neg_elbo"]
     grids = [(tmp_path / m / "images" / "reconstruction_epoch000.png").read_bytes() for m in ("always", "never")]
     assert grids[0] == grids[1]
+
+
+def test_a_run_with_checkpoints_but_no_saved_config_is_not_resumed(tmp_path):
+    """Without config.yaml nothing says what the checkpoints were trained with: refused."""
+    (tmp_path / "r" / "checkpoints" / "step-00000010").mkdir(parents=True)
+    (tmp_path / "r" / "checkpoints" / "step-00000010" / runs.STATE_FILE).write_text("{}")
+    cfg = load_config("linear", [f"run.output_dir={tmp_path}", "run.name=r"])
+    with pytest.raises(runs.ResumeError, match="config.yaml cannot be read"):
+        runs.decide_run(cfg, "auto")

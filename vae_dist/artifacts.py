@@ -49,6 +49,9 @@ def atomic_write_text(path: Path, text: str) -> None:
     atomic_write(path, lambda tmp: tmp.write_text(text))
 
 
+NO_ROOM = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})  # a full disk, quota or file size limit
+
+
 def write_failure(e: BaseException, folder: Path) -> str | None:
     """Why a write failed, if `e` is a failed write (disk full, file too large, read-only, ...);
     None for anything else, which stays a bug. safetensors and torch's checkpoint writer do not

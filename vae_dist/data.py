@@ -1,9 +1,9 @@
-"""Datasets held whole in memory, and batches made by indexing.
+"""The data a run reads: the built-in IDX data sets (found, copied or downloaded), prepared datasets
+(vae_dist.prepare) and the two ways a split is read: held whole in memory as a uint8 tensor
+[N, C, H, W] (a batch is made by indexing it), or left on disk and read row by row, one batch
+ahead (`MappedSplit`, `prefetched`). No per-image work happens while training.
 
-A split is one uint8 tensor [N, C, H, W] read once from its IDX file; a batch is `images[indices]`
-turned to float on the device. No per-image PIL work, no DataLoader workers.
-
-Where the files come from: an explicit root (read where it is, or refused), else the data folder
+Where the IDX files come from: an explicit root (read where it is, or refused), else the data folder
 (vae_dist.paths), the folder Debian's `dataset-fashion-mnist` package installs (copied into the
 data folder), then torchvision's download into the data folder.
 """
@@ -388,10 +388,10 @@ def load_splits(cfg) -> tuple[Split, Split]:
         train = load_prepared(folder, True, cfg.train_subset, cfg.in_memory, cfg.memory_limit_mb)
         test = load_prepared(folder, False, cfg.test_subset, cfg.in_memory, cfg.memory_limit_mb)
     if train.image_shape != test.image_shape:
+        where = cfg.root or cfg.path or prepared_built_in(cfg.name, cfg.download)
         raise DataError(
             f"the training images are {train.image_shape} but the test images are {test.image_shape} "
-            f"({images_file(cfg.name, True, root)}, {images_file(cfg.name, False, root)}); both splits must hold "
-            "images of one size: replace the mismatched file"
+            f"(in {where}); both splits must hold images of one size: replace the mismatched file"
         )
     return train, test
 
@@ -407,8 +407,8 @@ def to_float(images: torch.Tensor) -> torch.Tensor:
 
 
 def dataset_digest(cfg) -> str:
-    """What identifies the data a run reads, cheaply: the sha256 of dataset.json (which holds each
-    array's size and sha256), or of the IDX files' names and sizes for data.root."""
+    """What identifies the data a run reads, cheaply: its shape, counts and arrays' sha256 as
+    dataset.json records them, or the IDX files' names and sizes for data.root."""
     from vae_dist import prepare
 
     if cfg.root:
@@ -416,8 +416,9 @@ def dataset_digest(cfg) -> str:
         files = [images_file(cfg.name, t, root) for t in (True, False)]
         text = repr([(p.name, p.stat().st_size) for p in files])
     else:
-        folder = Path(cfg.path) if cfg.path else paths.data_dir() / PREPARED_DIR / cfg.name
-        text = (folder / prepare.INFO_FILE).read_text()
+        folder = Path(cfg.path) if cfg.path else prepared_built_in(cfg.name, cfg.download)
+        info = prepare.read_info(folder)  # the arrays themselves are named by their sha256 in it
+        text = repr([info["shape"], info["counts"], sorted((k, v["sha256"]) for k, v in info["files"].items())])
     return hashlib.sha256(text.encode()).hexdigest()
 
 

@@ -34,7 +34,7 @@ SPLITS = ("train", "test")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif")
 FITS = ("crop", "pad", "stretch")
 BACKGROUND = 255  # transparent pixels are composited over white, and `pad` pads with white
-GREY_MODES = ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F")
+GREY_MODES = ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F")  # survey: no colour in these
 BUILT_IN = ("fashion-mnist", "mnist")
 
 
@@ -67,11 +67,14 @@ class Fit:
         }
 
 
+GREY_16_BIT = ("I", "I;16", "I;16B", "I;16L")
+
+
 def _eight_bit(image):
     """16- and 32-bit grey images scaled to 8 bits (65535 -> 255, rounded); float images clipped."""
     from PIL import Image
 
-    if image.mode in ("I", "I;16", "I;16B", "I;16L"):
+    if image.mode in GREY_16_BIT:
         values = np.asarray(image, dtype=np.int64).clip(0, 65535)
         return Image.fromarray(((values * 255 + 32767) // 65535).astype(np.uint8), "L")
     if image.mode == "F":
@@ -274,8 +277,15 @@ def prepare(
 ) -> Prepared:
     """Prepare `source` into `out`, written whole into a temporary folder and then renamed."""
     out = Path(out)
+    if not out.resolve().name:
+        raise PrepareError(f"--out {out} is not a folder that can be written whole; name a new folder")
     if out.exists() and not force:
         raise PrepareError(f"{out} already exists; pass --force to replace it, or choose another --out")
+    if out.exists() and not (out / INFO_FILE).is_file():
+        raise PrepareError(f"{out} is not a prepared dataset (no {INFO_FILE}); --force replaces only those")
+    for given in (source, test_source):
+        if given and Path(given).exists() and _inside(Path(given), out):
+            raise PrepareError(f"--out {out} holds the images given ({given}); write the dataset elsewhere")
     if not 0 < test_fraction < 1 and test_source is None:
         raise PrepareError(f"--test-fraction must be between 0 and 1 (exclusive), got {test_fraction}")
     if channels not in (None, 1, 3):
@@ -306,6 +316,11 @@ def prepare(
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return Prepared(out, info)
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    path, folder = path.resolve(), folder.resolve()
+    return path == folder or folder in path.parents
 
 
 def _publish(staging: Path, out: Path, info: dict[str, Any], force: bool) -> None:

@@ -48,7 +48,7 @@ def on_every_rank(accelerator: Accelerator, what: str, fn: Callable[[], Any]) ->
     result, failure, message = None, None, None
     try:
         result = fn()
-    except Exception as e:
+    except BaseException as e:  # an interrupt too: the peers must not wait in the gather below
         failure, message = e, _message(e, what, accelerator.process_index)
     messages = gather_object([message]) if accelerator.num_processes > 1 else [message]
     if failure is not None:

@@ -151,8 +151,8 @@ def decide_run(cfg: Config, resume: str | None) -> tuple[Path, Path | None]:
             f"run directory {run_dir} already holds a run; "
             "pass --resume auto to continue it or --name to start a new one"
         )
-    if target.resume and (run_dir / CONFIG_FILE).exists():
-        diff = config_differences(read_saved_config(run_dir), cfg)
+    if checkpoint or (target.resume and (run_dir / CONFIG_FILE).exists()):
+        diff = config_differences(read_saved_config(run_dir), cfg)  # refuses a run without config.yaml
         if diff:
             raise ResumeError(f"cannot resume {run_dir} with a different configuration: {'; '.join(diff)}")
     if checkpoint:
@@ -224,9 +224,13 @@ def save_checkpoint(accelerator: Accelerator, run_dir: Path, state: TrainerState
     def finish():
         with writing(run_dir, tmp):
             artifacts.atomic_write_text(tmp / STATE_FILE, json.dumps(state.__dict__, indent=1))
+        replaced = None
         if final.exists():  # the same step saved twice (e.g. epoch end after a step save)
-            remove_checkpoint(final)
+            replaced = final.with_name(f".old-{final.name}")
+            os.replace(final, replaced)  # never picked (no step- name) until the new one is in place
         os.replace(tmp, final)
+        if replaced is not None:
+            remove_checkpoint(replaced)
         for old in list_checkpoints(run_dir)[:-keep]:
             remove_checkpoint(old)
 
@@ -269,10 +273,11 @@ def writing(run_dir: Path, where: Path):
         if reason is None:
             raise
         path = Path(e.filename) if isinstance(e, OSError) and e.filename else artifacts.newest_file(where)
+        no_room = not isinstance(e, OSError) or e.errno in artifacts.NO_ROOM
         raise WriteError(
             f"could not write {'into ' if path.is_dir() else ''}{path} ({reason}); "
             f"nothing the run wrote before is lost ({progress_kept(run_dir)}). "
-            f"Free some space; then, {resume_hint(run_dir)}"
+            f"{'Free some space' if no_room else 'Make the folder writable'}; then, {resume_hint(run_dir)}"
         ) from None
 
 
@@ -336,8 +341,11 @@ def load_checkpoint(accelerator: Accelerator, checkpoint: Path) -> TrainerState:
 
     try:
         accelerator.load_state(str(checkpoint))
-    except (OSError, EOFError, ValueError, RuntimeError, SafetensorError, pickle.UnpicklingError) as e:
-        # torch reports a damaged file as RuntimeError ("failed reading zip archive ...")
+    except (OSError, EOFError, RuntimeError, SafetensorError, pickle.UnpicklingError) as e:
+        # torch reports a damaged file as a RuntimeError of its zip reader; any other RuntimeError
+        # (out of memory, a shape mismatch) is not the checkpoint's fault and keeps its traceback
+        if isinstance(e, RuntimeError) and not isinstance(e, SafetensorError) and "PytorchStreamReader" not in str(e):
+            raise
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0].split(". ")[0][:200]
         raise _damaged(checkpoint, f"it cannot be loaded ({reason})") from None
     return state

@@ -37,7 +37,7 @@ from vae_dist.errors import UserError
 from vae_dist.evaluation import evaluate, write_grids
 from vae_dist.losses import kl_weight, negative_elbo
 from vae_dist.models import VAE, build_model
-from vae_dist.ranks import on_main
+from vae_dist.ranks import on_every_rank, on_main
 from vae_dist.rng import Stream, generator
 
 log = get_logger(__name__)
@@ -73,7 +73,7 @@ def make_accelerator(cfg: Config, cpu: bool | None = None) -> Accelerator:
     except ValueError as e:  # e.g. WORLD_SIZE set by hand without a rendezvous address
         raise LaunchError(f"cannot set up the processes: {str(e).splitlines()[0]}") from e
     except torch.distributed.DistError as e:  # the peers never came
-        raise LaunchError(f"{waiting} failed: {str(e).splitlines()[0]}; start every process") from e
+        raise LaunchError(f"{waiting or 'the rendezvous'} failed: {str(e).splitlines()[0]}; start every process") from e
     check_launch(accelerator)
     world = accelerator.num_processes
     if cfg.train.batch_size % (world * cfg.train.grad_accum_steps):
@@ -200,6 +200,7 @@ class StopRequest:
 
     def _record(self, signum, frame) -> None:
         self.signal = signum
+        self.close()  # a second SIGTERM is not deferred: it ends the process as it would have
 
     def requested(self) -> int:
         """The signal that asks to stop (0: none), the same on every process."""
@@ -215,6 +216,7 @@ class StopRequest:
         if self.previous is not None:
             signal.signal(signal.SIGTERM, self.previous)
             self.previous = None
+
 
 
 @dataclass
@@ -237,15 +239,24 @@ class Session:
         return len(self.train) // self.cfg.train.batch_size
 
 
-def start_or_resume(accelerator: Accelerator, cfg: Config, run_dir: Path, checkpoint: Path | None) -> Session:
+def start_or_resume(
+    accelerator: Accelerator, cfg: Config, run_dir: Path, checkpoint: Path | None, stop: StopRequest
+) -> Session:
     """Data, model and optimizer, prepared by Accelerate; then the checkpoint's state, if any, and
     the run folder's files (metrics of epochs that will run again are dropped)."""
-    with accelerator.local_main_process_first():  # one copy or download per machine
-        train_split, test_split = data.load_splits(cfg.data)
+    # One copy, download or preparation per machine: its main process first, then the others.
+    # Either step failing anywhere fails everywhere (no process is left waiting).
+    def load():
+        return data.load_splits(cfg.data)
+
+    local_main = accelerator.is_local_main_process
+    first = on_every_rank(accelerator, "loading the data", load if local_main else lambda: None)
+    train_split, test_split = on_every_rank(accelerator, "loading the data", (lambda: first) if local_main else load)
     if accelerator.num_processes > 1:  # copies on several machines must be the same data
         from accelerate.utils import gather_object
 
-        digests = gather_object([data.dataset_digest(cfg.data)])
+        digest = on_every_rank(accelerator, "checking the data", lambda: data.dataset_digest(cfg.data))
+        digests = gather_object([digest])
         if len(set(digests)) > 1:
             other = next(i for i, d in enumerate(digests) if d != digests[0])
             raise data.DataError(
@@ -269,7 +280,7 @@ def start_or_resume(accelerator: Accelerator, cfg: Config, run_dir: Path, checkp
         optimizer,
         train_split.to(device),
         test_split.to(device),
-        StopRequest(accelerator),
+        stop,
     )
     if checkpoint:
         session.state = runs.load_checkpoint(accelerator, checkpoint)
@@ -444,18 +455,15 @@ def train(cfg: Config, resume: str | None = None, cpu: bool | None = None) -> Tr
         metrics = (artifacts.read_jsonl(run_dir / runs.METRICS_FILE) or [{}])[-1]
         accelerator.end_training()
         return TrainResult(run_dir, model, metrics)
-    session = None
+    stop = StopRequest(accelerator)
     try:
-        session = start_or_resume(accelerator, cfg, run_dir, checkpoint)
+        session = start_or_resume(accelerator, cfg, run_dir, checkpoint, stop)
         metrics = train_epochs(session)
         metrics = save_final_model(session, metrics)
     except KeyboardInterrupt:
-        raise Stopped(
-            f"interrupted; {runs.progress_kept(run_dir)}; {runs.resume_hint(run_dir)}", 130
-        ) from None
+        raise Stopped(f"interrupted; {runs.progress_kept(run_dir)}; {runs.resume_hint(run_dir)}", 130) from None
     finally:
-        if session is not None:
-            session.stop.close()
+        stop.close()
     accelerator.end_training()
     return TrainResult(run_dir, session.core, metrics)
 
@@ -496,11 +504,18 @@ def _version() -> str:
 )
 def train_command(config_path, overrides, name, output_dir, resume, cpu, processes):
     """Train a VAE (on several processes with --processes, or under `accelerate launch`)."""
+    main_rank = os.environ.get("RANK", "0") == "0"
     if processes > 1:
         from vae_dist.launch import launch_training
 
         if "TORCHELASTIC_RUN_ID" in os.environ or int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
-            click.echo("error: --processes starts a launcher; under a launcher, give it the process count", err=True)
+            if main_rank:
+                click.echo("error: --processes starts a launcher; under one, give the launcher the count", err=True)
+            sys.exit(2)
+        gpus = torch.cuda.device_count() if cpu is not True else 0
+        if 0 < gpus < processes:
+            click.echo(f"error: --processes {processes} but this machine has {gpus} GPU(s); use at most {gpus}, "
+                       "or --cpu", err=True)
             sys.exit(2)
 
         args = [
@@ -519,7 +534,6 @@ def train_command(config_path, overrides, name, output_dir, resume, cpu, process
         sys.exit(launch_training(processes, args))
     logging.basicConfig(format="%(asctime)s %(levelname)s %(message)s", level=logging.INFO)
     logging.getLogger("accelerate").setLevel(logging.WARNING)  # its INFO lines per checkpoint are noise here
-    main_rank = os.environ.get("RANK", "0") == "0"
     target = None
     try:
         if config_path is None and resume:
