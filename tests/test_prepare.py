@@ -338,7 +338,7 @@ def test_a_dataset_larger_than_the_memory_limit_trains_within_it(tmp_path):
     in_memory = train_on(big, "big-in-memory", "always")
     print(f"peak RssAnon: tiny dataset {baseline} MiB, 300 MB from disk {on_disk} MiB, in memory {in_memory} MiB")
     assert on_disk <= baseline + 64
-    assert in_memory >= baseline + 250  # the measure does see a split held in memory
+    assert in_memory >= on_disk + 200  # the same run holding the 293 MiB split: the measure sees it
 
 
 def test_the_real_colour_set_is_prepared(tmp_path, emoji_dir):
