@@ -23,6 +23,7 @@ from typing import Any
 import click
 import numpy as np
 
+from vae_dist import __version__
 from vae_dist.errors import UserError
 from vae_dist.rng import Stream, numpy_generator
 
@@ -256,12 +257,6 @@ def _write_split(path: Path, source: np.ndarray, indices: np.ndarray) -> None:
     del out
 
 
-def _version() -> str:
-    from vae_dist import __version__
-
-    return __version__
-
-
 def prepare(
     source: str,
     out: Path,
@@ -376,7 +371,7 @@ def _new_info(source: str, shape: tuple[int, ...], fit: Fit | None) -> dict[str,
         "duplicates": 0,
         "skipped": [],
         "files": {},
-        "version": _version(),
+        "version": __version__,
     }
 
 

@@ -31,7 +31,7 @@ from accelerate.logging import get_logger
 from accelerate.utils import DistributedType, set_seed
 from tqdm.auto import tqdm
 
-from vae_dist import artifacts, data, runs
+from vae_dist import __version__, artifacts, data, runs
 from vae_dist.config import Config, ConfigError, load_config
 from vae_dist.errors import UserError
 from vae_dist.evaluation import evaluate, write_grids
@@ -427,7 +427,7 @@ def save_final_model(s: Session, metrics: dict[str, Any]) -> dict[str, Any]:
             "test_images": len(s.test),  # what test_neg_elbo was measured on (data.test_subset)
             "fit": data.dataset_fit(cfg.data),  # how images were made rows (vae-dist prepare), or None
             "eval_seed": cfg.train.eval_seed,  # export verification draws the same evaluation noise
-            "versions": {"torch": torch.__version__, "vae_dist": _version()},
+            "versions": {"torch": torch.__version__, "vae_dist": __version__},
         }
         with runs.writing(s.run_dir, s.run_dir / artifacts.MODEL_FILE):
             artifacts.save_model(s.run_dir / artifacts.MODEL_FILE, s.core, cfg.model, extra)
@@ -466,12 +466,6 @@ def train(cfg: Config, resume: str | None = None, cpu: bool | None = None) -> Tr
         stop.close()
     accelerator.end_training()
     return TrainResult(run_dir, session.core, metrics)
-
-
-def _version() -> str:
-    from vae_dist import __version__
-
-    return __version__
 
 
 # ---------------------------------------------------------------- command line
