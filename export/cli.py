@@ -46,7 +46,7 @@ def _print_report(title: str, report, manifest: dict | None = None) -> None:
         click.echo(f"  FAIL {line}")
     variants = (manifest or {}).get("variants")
     if variants:
-        click.echo(f"  variants (quality budget {manifest['quality_budget']:g} nats of test -ELBO):")
+        click.echo(f"  variants (quality budget {manifest['quality_budget']:g} nats of test -ELBO per 784 pixels):")
         for line in variant_lines(variants):
             click.echo(f"    {line}")
     # The verdict is the last line a user reads.
@@ -83,7 +83,7 @@ elbo_tol_option = click.option(
     type=click.FloatRange(min=0, min_open=True),
     default=ELBO_TOL,
     show_default=True,
-    help="Largest allowed |ONNX - torch| mean test -ELBO, in nats.",
+    help="Largest allowed |ONNX - torch| mean test -ELBO, in nats per 784 pixels (scaled by the image size).",
 )
 output_dir_option = click.option(
     "--output-dir",
@@ -96,11 +96,14 @@ quality_budget_option = click.option(
     "--quality-budget",
     type=click.FloatRange(min=0),
     default=None,
-    help=f"Largest |change| of the mean test -ELBO (nats) against fp32 torch for an edge variant to be "
-    f"accepted; beyond it the variant is marked rejected [default: {QUALITY_BUDGET}; for verify, the export's].",
+    help=f"Largest |change| of the mean test -ELBO (nats per 784 pixels, scaled by the image size) against "
+    f"fp32 torch for an edge variant to be accepted; beyond it the variant is marked rejected "
+    f"[default: {QUALITY_BUDGET}; for verify, the export's].",
 )
 data_root_option = click.option(
+    "--data",
     "--data-root",
+    "data_root",
     type=click.Path(file_okay=False),
     default=None,
     help="Where the run's data set is: its IDX folder for a built-in set, or the prepared dataset's folder "

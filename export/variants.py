@@ -326,7 +326,8 @@ def _set_variant(path: Path, variant: str) -> None:
 
 # ---------------------------------------------------------------- the variants
 
-QUALITY_BUDGET = 0.5  # nats: largest allowed |mean test -ELBO of the variant - fp32 torch's|
+# nats per 784 pixels (spec.nats_for_image): largest allowed |mean test -ELBO of the variant - fp32 torch's|
+QUALITY_BUDGET = 0.5
 FP32 = "fp32"  # the export itself; not a variant, but the source of every variant
 ORT_SUFFIX = "-ort"
 STATUSES = ("verified", "rejected", "failed")

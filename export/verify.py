@@ -6,10 +6,11 @@ torch at several batch sizes (encoder on real test images, decoder on N(0, I) la
 names first, then shapes, then values.
 
 End to end: the mean -ELBO over the whole test split computed through the two ONNX files, with the
-same fixed noise as the torch side, must equal torch's within `ELBO_TOL` nats. The decoder's
-contract output is the mean x_mean, not logits, so the Bernoulli NLL is computed from
-probabilities (float64, clipped to [PROB_EPS, 1 - PROB_EPS], vae_dist.losses); torch's value is computed the same
-way from its own sigmoid output, and also the native way from logits (as training reports it).
+same fixed noise as the torch side, must equal torch's within `ELBO_TOL` nats per 784 pixels
+(`spec.nats_for_image`). The decoder's contract output is the mean x_mean, not logits, so the
+Bernoulli NLL is computed from probabilities (float64, clipped to [PROB_EPS, 1 - PROB_EPS],
+vae_dist.losses); torch's value is computed the same way from its own sigmoid output, and also the
+native way from logits (as training reports it), which is recorded but not judged.
 The reconstruction error (decode(mu) against the image) is recorded beside it.
 
 The same pieces judge the edge variants (`judge`): `verify_files` checks any encoder and decoder
@@ -38,7 +39,7 @@ import onnx
 import onnxruntime as ort
 import torch
 
-from export.spec import BATCH_AXIS, ELBO_TOL, RANDOM_OPS, SubModelSpec, identity_metadata, vae_specs
+from export.spec import BATCH_AXIS, ELBO_TOL, RANDOM_OPS, SubModelSpec, identity_metadata, nats_for_image, vae_specs
 from vae_dist import data
 from vae_dist.config import TrainConfig
 from vae_dist.evaluation import evaluation_noise
@@ -127,7 +128,7 @@ class Report:
             lines.append(
                 f"-ELBO on all {e['images']} test images (nats): onnx {e['onnx']:.4f}, torch {e['torch']:.4f} "
                 f"(|diff| {e['diff']:.1e}), torch from logits {e['torch_native']:.4f} "
-                f"(|diff| {e['diff_native']:.1e}); tolerance {e['tol']}"
+                f"(|diff| {e['diff_native']:.1e}); tolerance {e['tol']:.3g}"
             )
             if e.get("recorded") is not None:
                 lines.append(self._record_line(e))
@@ -393,8 +394,13 @@ def elbo_check(
     tol: float,
     seed: int,
 ) -> tuple[dict[str, Any], list[Check]]:
-    """Mean -ELBO over `images` (uint8 [N, C, H, W]) through ONNX and through torch, same noise."""
+    """Mean -ELBO over `images` (uint8 [N, C, H, W]) through ONNX and through torch, same noise and
+    same formula (from the decoder's probabilities), within `tol` nats per ELBO_TOL_PIXELS pixels.
+    torch's figure from logits, as training reports it, is recorded beside them, not judged: the gap
+    to it comes from float32 probabilities rounding to 1 (or 0) where the logits are large, the same
+    in onnxruntime and torch, and grows with the number of such pixels (docs/export.md)."""
     n = images.shape[0]
+    tol = nats_for_image(tol, images.shape[1:])
     eps = evaluation_noise(n, model.latent_dim, seed)
     reference, native = torch_scores(model, images, eps, likelihood)
     got = onnx_scores(encoder, decoder, images, eps, likelihood)
@@ -414,18 +420,9 @@ def elbo_check(
             "",
             "elbo",
             _within(result["diff"], tol),
-            f"-ELBO onnx {result['onnx']:.4f} vs torch {result['torch']:.4f} nats: |diff| {result['diff']:.4f} > {tol}",
+            f"-ELBO onnx {result['onnx']:.4f} vs torch {result['torch']:.4f} nats: "
+            f"|diff| {result['diff']:.4f} > {tol:.3g}",
             max_abs=result["diff"],
-            tol=tol,
-        ),
-        Check(
-            "",
-            "elbo",
-            _within(result["diff_native"], tol),
-            f"-ELBO onnx {result['onnx']:.4f} vs torch from logits {result['torch_native']:.4f} nats: "
-            f"|diff| {result['diff_native']:.4f} > {tol}",
-            output="native",
-            max_abs=result["diff_native"],
             tol=tol,
         ),
     ]
@@ -446,7 +443,7 @@ def load_test_images(model: VAE, model_meta: dict[str, Any], data_root: str | Pa
     """The real test split of the run's data set, uint8 [N, C, H, W]; never downloads."""
     name = model_meta.get("dataset")
     if not isinstance(name, str) or not name:
-        raise data.DataError(f"the model file names no data set ({name!r}); give it a test split with --data-root")
+        raise data.DataError(f"the model file names no data set ({name!r}); give it a test split with --data DIR")
     images = data.model_split(name, False, data_root)
     if tuple(images.shape[1:]) != tuple(model.image_shape):
         raise data.DataError(
@@ -611,7 +608,9 @@ def judge(
     budget: float,
     batch_sizes: tuple[int, ...] = BATCH_SIZES,
 ) -> Verdict:
-    """Check the variant's files in `onnx_dir` and measure what the conversion costs."""
+    """Check the variant's files in `onnx_dir` and measure what the conversion costs, against
+    `budget` nats of -ELBO per 784 pixels (`spec.nats_for_image`)."""
+    budget = nats_for_image(budget, model.image_shape)
     specs = variant_specs(model, variant)
     checks, sessions = verify_files(Path(onnx_dir), specs, model, model_meta, reference.images, batch_sizes)
     report = Report(checks)
@@ -628,7 +627,7 @@ def judge(
     if quality is not None and not quality["within_budget"]:
         reasons.append(
             f"quality: mean test -ELBO changed by {quality['neg_elbo_change']:+.4f} nats against fp32 torch; "
-            f"the budget is {budget:g}"
+            f"the budget is {budget:.3g}"
         )
     return Verdict("rejected" if reasons else "verified", reasons, report, quality, specs)
 

@@ -26,6 +26,7 @@ BIN = Path(sys.executable).parent
 TRAIN = str(ROOT / "vae_dist" / "train.py")
 SHAPE = (1, 28, 28)  # Fashion-MNIST
 LATENT = 4  # the tiny models' latent size
+EMOJI_FILES, EMOJI_TRAIN = 3786, 3377  # the emoji set's PNG files; its training split, prepared as shipped
 TINY_TEST_NEG_ELBO = 543.21  # what a tiny run's model file claims as its test -ELBO
 
 
@@ -40,14 +41,16 @@ def make_run(
     seed: int = 0,
     latent_dim: int = LATENT,
     eval_seed: int = 0,
+    shape: tuple[int, int, int] = SHAPE,
+    dataset: str = "fashion-mnist",
 ) -> Path:
-    """A finished run holding only a tiny untrained model: all that export needs."""
+    """A finished run holding only a tiny untrained model of images `shape`: all that export needs."""
     torch.manual_seed(seed)
     cfg = ModelConfig(kind=kind, latent_dim=latent_dim, hidden_dims=[32], channels=[4, 8])
     run = runs / name
     run.mkdir(parents=True)
     extra = {
-        "dataset": "fashion-mnist",
+        "dataset": dataset,
         "likelihood": likelihood,
         "epochs": 0,
         "steps": 0,
@@ -55,7 +58,7 @@ def make_run(
         "eval_seed": eval_seed,
         "versions": {"torch": torch.__version__, "vae_dist": "0.1.0"},
     }
-    artifacts.save_model(run / artifacts.MODEL_FILE, build_model(cfg, SHAPE), cfg, extra)
+    artifacts.save_model(run / artifacts.MODEL_FILE, build_model(cfg, shape), cfg, extra)
     return run
 
 

@@ -91,11 +91,13 @@ def removes(name: str) -> Callable[[Path], None]:
     return setup
 
 
-def tiny_model(name: str, damage: Callable[[Path], None] = lambda path: None) -> Callable[[Path], None]:
-    """A finished run holding only a tiny model file (helpers.make_run), then `damage`d."""
+def tiny_model(
+    name: str, damage: Callable[[Path], None] = lambda path: None, kind: str = "linear", **run
+) -> Callable[[Path], None]:
+    """A finished run holding only a tiny model file (helpers.make_run with `run`), then `damage`d."""
 
     def setup(tmp: Path) -> None:
-        damage(make_run(tmp / "runs", name, "linear") / "model.safetensors")
+        damage(make_run(tmp / "runs", name, kind, **run) / "model.safetensors")
 
     return setup
 
@@ -140,6 +142,7 @@ def png(name: str, height: int, width: int) -> Callable[[Path], None]:
     def setup(tmp: Path) -> None:
         from PIL import Image
 
+        (tmp / name).parent.mkdir(parents=True, exist_ok=True)
         Image.fromarray(np.zeros((height, width), np.uint8)).save(tmp / name)
 
     return setup
@@ -160,6 +163,27 @@ def idx_set(folder: str, train_shape=(6, 28, 28), test_shape=(4, 28, 28)) -> Cal
         (root / "t10k-labels-idx1-ubyte").write_bytes(idx((test_shape[0],)))
 
     return setup
+
+
+def prepared(folder: str, shape=(1, 28, 28), damage: Callable[[Path], object] = lambda folder: None):
+    """A prepared dataset of random images of `shape` (8 train, 4 test) at `folder`, then `damage`d."""
+
+    def setup(tmp: Path) -> None:
+        from vae_dist import prepare
+
+        rng = np.random.default_rng(0)
+        images = rng.integers(0, 256, (12, *shape), dtype=np.uint8)
+        prepare.from_arrays(tmp / folder, images[:8], images[8:])
+        damage(tmp / folder)
+
+    return setup
+
+
+def edit_counts(folder: Path) -> None:
+    """dataset.json says the training split has one image more than train.npy holds."""
+    info = json.loads((folder / "dataset.json").read_text())
+    info["counts"]["train"] += 1
+    (folder / "dataset.json").write_text(json.dumps(info))
 
 
 def edits_state(change: Callable[[dict], object]) -> Callable[[Path], None]:
@@ -476,6 +500,47 @@ CASES = [
         unchanged=("mine/*",),
         then=data_folder_unchanged,
     ),
+    # -- data.path: a prepared dataset is checked against its dataset.json before anything is written
+    Case(
+        "data-path-not-prepared",
+        sh("vae-dist train --config linear --name x --set data.path=pictures"),
+        2,
+        "pictures is not a prepared dataset (no dataset.json); make one with `vae-dist prepare`",
+        setup=png("pictures/a.png", 28, 28),
+        unchanged=("pictures/a.png",),
+        absent=("runs",),
+        slow=False,
+    ),
+    Case(
+        "data-path-truncated-array",
+        sh("vae-dist train --config linear --name x --set data.path=set"),
+        2,
+        "set/train.npy cannot be read",
+        setup=prepared("set", damage=lambda folder: truncate(folder / "train.npy")),
+        unchanged=("set/*",),
+        absent=("runs",),
+    ),
+    Case(
+        "data-path-description-disagrees",
+        sh("vae-dist train --config linear --name x --set data.path=set"),
+        2,
+        "set/train.npy holds uint8 (8, 1, 28, 28) but dataset.json says uint8 (9, 1, 28, 28)",
+        setup=prepared("set", damage=edit_counts),
+        unchanged=("set/*",),
+        absent=("runs",),
+    ),
+    Case(
+        "export-data-of-another-shape",
+        sh("vae-dist export runs/colour --data grey --variants none"),
+        2,
+        "test images are (1, 28, 28), the model expects (3, 64, 64)",
+        setup=lambda tmp: (
+            tiny_model("colour", shape=(3, 64, 64), kind="conv", dataset="emoji")(tmp),
+            prepared("grey")(tmp),
+        ),
+        unchanged=("runs/colour/model.safetensors", "grey/*"),
+        absent=NO_EXPORT,
+    ),
     # -- the training benchmark's options
     Case(
         "bench-batch-size-0",
@@ -613,6 +678,17 @@ CASES = [
         start="exported",
         setup=png("big.png", 32, 32),
         unchanged=("big.png", f"{EXPORTED}/**/*"),
+        absent=("out.png",),
+        line=ARGPARSE,
+    ),
+    Case(
+        "reconstruct-undecodable-file",
+        sh(f"python -m export.sample reconstruct --model-dir {EXPORTED} broken.png --out out.png"),
+        2,
+        "broken.png is not a readable image",
+        start="exported",
+        setup=writes("broken.png", "not an image\n"),
+        unchanged=("broken.png", f"{EXPORTED}/**/*"),
         absent=("out.png",),
         line=ARGPARSE,
     ),

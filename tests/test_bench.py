@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
 import pytest
 
-from helpers import ROOT
+from helpers import EMOJI_FILES, EMOJI_TRAIN, ROOT
 from vae_dist.bench import endless
 
 
@@ -46,3 +47,15 @@ def test_the_benchmark_reports_start_up_and_step_figures(tmp_path):
         assert len(m["rounds"]) == 2
         assert 0 < m["fraction_of_matmul"] < 1.5 and 0 < m["classic_fraction_of_matmul"] < 1.5
         assert m["step_flops"] > 4e8 and m["images_per_s"] > 0
+    # The data rows: prepare's speed on the emoji PNGs; from disk against in memory on both sets.
+    preparing, reading = result["data"]["prepare"], result["data"]["reading"]
+    assert [r["workers"] for r in preparing] == sorted({1, len(os.sched_getaffinity(0))})
+    assert all(r["files"] == EMOJI_FILES and r["images_per_s"] > 0 for r in preparing)
+    assert [(r["config"], r["image_shape"], r["train_images"]) for r in reading] == [
+        ("linear", [1, 28, 28], 60000),
+        ("conv64", [3, 64, 64], EMOJI_TRAIN),
+    ]
+    for r in reading:
+        assert len(r["rounds"]) == 2 and r["memory_images_per_s"] > 0 and r["disk_images_per_s"] > 0
+        assert 0 < r["disk_of_memory"] < 5 and r["read_only_images_per_s"] > 0
+    assert f"vae-dist prepare, {EMOJI_FILES} PNG files of 64x64, 1 worker(s)" in proc.stdout

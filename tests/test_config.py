@@ -103,3 +103,22 @@ def test_a_torn_last_metrics_line_is_dropped(tmp_path):
     f = tmp_path / "metrics.jsonl"
     f.write_text('{"epoch": 0}\n{"epoch": 1, "te')
     assert read_jsonl(f) == [{"epoch": 0}]
+
+
+def test_every_config_key_is_documented():
+    """docs/training.md#configuration has a row for each key the config accepts (and no other)."""
+    import dataclasses
+    import re
+
+    from vae_dist.config import Config
+
+    keys = {
+        f"{section.name}.{f.name}"
+        for section in dataclasses.fields(Config)
+        for f in dataclasses.fields(section.default_factory())
+    }
+    text = (ROOT / "docs" / "training.md").read_text()
+    table = text[text.index("## Configuration") :]
+    table = table[: table.index("\n## ")]
+    rows = {key for cell in re.findall(r"^\| (`[^|]+`) \|", table, re.M) for key in re.findall(r"`([a-z_.]+)`", cell)}
+    assert rows == keys

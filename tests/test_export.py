@@ -666,3 +666,11 @@ def test_an_interrupted_export_exits_130_in_one_line(tmp_path, monkeypatch):
     result = CliRunner().invoke(cli(), ["export", str(tmp_path / "r"), "--variants", "none"])
     assert result.exit_code == 130
     assert result.output.strip() == f"interrupted while exporting {tmp_path / 'r'}; its previous export is untouched"
+
+
+def test_tolerances_and_budgets_grow_with_the_pixels():
+    from export.spec import ELBO_TOL, nats_for_image
+
+    assert nats_for_image(ELBO_TOL, (1, 28, 28)) == ELBO_TOL
+    assert nats_for_image(ELBO_TOL, (1, 8, 8)) == ELBO_TOL  # never below the stated figure
+    assert nats_for_image(ELBO_TOL, (3, 64, 64)) == pytest.approx(ELBO_TOL * 12288 / 784)

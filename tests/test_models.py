@@ -52,3 +52,26 @@ def test_default_linear_is_784_400_20():
 def test_conv_mirrors_odd_sizes(shape):
     model = build_model(ModelConfig(kind="conv", channels=[4, 8, 8], hidden_dims=[]), shape)
     assert model.decode(torch.zeros(2, 20)).shape == (2, *shape)
+
+
+@pytest.mark.parametrize("upsample", ["transposed", "transposed4", "nearest"])
+@pytest.mark.parametrize("shape", [(1, 28, 28), (3, 64, 64), (1, 27, 31)])
+def test_every_upsampling_mirrors_the_sizes(shape, upsample):
+    cfg = ModelConfig(kind="conv", channels=[4, 8, 8], hidden_dims=[], upsample=upsample)
+    assert build_model(cfg, shape).decode(torch.zeros(2, 20)).shape == (2, *shape)
+
+
+@pytest.mark.parametrize("upsample, even", [("transposed", False), ("transposed4", True), ("nearest", True)])
+def test_which_upsampling_leaves_a_checkerboard(upsample, even):
+    """A constant feature map through up-stages whose weights are all 1: inside the border, every
+    output pixel is the same sum when each sees as many weights (4x4 kernels at stride 2, resize
+    then convolve); 3x3 transposed kernels at stride 2 cover pixels 1, 2 or 4 times."""
+    cfg = ModelConfig(kind="conv", channels=[2, 2], hidden_dims=[], upsample=upsample)
+    model = build_model(cfg, (1, 32, 32))
+    for m in model.decoder.modules():
+        if isinstance(m, (torch.nn.Conv2d, torch.nn.ConvTranspose2d)):
+            torch.nn.init.ones_(m.weight)
+            torch.nn.init.zeros_(m.bias)
+    with torch.no_grad():
+        out = model.decoder(torch.ones(1, *model.feature_shape))[0, 0, 4:-4, 4:-4]
+    assert bool(out.max() == out.min()) is even

@@ -1,7 +1,7 @@
 """Training benchmark on the CPU: start-up time and the step's share of the machine's matmul throughput.
 
     python -m vae_dist.bench [--batch-size 128] [--seconds 8] [--rounds 5] [--starts 3] [--profile]
-                             [--json bench/train.json]
+                             [--data/--no-data] [--json bench/train.json]
 
 1. Start-up: `vae-dist train` (the shipped linear config) is started as a new process and timed
    until it logs its first optimizer step, `--starts` times.
@@ -11,11 +11,16 @@
    contrast, the classic loop (a DataLoader over the IDX images with ToTensor, as in
    pytorch/examples) feeds the same step.
    `--profile` prints where the linear VAE's step spends its time (torch.profiler).
+3. Data (`--data`, the default): `vae-dist prepare` on the emoji set's 64x64 PNGs (images/s, with
+   one worker and with one per core), and the training step fed from a split read from disk
+   (`data.in_memory=never`) against the same split held in memory, in turn over the rounds: the
+   linear VAE on Fashion-MNIST and the 64x64 CNN (conv64.yaml) on the emoji set.
 See docs/benchmarks.md for figures and their analysis.
 """
 from __future__ import annotations
 
 import json
+import os
 import queue
 import statistics
 import subprocess
@@ -31,12 +36,14 @@ import torch
 from accelerate import Accelerator
 from torch.utils.flop_counter import FlopCounterMode
 
-from vae_dist import data
+from vae_dist import data, paths, prepare
 from vae_dist.config import load_config, shipped_config
 from vae_dist.models import build_model
 from vae_dist.train import FIRST_STEP_MESSAGE, make_optimizer, micro_step
 
 MODELS = ("linear", "conv")
+EMOJI = "emoji-twitter-64"  # under the data folder: `make emoji` puts the set's PNGs there
+READING = (("linear", "fashion-mnist"), ("conv64", EMOJI))  # (shipped config, data set) for the data rows
 
 
 def matmul_flops_per_s(m: int = 2048, k: int = 2048, n: int = 2048, seconds: float = 3.0) -> float:
@@ -102,7 +109,7 @@ def steps_per_s(step: Callable[[], None], seconds: float) -> float:
 
 
 def prepared(kind: str, accelerator, image_shape):
-    cfg = load_config(shipped_config(kind))  # the shipped models, as `make train` builds them
+    cfg = load_config(shipped_config(kind))  # the shipped models, as `make train` builds them (kind: a config name)
     torch.manual_seed(0)
     model = build_model(cfg.model, image_shape)
     optimizer = make_optimizer(model, cfg, accelerator.device)
@@ -167,6 +174,81 @@ def bench_model(kind: str, accelerator, train: data.Split, root: Path, batch: in
     }
 
 
+def bench_prepare(source: Path, workers: int) -> dict:
+    """`vae-dist prepare` of a folder of images into a temporary folder, timed."""
+    with tempfile.TemporaryDirectory(prefix="vae-dist-bench-") as tmp:
+        t0 = time.perf_counter()
+        result = prepare.prepare(str(source), Path(tmp) / "out", workers=workers)
+        seconds = time.perf_counter() - t0
+    files = sum(result.info["counts"].values()) + result.info["duplicates"] + len(result.info["skipped"])
+    return {"workers": workers, "files": files, "seconds": seconds, "images_per_s": files / seconds}
+
+
+def bench_reading(config: str, folder: Path, accelerator, seconds: float, rounds: int) -> dict:
+    """The training step fed from the split on disk (`MappedSplit` through `data.prefetched`, as
+    training reads it) against the same split in memory, at the config's batch size, in turn over
+    `rounds` rounds (medians). Also the disk path's reading alone, without a step."""
+    info = prepare.read_info(folder)
+    cfg, model, optimizer = prepared(config, accelerator, tuple(info["shape"]))
+    batch, device = cfg.train.batch_size, accelerator.device
+    splits = {where: data.load_prepared(folder, True, in_memory=where) for where in ("always", "never")}
+    eps = torch.randn(batch, cfg.model.latent_dim)
+
+    def batches(split):
+        def one_pass():
+            order = data.epoch_order(len(split), 0, 0)
+            lists = (order[lo : lo + batch] for lo in range(0, len(split) - batch + 1, batch))
+            return data.prefetched(split, lists, device)
+
+        return endless(one_pass)
+
+    feeds = {where: batches(split) for where, split in splits.items()}
+
+    def step(where: str) -> Callable[[], None]:
+        def run():
+            micro_step(accelerator, model, optimizer, data.to_float(next(feeds[where])), eps, 1.0, "bernoulli")
+
+        return run
+
+    reader = batches(splits["never"])
+    for _ in range(3):  # warm-up: the threads start, the page cache holds the file
+        step("always")()
+        step("never")()
+        next(reader)
+    per_round = []
+    for _ in range(rounds):
+        memory = steps_per_s(step("always"), seconds / rounds / 2)
+        disk = steps_per_s(step("never"), seconds / rounds / 2)
+        read = steps_per_s(lambda: next(reader), min(0.5, seconds / rounds / 2))
+        per_round.append((memory, disk, read))
+    return {
+        "config": config,
+        "dataset": str(folder),
+        "image_shape": info["shape"],
+        "train_images": len(splits["never"]),
+        "batch_size": batch,
+        "memory_images_per_s": statistics.median(r[0] for r in per_round) * batch,
+        "disk_images_per_s": statistics.median(r[1] for r in per_round) * batch,
+        "disk_of_memory": statistics.median(r[1] / r[0] for r in per_round),
+        "read_only_images_per_s": statistics.median(r[2] for r in per_round) * batch,
+        "rounds": [{"memory_steps_per_s": m, "disk_steps_per_s": d, "read_steps_per_s": r} for m, d, r in per_round],
+    }
+
+
+def bench_data(accelerator, seconds: float, rounds: int) -> dict:
+    """Preparing the emoji set's PNGs, then reading from disk against memory for both data sets."""
+    emoji = paths.data_dir() / EMOJI
+    if not (emoji / ".complete").is_file():
+        raise click.ClickException(f"{emoji} is missing: run `make emoji` (or pass --no-data)")
+    cores = len(os.sched_getaffinity(0))
+    preparing = [bench_prepare(emoji, w) for w in sorted({1, cores})]
+    with tempfile.TemporaryDirectory(prefix="vae-dist-bench-") as tmp:
+        folders = {"fashion-mnist": data.prepared_built_in("fashion-mnist", download=False)}
+        folders[EMOJI] = prepare.prepare(str(emoji), Path(tmp) / "emoji").out
+        reading = [bench_reading(config, folders[name], accelerator, seconds, rounds) for config, name in READING]
+    return {"prepare": preparing, "reading": reading}
+
+
 def profile_lines(accelerator, train: data.Split, batch: int, rows: int = 12) -> list[str]:
     """Where the linear VAE's step spends its time, by operator (self CPU time over 50 steps)."""
     from torch.profiler import ProfilerActivity, profile
@@ -191,8 +273,10 @@ def profile_lines(accelerator, train: data.Split, batch: int, rows: int = 12) ->
 @click.option("--starts", type=click.IntRange(min=0), default=3, show_default=True,
               help="New `vae-dist train` processes timed to their first optimizer step (0: skip).")
 @click.option("--profile", is_flag=True, help="Also print the linear VAE step's profile by operator.")
+@click.option("--data/--no-data", "with_data", default=True, show_default=True,
+              help="Also time `prepare` on the emoji PNGs and training from disk against in memory.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default="bench/train.json", show_default=True)
-def main(batch_size: int, seconds: float, rounds: int, starts: int, profile: bool, json_path: str):
+def main(batch_size: int, seconds: float, rounds: int, starts: int, profile: bool, with_data: bool, json_path: str):
     """Benchmark start-up and the training step of both VAEs on the CPU."""
     root = data.resolve("fashion-mnist", download=False)
     firsts = [seconds_to_first_step() for _ in range(starts)]
@@ -202,6 +286,7 @@ def main(batch_size: int, seconds: float, rounds: int, starts: int, profile: boo
     # The ceiling for the linear VAE: its largest layer's matmul at the batch size, alone.
     layer = matmul_flops_per_s(batch_size, 784, 400, seconds=2.0)
     rows = [bench_model(kind, accelerator, train, root, batch_size, seconds, rounds) for kind in MODELS]
+    reading = bench_data(accelerator, seconds, rounds) if with_data else None
     if firsts:
         click.echo(
             f"start-up: `vae-dist train --config linear` reached its first optimizer step after "
@@ -226,7 +311,23 @@ def main(batch_size: int, seconds: float, rounds: int, starts: int, profile: boo
         click.echo("\nlinear VAE step, 50 steps, by operator:")
         for line in profile_lines(accelerator, train, batch_size):
             click.echo(line)
-    result = {"seconds_to_first_step": firsts, "models": rows}
+    if reading:
+        for r in reading["prepare"]:
+            click.echo(
+                f"vae-dist prepare, {r['files']} PNG files of 64x64, {r['workers']} worker(s): "
+                f"{r['images_per_s']:.0f} images/s ({r['seconds']:.2f} s)"
+            )
+        click.echo(
+            f"{'config':<7} {'data set':<17} {'batch':>5} {'in memory':>9} {'from disk':>9} {'ratio':>6} | "
+            f"{'reading alone':>13}  (images/s)"
+        )
+        for r in reading["reading"]:
+            click.echo(
+                f"{r['config']:<7} {Path(r['dataset']).name:<17} {r['batch_size']:>5} "
+                f"{r['memory_images_per_s']:>9.0f} {r['disk_images_per_s']:>9.0f} {r['disk_of_memory']:>6.0%} | "
+                f"{r['read_only_images_per_s']:>13.0f}"
+            )
+    result = {"seconds_to_first_step": firsts, "models": rows, "data": reading}
     Path(json_path).parent.mkdir(parents=True, exist_ok=True)
     Path(json_path).write_text(json.dumps(result, indent=1))
     click.echo(f"written to {json_path}")

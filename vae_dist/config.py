@@ -29,6 +29,7 @@ class ModelConfig:
     latent_dim: int = 20  # 20 as in Kingma & Welling's MNIST experiments
     hidden_dims: list[int] = field(default_factory=lambda: [400])  # MLP widths (conv: after the convs)
     channels: list[int] = field(default_factory=lambda: [32, 64])  # conv only: one stride-2 stage each
+    upsample: str = "transposed"  # conv only: transposed (3x3 stride-2) | nearest (resize, then a 3x3 conv)
 
 
 @dataclass
@@ -87,6 +88,7 @@ class Config:
 
 CHOICES = {
     "model.kind": ("linear", "conv"),
+    "model.upsample": ("transposed", "transposed4", "nearest"),
     "data.name": ("fashion-mnist", "mnist"),
     "data.binarize": ("none", "dynamic"),
     "data.in_memory": ("auto", "always", "never"),

@@ -450,7 +450,7 @@ def model_split(dataset: str, train: bool, where: str | Path | None = None) -> t
     if not (folder / prepare.INFO_FILE).is_file():
         raise DataError(
             f"the model was trained on the prepared dataset {dataset}, and {folder} is not one (no "
-            f"{prepare.INFO_FILE}); give the dataset's folder with --data-root"
+            f"{prepare.INFO_FILE}); give the dataset's folder with --data DIR"
         )
     prepare.read_info(folder)
     return load_prepared(folder, train).images

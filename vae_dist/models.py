@@ -72,10 +72,13 @@ class LinearVAE(VAE):
 
 
 class ConvVAE(VAE):
-    """Stride-2 3x3 convolutions down, a linear bottleneck, transposed convolutions up.
+    """Stride-2 3x3 convolutions down, a linear bottleneck, and back up in as many stages.
 
     Each down stage halves H and W (rounding up); the decoder mirrors the exact sizes, so odd
-    sizes such as 28 -> 14 -> 7 -> 4 come back to 28 through `output_padding`.
+    sizes such as 28 -> 14 -> 7 -> 4 come back to 28. Up, `upsample` picks either 3x3 stride-2
+    transposed convolutions (`output_padding` gives the odd sizes) or a nearest-neighbour resize
+    to the stage's size followed by a 3x3 convolution: every output pixel then sees the same number
+    of weights, which avoids the checkerboard pattern transposed convolutions leave on large images.
     """
 
     def __init__(
@@ -84,6 +87,7 @@ class ConvVAE(VAE):
         latent_dim: int,
         channels: list[int],
         hidden_dims: list[int],
+        upsample: str = "transposed",
     ):
         super().__init__()
         self.image_shape = tuple(image_shape)
@@ -111,8 +115,15 @@ class ConvVAE(VAE):
         outs = list(reversed(channels[:-1])) + [c_in]
         for i, c_out in enumerate(outs):
             (h_small, w_small), (h_big, w_big) = sizes[-1 - i], sizes[-2 - i]
-            pad = (h_big - (2 * h_small - 1), w_big - (2 * w_small - 1))
-            up.append(nn.ConvTranspose2d(c, c_out, 3, stride=2, padding=1, output_padding=pad))
+            if upsample == "nearest":
+                up += [nn.Upsample(size=(h_big, w_big), mode="nearest"), nn.Conv2d(c, c_out, 3, padding=1)]
+            elif upsample == "transposed4":  # an odd size: one more pixel of padding, one of output padding
+                pad = (h_big % 2, w_big % 2)
+                padding = (1 + pad[0], 1 + pad[1])
+                up.append(nn.ConvTranspose2d(c, c_out, 4, stride=2, padding=padding, output_padding=pad))
+            else:
+                pad = (h_big - (2 * h_small - 1), w_big - (2 * w_small - 1))
+                up.append(nn.ConvTranspose2d(c, c_out, 3, stride=2, padding=1, output_padding=pad))
             if i < len(outs) - 1:
                 up.append(nn.ReLU())
             c = c_out
@@ -128,7 +139,7 @@ class ConvVAE(VAE):
 
 MODELS: dict[str, Callable[[ModelConfig, tuple[int, int, int]], VAE]] = {
     "linear": lambda cfg, shape: LinearVAE(shape, cfg.latent_dim, cfg.hidden_dims),
-    "conv": lambda cfg, shape: ConvVAE(shape, cfg.latent_dim, cfg.channels, cfg.hidden_dims),
+    "conv": lambda cfg, shape: ConvVAE(shape, cfg.latent_dim, cfg.channels, cfg.hidden_dims, cfg.upsample),
 }
 
 
