@@ -98,7 +98,7 @@ test-fast: data emoji
 lint: setup
 	$(BIN)/ruff check .
 
-bench: data
+bench: data emoji
 	$(BIN)/python -m vae_dist.bench
 
 bench-infer: data
