@@ -441,15 +441,7 @@ def _within(diff: float, tol: float) -> bool:
 
 def load_test_images(model: VAE, model_meta: dict[str, Any], data_root: str | Path | None = None) -> torch.Tensor:
     """The real test split of the run's data set, uint8 [N, C, H, W]; never downloads."""
-    name = model_meta.get("dataset")
-    if not isinstance(name, str) or not name:
-        raise data.DataError(f"the model file names no data set ({name!r}); give it a test split with --data DIR")
-    images = data.model_split(name, False, data_root)
-    if tuple(images.shape[1:]) != tuple(model.image_shape):
-        raise data.DataError(
-            f"{name} test images are {tuple(images.shape[1:])}, the model expects {tuple(model.image_shape)}"
-        )
-    return images
+    return data.split_for_model(model_meta, model.image_shape, False, data_root)
 
 
 def verify_files(

@@ -24,6 +24,7 @@ from vae_dist.models import build_model
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 TRAIN = str(ROOT / "vae_dist" / "train.py")
+EVALUATE = str(ROOT / "vae_dist" / "evaluate.py")
 SHAPE = (1, 28, 28)  # Fashion-MNIST
 LATENT = 4  # the tiny models' latent size
 EMOJI_FILES, EMOJI_TRAIN = 3786, 3377  # the emoji set's PNG files; its training split, prepared as shipped
@@ -83,8 +84,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch_cmd(nproc: int, script_args: list[str], extra: list[str] | None = None) -> list[str]:
-    """`accelerate launch` of the training script on `nproc` CPU processes (real DDP over gloo)."""
+def launch_cmd(nproc: int, script_args: list[str], extra: list[str] | None = None, script: str = TRAIN) -> list[str]:
+    """`accelerate launch` of `script` (the training script) on `nproc` CPU processes (real DDP over gloo)."""
     cmd = [
         str(BIN / "accelerate"),
         "launch",
@@ -99,7 +100,7 @@ def launch_cmd(nproc: int, script_args: list[str], extra: list[str] | None = Non
         cmd += ["--multi_gpu", "--num_processes", str(nproc), "--main_process_port", str(free_port())]
     else:
         cmd += ["--num_processes", "1"]
-    return cmd + (extra or []) + [TRAIN, *script_args]
+    return cmd + (extra or []) + [script, *script_args]
 
 
 def env() -> dict[str, str]:

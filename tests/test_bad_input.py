@@ -541,6 +541,48 @@ CASES = [
         unchanged=("runs/colour/model.safetensors", "grey/*"),
         absent=NO_EXPORT,
     ),
+    # -- vae-dist evaluate: refused before any work (a failed append: tests/test_evaluate.py)
+    Case(
+        "evaluate-without-model",
+        sh("vae-dist evaluate runs/empty --k 2"),
+        2,
+        "runs/empty holds no model.safetensors; train the run to its end first",
+        setup=lambda tmp: (tmp / "runs" / "empty").mkdir(parents=True),
+        absent=("runs/empty/*",),
+        slow=False,
+    ),
+    Case(
+        "evaluate-k-0",
+        sh("vae-dist evaluate runs/tiny --k 0"),
+        2,
+        "Invalid value for '--k': 0 is not in the range x>=1",
+        setup=tiny_model("tiny"),
+        unchanged=("runs/tiny/**/*",),
+        absent=("runs/tiny/eval.jsonl",),
+        line=CLICK,
+        slow=False,
+    ),
+    Case(
+        "evaluate-data-of-another-shape",
+        sh("vae-dist evaluate runs/colour --data grey --k 2"),
+        2,
+        "grey test images are (1, 28, 28), the model expects (3, 64, 64)",
+        setup=lambda tmp: (
+            tiny_model("colour", shape=(3, 64, 64), kind="conv", dataset="emoji")(tmp),
+            prepared("grey")(tmp),
+        ),
+        unchanged=("runs/colour/model.safetensors", "grey/*"),
+        absent=("runs/colour/eval.jsonl",),
+    ),
+    Case(
+        "evaluate-dataset-gone",
+        sh("vae-dist evaluate runs/moved --k 2"),
+        2,
+        "is not one (no dataset.json); give the dataset's folder with --data DIR",
+        setup=tiny_model("moved", dataset="gone/emoji"),
+        unchanged=("runs/moved/model.safetensors",),
+        absent=("runs/moved/eval.jsonl", "gone"),
+    ),
     # -- the training benchmark's options
     Case(
         "bench-batch-size-0",

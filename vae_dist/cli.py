@@ -12,6 +12,10 @@ import click
 COMMANDS = {
     "prepare": ("vae_dist.prepare:prepare_command", "Make a dataset to train on from a folder of images."),
     "train": ("vae_dist.train:train_command", "Train a VAE (under `accelerate launch` for several processes)."),
+    "evaluate": (
+        "vae_dist.evaluate:evaluate_command",
+        "Estimate log p(x) of a trained run by importance sampling (IWAE bound).",
+    ),
     "export": ("export.cli:export_command", "Export runs to ONNX, verify them with onnxruntime, make edge variants."),
     "verify": ("export.cli:verify_command", "Verify an existing export again."),
 }

@@ -438,6 +438,22 @@ def dataset_name(cfg) -> str:
     return str(cfg.path) if cfg.path else cfg.name
 
 
+def split_for_model(
+    model_meta: dict, image_shape: tuple[int, int, int], train: bool, where: str | Path | None = None
+) -> torch.Tensor:
+    """A split of the data set a model file's metadata names (or of `where`), checked to hold
+    images of the model's shape; uint8 [N, C, H, W]."""
+    name, split = model_meta.get("dataset"), "training" if train else "test"
+    if not isinstance(name, str) or not name:
+        raise DataError(f"the model file names no data set ({name!r}); give it a {split} split with --data DIR")
+    images = model_split(name, train, where)
+    if tuple(images.shape[1:]) != tuple(image_shape):
+        raise DataError(
+            f"{where or name} {split} images are {tuple(images.shape[1:])}, the model expects {tuple(image_shape)}"
+        )
+    return images
+
+
 def model_split(dataset: str, train: bool, where: str | Path | None = None) -> torch.Tensor:
     """A split of the data set a model file names (`dataset_name`), uint8 [N, C, H, W]; never
     downloads. `where` points elsewhere: the IDX folder of a built-in set, or a prepared dataset."""

@@ -27,6 +27,8 @@ class Stream(enum.IntEnum):
     CALIBRATION = 4  # export: the images and latents that calibrate static quantisation
     VERIFY_LATENTS = 5  # export: the N(0, I) latents the decoder is checked on
     DATASET_SPLIT = 6  # prepare: which distinct images form the test split, by (--seed)
+    IMPORTANCE_NOISE = 7  # evaluate: the K latents' eps of each image, by (--seed, image index, block)
+    EVAL_BINARIZE = 8  # evaluate: the binarised copy of each image, by (--seed, image index)
 
 
 def derive_seed(*parts: int) -> int:

@@ -34,6 +34,7 @@ if TYPE_CHECKING:
 
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.jsonl"
+EVAL_FILE = "eval.jsonl"  # vae-dist evaluate: one line per evaluation, appended
 IMAGES_DIR = "images"
 CHECKPOINTS_DIR = "checkpoints"
 STATE_FILE = "trainer_state.json"

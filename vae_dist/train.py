@@ -421,6 +421,7 @@ def save_final_model(s: Session, metrics: dict[str, Any]) -> dict[str, Any]:
         extra = {
             "dataset": data.dataset_name(cfg.data),
             "likelihood": cfg.loss.likelihood,
+            "binarize": cfg.data.binarize,  # vae-dist evaluate binarises the test images of a dynamic run
             "epochs": cfg.train.epochs,
             "steps": s.state.global_step,
             "test_neg_elbo": metrics.get("test_neg_elbo"),

@@ -1,0 +1,286 @@
+"""`vae-dist evaluate RUN`: the importance-weighted estimate of log p(x) (Burda, Grosse &
+Salakhutdinov 2015) of a trained model, on every image of a split, over any number of processes.
+
+    log p(x) ~= logsumexp_k [log p(x|z_k) + log p(z_k) - log q(z_k|x)] - log K,  z_k ~ q(z|x)
+
+NLL_K = -that is an upper bound on -log p(x) that tightens as K grows; with K = 1 it is the
+one-sample -ELBO. Reported per image, in nats and in bits per dimension, beside the -ELBO (the
+reconstruction term at the first of the K latents, plus the closed-form KL).
+
+- Each image's noise comes from its own generators, seeded by (--seed, image index, block of
+  BLOCK latents): the figure does not depend on the number of processes, the batch size or the
+  chunking. Under `accelerate launch` each process takes a contiguous share of the split; after
+  the gather every image is counted exactly once (asserted).
+- Memory is bounded for any K: images go `--batch-size` at a time, and their K latents in chunks
+  of whole blocks, sized so that one decoder call holds about MEMORY_BUDGET bytes of pixels.
+- A model trained with `data.binarize=dynamic` is evaluated on a binarised copy of each image,
+  drawn once from (--seed, image index): the protocol of the binarised-MNIST literature.
+- The result is appended as one line to RUN/eval.jsonl (written with one call, then fsynced), never
+  replacing an earlier one.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import click
+import torch
+
+from vae_dist import __version__, artifacts, data, runs
+from vae_dist.errors import UserError
+from vae_dist.losses import kl_to_standard_normal, log_likelihood_samples
+from vae_dist.models import VAE
+from vae_dist.rng import Stream, generator
+
+log = logging.getLogger(__name__)
+
+BLOCK = 128  # latents drawn per generator: chunks of K are whole blocks, so chunking never changes a draw
+MEMORY_BUDGET = 64 * 2**20  # bytes of decoder output per call (a few tensors that size are alive at once)
+DEFAULT_K = 5000  # the literature's K for MNIST-like data
+DEFAULT_BATCH = 100  # images per pass (fewer when the images are large)
+
+
+class EvaluateError(UserError):
+    pass
+
+
+@dataclass
+class Estimate:
+    """Per-image figures, float64 [n]."""
+
+    nll: torch.Tensor  # -(logsumexp_k log w_k - log K)
+    recon: torch.Tensor  # -log p(x|z_1) at the first latent
+    kl: torch.Tensor  # KL(q(z|x) || N(0, I)), closed form
+
+
+def image_noise(seed: int, index: int, block: int, latent_dim: int) -> torch.Tensor:
+    """The eps of latents block*BLOCK ... block*BLOCK + BLOCK - 1 of image `index`, [BLOCK, latent]."""
+    return torch.randn(BLOCK, latent_dim, generator=generator(seed, Stream.IMPORTANCE_NOISE, index, block))
+
+
+def binarized(x: torch.Tensor, indices: torch.Tensor, seed: int) -> torch.Tensor:
+    """Each image (float in [0, 1]) as 0/1 pixels drawn once from its own generator."""
+    u = torch.stack(
+        [torch.rand(x.shape[1:], generator=generator(seed, Stream.EVAL_BINARIZE, int(i))) for i in indices]
+    )
+    return (u.to(x.device) < x).to(x.dtype)
+
+
+def chunk_blocks(images: int, pixels: int, k: int) -> int:
+    """Blocks of latents per decoder call, so that `images` x latents x `pixels` floats fit the budget."""
+    rows = max(1, MEMORY_BUDGET // (4 * pixels))
+    return max(1, min(math.ceil(k / BLOCK), rows // (images * BLOCK)))
+
+
+def images_per_pass(batch_size: int, pixels: int) -> int:
+    """`batch_size`, or fewer when even one block of latents per image would pass the budget."""
+    return max(1, min(batch_size, MEMORY_BUDGET // (4 * pixels * BLOCK)))
+
+
+@torch.no_grad()
+def estimate(model: VAE, x: torch.Tensor, indices: torch.Tensor, k: int, seed: int, likelihood: str) -> Estimate:
+    """NLL_K, the reconstruction term and the KL of images `x` (float [B, C, H, W] on the model's
+    device) whose split indices are `indices`."""
+    device = x.device
+    b, latent = x.shape[0], model.latent_dim
+    mu, logvar = model.encode(x)
+    std = torch.exp(0.5 * logvar)
+    # log p(z) - log q(z|x) at z = mu + std * eps: the 2*pi terms cancel, (z - mu)^2 / std^2 = eps^2
+    prior_minus_posterior = 0.5 * logvar.double().sum(1)
+    best = torch.full((b,), -math.inf, dtype=torch.float64, device=device)
+    total = torch.zeros(b, dtype=torch.float64, device=device)
+    recon = None
+    per_call = chunk_blocks(b, x[0].numel(), k)
+    blocks = math.ceil(k / BLOCK)
+    for first in range(0, blocks, per_call):
+        wanted = range(first, min(blocks, first + per_call))
+        eps = torch.stack(
+            [torch.cat([image_noise(seed, int(i), j, latent) for j in wanted]) for i in indices]
+        ).to(device)  # [B, S, latent]
+        eps = eps[:, : k - first * BLOCK]  # the last block may be used in part
+        z = mu[:, None] + std[:, None] * eps
+        logits = model.decode(z.flatten(0, 1)).view(b, eps.shape[1], *x.shape[1:])
+        log_px = log_likelihood_samples(logits, x, likelihood).double()  # [B, S]
+        if recon is None:
+            recon = -log_px[:, 0]
+        log_w = log_px - 0.5 * z.double().pow(2).sum(2) + 0.5 * eps.double().pow(2).sum(2)
+        log_w += prior_minus_posterior[:, None]
+        top = torch.maximum(best, log_w.max(1).values)
+        total = total * torch.exp(best - top) + torch.exp(log_w - top[:, None]).sum(1)
+        best = top
+    nll = -(best + torch.log(total) - math.log(k))
+    kl = kl_to_standard_normal(mu.double(), logvar.double())
+    return Estimate(nll=nll, recon=recon, kl=kl)
+
+
+def evaluate_split(
+    accelerator, model: VAE, images: torch.Tensor, k: int, seed: int, likelihood: str, binarize: bool,
+    batch_size: int,
+) -> dict[str, Any]:
+    """Mean figures over every image of `images` (uint8 [N, C, H, W]), this process taking its
+    contiguous share; the same on every process afterwards."""
+    n, world, rank = images.shape[0], accelerator.num_processes, accelerator.process_index
+    per = math.ceil(n / world)
+    share = torch.arange(rank * per, (rank + 1) * per)
+    valid = share < n
+    share = share.clamp(max=n - 1)
+    device = accelerator.device
+    step = images_per_pass(batch_size, images[0].numel())
+    rows = []
+    model.eval()
+    for lo in range(0, per, step):
+        idx = share[lo : lo + step]
+        x = data.to_float(images[idx].to(device))
+        if binarize:
+            x = binarized(x, idx, seed)
+        e = estimate(model, x, idx, k, seed, likelihood)
+        index = torch.where(valid[lo : lo + len(idx)], idx, -1).to(device, torch.float64)
+        rows.append(torch.stack([index, e.nll, e.recon, e.kl], dim=1))
+    local = torch.cat(rows) if rows else torch.zeros(0, 4, dtype=torch.float64, device=device)
+    table = accelerator.gather(local).cpu()
+    table = table[table[:, 0] >= 0]
+    table = table[table[:, 0].argsort()]
+    assert table.shape[0] == n and torch.equal(table[:, 0].long(), torch.arange(n)), (
+        f"evaluation covered {table.shape[0]} rows for {n} images"
+    )
+    nll, recon, kl = (table[:, c].mean().item() for c in (1, 2, 3))
+    bits = images[0].numel() * math.log(2)
+    return {
+        "nll": nll,
+        "nll_bits_per_dim": nll / bits,
+        "neg_elbo": recon + kl,
+        "neg_elbo_bits_per_dim": (recon + kl) / bits,
+        "recon": recon,
+        "kl": kl,
+        "images": n,
+    }
+
+
+def locate(run: str, output_dir: str | None) -> Path:
+    """RUN as a path, or a run name under the runs folder."""
+    path = Path(run)
+    if not path.exists() and not path.is_absolute():
+        from vae_dist.config import load_config
+
+        folder = Path(output_dir or load_config(None).run.output_dir)
+        if (folder / run).exists():
+            return folder / run
+    return path
+
+
+def run_binarize(run_dir: Path, meta: dict[str, Any]) -> str:
+    """How the model's training data was binarised: its model file, else its config.yaml."""
+    if "binarize" in meta:
+        return meta["binarize"]
+    saved = runs.read_saved_config(run_dir) if (run_dir / runs.CONFIG_FILE).is_file() else {}
+    return (saved.get("data") or {}).get("binarize", "none")
+
+
+def evaluate_run(
+    run: str,
+    k: int,
+    split: str = "test",
+    where: str | None = None,
+    seed: int = 0,
+    batch_size: int = DEFAULT_BATCH,
+    output_dir: str | None = None,
+    cpu: bool | None = None,
+) -> dict[str, Any]:
+    """Evaluate the run RUN (a folder, or a name under the runs folder) and append the result to
+    its eval.jsonl; returns the record."""
+    from accelerate import Accelerator
+
+    run_dir = locate(run, output_dir)
+    model_file = run_dir / artifacts.MODEL_FILE
+    if not model_file.is_file():
+        raise EvaluateError(f"{run_dir} holds no {artifacts.MODEL_FILE}; train the run to its end first")
+    accelerator = Accelerator(cpu=cpu if cpu is not None else not torch.cuda.is_available())
+    model, meta = artifacts.load_model(model_file)
+    binarize = run_binarize(run_dir, meta) == "dynamic"
+    images = data.split_for_model(meta, model.image_shape, split == "train", where)
+    model.to(accelerator.device)
+    started = time.perf_counter()
+    figures = evaluate_split(accelerator, model, images, k, seed, meta.get("likelihood", "bernoulli"), binarize,
+                             batch_size)
+    record = {
+        "k": k,
+        "seed": seed,
+        "split": split,
+        "data": str(where) if where else meta.get("dataset"),
+        "binarized": binarize,
+        "likelihood": meta.get("likelihood", "bernoulli"),
+        **figures,
+        "processes": accelerator.num_processes,
+        "seconds": time.perf_counter() - started,
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "version": __version__,
+    }
+    if accelerator.is_main_process:
+        append_record(run_dir / runs.EVAL_FILE, record)
+    accelerator.wait_for_everyone()
+    return record
+
+
+def append_record(path: Path, record: dict[str, Any]) -> None:
+    """One line appended to `path`; a failed write (a full disk) is cut back off, so the file never
+    ends in a partial line."""
+    size = path.stat().st_size if path.exists() else None
+    try:
+        artifacts.append_jsonl(path, record)
+    except OSError as e:
+        if size is None:
+            path.unlink(missing_ok=True)
+        else:
+            os.truncate(path, size)
+        raise EvaluateError(
+            f"could not append to {path} ({e.strerror or e}); its earlier lines are kept. Free some space and "
+            "evaluate again"
+        ) from None
+
+
+@click.command("evaluate")
+@click.argument("run")
+@click.option("--k", "k", type=click.IntRange(min=1), default=DEFAULT_K, show_default=True,
+              help="Importance samples per image (1: the one-sample -ELBO).")
+@click.option("--split", type=click.Choice(["test", "train"]), default="test", show_default=True)
+@click.option("--data", "where", type=click.Path(file_okay=False),
+              help="Where the run's data set is, if not where its model file says.")
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Seed of the noise (and of the binarisation).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=DEFAULT_BATCH, show_default=True,
+              help="Images per pass (fewer for large images, to bound memory).")
+@click.option("--output-dir", help="Folder of runs, for a RUN given by name (default $VAE_DIST_RUNS or ./runs).")
+@click.option("--cpu/--no-cpu", default=None, help="Force CPU, or leave the choice to Accelerate.")
+def evaluate_command(run, k, split, where, seed, batch_size, output_dir, cpu):
+    """Estimate log p(x) of a trained run by importance sampling; appends to RUN/eval.jsonl."""
+    main_rank = os.environ.get("RANK", "0") == "0"
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(message)s", level=logging.INFO)
+    logging.getLogger("accelerate").setLevel(logging.WARNING)
+    try:
+        r = evaluate_run(run, k, split, where, seed, batch_size, output_dir, cpu)
+    except (UserError, OSError) as e:
+        if main_rank:
+            click.echo(f"error: {e}", err=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        if main_rank:
+            click.echo("interrupted; nothing was written", err=True)
+        sys.exit(130)
+    if main_rank:
+        what = f"{r['images']} {split} images" + (" (binarised)" if r["binarized"] else "")
+        click.echo(
+            f"NLL (K={k}) {r['nll']:.4f} nats = {r['nll_bits_per_dim']:.4f} bits/dim; -ELBO {r['neg_elbo']:.4f} "
+            f"(recon {r['recon']:.4f} + KL {r['kl']:.4f}) nats; {what}, {r['processes']} process(es), "
+            f"{r['seconds']:.1f} s"
+        )
+
+
+if __name__ == "__main__":
+    evaluate_command()
