@@ -25,11 +25,11 @@ import torch
 from torch import nn
 
 from vae_dist.models import VAE
+from vae_dist.runs import MANIFEST_FILE, ONNX_DIR  # noqa: F401  (re-exported for the export package)
 
 ONNX_FORMAT = "vae-dist-onnx/1"  # metadata "format"; bump when the contract above changes
 MANIFEST_FORMAT = "vae-dist-onnx-manifest/1"
-ONNX_DIR = "onnx"
-MANIFEST_FILE = "manifest.json"
+# ONNX_DIR and MANIFEST_FILE: where an export lives in a run folder (vae_dist.runs owns the layout)
 DEFAULT_OPSET = 18
 DEFAULT_ATOL = 1e-4
 # ONNX and torch -ELBO on the test split must agree within ELBO_TOL nats per image of ELBO_TOL_PIXELS

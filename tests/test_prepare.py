@@ -377,11 +377,11 @@ def test_the_shipped_colour_cnn_trains_on_the_real_colour_set(tmp_path, emoji_di
 
     out = run([str(BIN / "vae-dist"), "export", str(result.run_dir), "--variants", "none"])
     assert out.stdout.strip().splitlines()[-1].endswith("onnx: verified"), out.stdout
-    assert "on the same 64 test images" in out.stdout, out.stdout
+    assert "on the first 64 test images only (data.test_subset)" in out.stdout, out.stdout
     png = sorted(emoji_dir.glob("*.png"))[0]
     onnx_dir = result.run_dir / "onnx"
     proc = run_sampler(["reconstruct", "--model-dir", str(onnx_dir), str(png), "--out", str(tmp_path / "rec.png"),
-                        "--scale", "1", "--seed", "3"])
+                        "--scale", "1"])
     assert proc.returncode == 0, proc.stderr
     cells = np.asarray(Image.open(tmp_path / "rec.png"))
     assert cells.shape == (2 + 2 * 66, 2 + 66, 3)

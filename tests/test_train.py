@@ -80,7 +80,7 @@ def test_an_auto_named_run_records_its_name(tmp_path):
     run_dir = train(cfg, cpu=True).run_dir
     assert run_dir.parent == tmp_path and run_dir.name.startswith("linear-")
     saved = yaml.safe_load((run_dir / "config.yaml").read_text())
-    assert saved["run"] == {"name": run_dir.name, "output_dir": str(tmp_path)}
+    assert saved["run"] == {"name": run_dir.name, "output_dir": str(tmp_path), "log_with": ["tensorboard"]}
 
 
 def test_a_bug_while_deciding_the_run_keeps_its_traceback(tmp_path, monkeypatch):

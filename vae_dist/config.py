@@ -66,12 +66,14 @@ class TrainConfig:
     grid_samples: int = 64  # images in the prior-sample grid
     checkpoint_every: int = 0  # optimizer steps between checkpoints (0 = only at epoch ends)
     keep_checkpoints: int = 2  # how many checkpoints to keep
+    log_every: int = 50  # optimizer steps between the trackers' training loss, KL weight and images/s
 
 
 @dataclass
 class RunConfig:
     output_dir: str = field(default_factory=lambda: str(paths.runs_dir()))  # $VAE_DIST_RUNS or ./runs
     name: str | None = None  # default: <model.kind>-<date>-<time>; the run's config.yaml records the name used
+    log_with: list[str] = field(default_factory=lambda: ["tensorboard"])  # Accelerate trackers; [] for none
 
 
 @dataclass
@@ -105,6 +107,7 @@ POSITIVE = (
     "train.grid_images",
     "train.grid_samples",
     "train.keep_checkpoints",
+    "train.log_every",
     "data.memory_limit_mb",
 )
 NON_NEGATIVE = (

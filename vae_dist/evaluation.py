@@ -57,15 +57,18 @@ def evaluate(accelerator: Accelerator, model: VAE, test: data.AnySplit, cfg: Con
 
 
 @torch.no_grad()
-def write_grids(model: VAE, test: data.AnySplit, cfg: Config, images_dir: Path, epoch: int, device) -> None:
+def write_grids(model: VAE, test: data.AnySplit, cfg: Config, images_dir: Path, epoch: int, device) -> dict[str, Path]:
     """Test images above their reconstructions (the decoder's mean at the posterior mean), and
-    samples from the prior (the same latents every epoch)."""
+    samples from the prior (the same latents every epoch); returns the two files by name."""
     model.eval()
     x = data.to_float(test.rows(torch.arange(min(cfg.train.grid_images, len(test))), device))
     mu, _ = model.encode(x)
     recon = torch.sigmoid(model.decode(mu))
-    artifacts.save_reconstruction_grid(images_dir / f"reconstruction_epoch{epoch:03d}.png", x, recon)
+    paths = {"reconstruction": images_dir / f"reconstruction_epoch{epoch:03d}.png",
+             "samples": images_dir / f"samples_epoch{epoch:03d}.png"}
+    artifacts.save_reconstruction_grid(paths["reconstruction"], x, recon)
     z = torch.randn(cfg.train.grid_samples, model.latent_dim, generator=generator(cfg.train.seed, Stream.GRID_NOISE))
     samples = torch.sigmoid(model.decode(z.to(device)))
-    artifacts.save_sample_grid(images_dir / f"samples_epoch{epoch:03d}.png", samples)
+    artifacts.save_sample_grid(paths["samples"], samples)
     model.train()
+    return paths

@@ -35,6 +35,8 @@ if TYPE_CHECKING:
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.jsonl"
 EVAL_FILE = "eval.jsonl"  # vae-dist evaluate: one line per evaluation, appended
+ONNX_DIR = "onnx"  # vae-dist export writes the run's export here
+MANIFEST_FILE = "manifest.json"  # in ONNX_DIR: what was exported and whether it verified
 IMAGES_DIR = "images"
 CHECKPOINTS_DIR = "checkpoints"
 STATE_FILE = "trainer_state.json"
@@ -50,6 +52,7 @@ RESUMABLE_CHANGES = {
     "train.eval_batch_size",
     "data.in_memory",  # where the rows are read from, not what they hold
     "data.memory_limit_mb",
+    "train.log_every",  # what is logged, not what is trained (run.log_with, like every run.* key, may change too)
 }
 
 
@@ -184,7 +187,9 @@ def flat_config(d: dict[str, Any]) -> dict[str, Any]:
 
 
 def config_differences(saved: dict[str, Any], current: Config) -> list[str]:
-    a, b = flat_config(saved), flat_config(current.to_dict())
+    # A key the saved config lacks (written before the key existed) had its default value.
+    a = {**flat_config(Config().to_dict()), **flat_config(saved)}
+    b = flat_config(current.to_dict())
     keys = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k) and not k.startswith("run."))
     return [f"{k} ({a.get(k)!r} -> {b.get(k)!r})" for k in keys if k not in RESUMABLE_CHANGES]
 

@@ -31,7 +31,7 @@ from accelerate.logging import get_logger
 from accelerate.utils import DistributedType, set_seed
 from tqdm.auto import tqdm
 
-from vae_dist import __version__, artifacts, data, runs
+from vae_dist import __version__, artifacts, data, runs, tracking
 from vae_dist.config import Config, ConfigError, load_config
 from vae_dist.errors import UserError
 from vae_dist.evaluation import evaluate, write_grids
@@ -316,6 +316,7 @@ def train_epochs(s: Session) -> dict[str, Any]:
     for epoch in range(s.state.epoch, s.cfg.train.epochs):
         metrics = train_epoch(s, epoch)
         s.state = runs.TrainerState(epoch=epoch + 1, global_step=s.state.global_step)
+        tracking.flush(s.accelerator)  # what was logged up to the checkpoint is kept; a resume purges the rest
         runs.save_checkpoint(s.accelerator, s.run_dir, s.state, s.cfg.train.keep_checkpoints)
     return metrics
 
@@ -349,6 +350,7 @@ def train_epoch(s: Session, epoch: int) -> dict[str, Any]:
         batch = order[step * B : (step + 1) * B]
         return torch.cat([batch[part] for part in mine])
 
+    logged_images, logged_at = images_seen, time.perf_counter()  # for the images/s the trackers get
     todo = range(state.step_in_epoch, steps)
     for step, rows in zip(todo, data.prefetched(s.train, map(my_rows, todo), device)):
         beta = kl_weight(cfg.loss.beta, cfg.loss.kl_warmup_steps, state.global_step)
@@ -365,6 +367,9 @@ def train_epoch(s: Session, epoch: int) -> dict[str, Any]:
         state.global_step += 1
         if state.global_step == 1:
             log.info(FIRST_STEP_MESSAGE, main_process_only=True)
+        if cfg.run.log_with and state.global_step % cfg.train.log_every == 0:  # the same on every process
+            log_step(acc, terms.loss.detach().mean(), beta, images_seen - logged_images, logged_at, state.global_step)
+            logged_images, logged_at = images_seen, time.perf_counter()
         bar.update(1)
         if step % 50 == 0:
             bar.set_postfix(loss=f"{terms.loss.detach().mean().item():.2f}")
@@ -374,6 +379,7 @@ def train_epoch(s: Session, epoch: int) -> dict[str, Any]:
             state.step_in_epoch = step + 1
             state.epoch_loss_sum = acc.reduce(loss_sum.clone(), "sum").item()
             state.epoch_images, state.epoch_seconds = images_seen, time.perf_counter() - t0
+            tracking.flush(acc)
             runs.save_checkpoint(acc, s.run_dir, state, cfg.train.keep_checkpoints)
         if stop:
             bar.close()
@@ -397,8 +403,13 @@ def train_epoch(s: Session, epoch: int) -> dict[str, Any]:
 
     def write_epoch_files():
         with runs.writing(s.run_dir, s.run_dir):
-            write_grids(s.core, s.test, cfg, s.run_dir / runs.IMAGES_DIR, epoch, device)
+            grids = write_grids(s.core, s.test, cfg, s.run_dir / runs.IMAGES_DIR, epoch, device)
             artifacts.append_jsonl(s.run_dir / runs.METRICS_FILE, metrics)
+            tracking.write_curves(s.run_dir, artifacts.read_jsonl(s.run_dir / runs.METRICS_FILE))
+        epoch_values = {f"test/{k[5:]}": metrics[k] for k in ("test_neg_elbo", "test_recon", "test_kl")}
+        epoch_values.update({"train/epoch_loss": metrics["train_loss"], "epoch": epoch})
+        tracking.log(acc, epoch_values, state.global_step)
+        tracking.log_images(acc, grids, state.global_step)
 
     on_main(acc, "writing the epoch's grids and metrics", write_epoch_files)
     log.info(
@@ -408,6 +419,16 @@ def train_epoch(s: Session, epoch: int) -> dict[str, Any]:
         main_process_only=True,
     )
     return metrics
+
+
+def log_step(acc, loss: torch.Tensor, beta: float, images: int, since: float, step: int) -> None:
+    """The trackers' step figures: the step's mean loss over every process, the KL weight, images/s."""
+    loss = acc.reduce(loss.float().reshape(1), "mean").item()  # every process takes part
+    seconds = time.perf_counter() - since
+    values = {"train/loss": loss, "train/kl_weight": beta}
+    if seconds > 0:
+        values["train/images_per_s"] = images / seconds
+    tracking.log(acc, values, step)
 
 
 def save_final_model(s: Session, metrics: dict[str, Any]) -> dict[str, Any]:
@@ -447,6 +468,7 @@ class TrainResult:
 
 def train(cfg: Config, resume: str | None = None, cpu: bool | None = None) -> TrainResult:
     """Train as configured. `cpu=None` picks the GPU when there is one."""
+    tracking.check_trackers(cfg.run.log_with)
     accelerator = make_accelerator(cfg, cpu)
     set_seed(cfg.train.seed)
     run_dir, checkpoint, finished = decide_run(accelerator, cfg, resume)
@@ -459,6 +481,8 @@ def train(cfg: Config, resume: str | None = None, cpu: bool | None = None) -> Tr
     stop = StopRequest(accelerator)
     try:
         session = start_or_resume(accelerator, cfg, run_dir, checkpoint, stop)
+        resumed_at = session.state.global_step if checkpoint else None
+        on_main(accelerator, "starting the trackers", lambda: tracking.start(accelerator, cfg, run_dir, resumed_at))
         metrics = train_epochs(session)
         metrics = save_final_model(session, metrics)
     except KeyboardInterrupt:

@@ -1,0 +1,109 @@
+"""Experiment tracking: TensorBoard event files read back with tensorboard's own reader (tags,
+steps, no step twice after a resume), curves.png, and the tracker names refused in one line."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import yaml
+from PIL import Image
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from vae_dist import tracking
+from vae_dist.config import ConfigError, load_config
+from vae_dist.train import train
+
+STEP_TAGS = ("train/loss", "train/kl_weight", "train/images_per_s")
+EPOCH_TAGS = ("test/neg_elbo", "test/recon", "test/kl", "train/epoch_loss", "epoch")
+
+
+def config(tmp_path, *extra: str):
+    # 512 images, batch 64: 8 steps per epoch, logged every 2, checkpoints every 3 steps (all kept)
+    return load_config(
+        "linear",
+        ["data.train_subset=512", "data.test_subset=128", "train.batch_size=64", "train.epochs=2",
+         "train.log_every=2", "train.checkpoint_every=3", "train.keep_checkpoints=20", "model.hidden_dims=[32]",
+         "train.grid_samples=4", f"run.output_dir={tmp_path / 'runs'}", "run.name=r", *extra],
+    )
+
+
+def events(run_dir):
+    folder = run_dir / tracking.LOGS_DIR / tracking.PROJECT
+    reader = EventAccumulator(str(folder), size_guidance={"scalars": 0, "images": 0})
+    reader.Reload()
+    return reader
+
+
+def test_the_trackers_get_the_step_and_epoch_figures_and_the_grids(tmp_path, fashion_root):
+    result = train(config(tmp_path), cpu=True)
+    reader = events(result.run_dir)
+    tags = reader.Tags()
+    assert set(tags["scalars"]) == {*STEP_TAGS, *EPOCH_TAGS}
+    assert set(tags["images"]) == {"reconstruction", "samples"}
+    for tag in STEP_TAGS:
+        assert [e.step for e in reader.Scalars(tag)] == list(range(2, 17, 2))
+    for tag in EPOCH_TAGS:
+        assert [e.step for e in reader.Scalars(tag)] == [8, 16]
+    elbo = [e.value for e in reader.Scalars("test/neg_elbo")]
+    assert elbo == pytest.approx([r["test_neg_elbo"] for r in _metrics(result.run_dir)], rel=1e-6)
+    assert [e.value for e in reader.Scalars("train/kl_weight")] == [1.0] * 8
+    grid = reader.Images("reconstruction")[-1]
+    assert (grid.width, grid.height) == Image.open(result.run_dir / "images" / "reconstruction_epoch001.png").size
+    # the resolved config, as hyperparameters (Accelerate also keeps them as hparams.yml)
+    (hparams,) = [yaml.safe_load(p.read_text()) for p in result.run_dir.rglob("hparams.yml")]
+    assert hparams["model.hidden_dims"] == "[32]" and hparams["train.log_every"] == 2
+
+
+def _metrics(run_dir):
+    from vae_dist.artifacts import read_jsonl
+
+    return read_jsonl(run_dir / "metrics.jsonl")
+
+
+def test_a_resumed_run_continues_the_curves_without_a_step_twice(tmp_path, fashion_root):
+    """The run is cut back to its checkpoint at step 9 (its later checkpoints and model removed,
+    as after a kill), then resumed: what was logged after step 9 is purged and logged again."""
+    first = train(config(tmp_path), cpu=True).run_dir
+    for checkpoint in (first / "checkpoints").iterdir():
+        if int(checkpoint.name.split("-")[1]) > 9:
+            shutil.rmtree(checkpoint)
+    (first / "model.safetensors").unlink()
+    again = train(config(tmp_path), resume="auto", cpu=True).run_dir
+    assert again == first
+    reader = events(again)
+    for tag in STEP_TAGS:
+        assert [e.step for e in reader.Scalars(tag)] == list(range(2, 17, 2)), tag
+    for tag in EPOCH_TAGS:
+        assert [e.step for e in reader.Scalars(tag)] == [8, 16], tag
+    assert len(list((again / tracking.LOGS_DIR / tracking.PROJECT).glob("events.out.tfevents.*"))) == 2
+
+
+def test_curves_png_is_drawn_after_every_epoch(tmp_path, fashion_root):
+    result = train(config(tmp_path, "train.epochs=1"), cpu=True)
+    curves = result.run_dir / tracking.CURVES_FILE
+    first = curves.read_bytes()
+    assert Image.open(curves).size == (1000, 380)
+    result = train(config(tmp_path, "train.epochs=2"), resume="auto", cpu=True)
+    assert curves.read_bytes() != first  # drawn again with the second epoch
+
+
+def test_no_trackers(tmp_path, fashion_root):
+    result = train(config(tmp_path, "run.log_with=[]", "train.epochs=1"), cpu=True)
+    assert not (result.run_dir / tracking.LOGS_DIR).exists() and (result.run_dir / tracking.CURVES_FILE).is_file()
+
+
+@pytest.mark.parametrize(
+    "names, message",
+    [(["tensorbored"], "'tensorbored' is not a tracker Accelerate knows"),
+     (["wandb"], "wandb needs the wandb package (pip install wandb), or remove it")],
+)
+def test_trackers_that_cannot_run_are_refused_before_anything_is_written(tmp_path, monkeypatch, names, message):
+    import importlib.util
+
+    find_spec = importlib.util.find_spec  # wandb counts as not installed, whether it is here or not
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else find_spec(name, *a))
+    cfg = config(tmp_path, f"run.log_with={names}")
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        train(cfg, cpu=True)
+    assert not (tmp_path / "runs").exists()

@@ -1,0 +1,146 @@
+"""`vae-dist runs`: one line per run in a runs folder, read from the files each run holds (its
+config.yaml, metrics.jsonl, model file, eval.jsonl and export manifest); nothing is written."""
+
+from __future__ import annotations
+
+import json
+import sys
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import click
+
+from vae_dist import artifacts, runs
+from vae_dist.errors import UserError
+
+COLUMNS = (  # (header, key in a summary, how it is shown)
+    ("run", "name", str),
+    ("model", "kind", str),
+    ("data", "dataset", lambda v: Path(v).name if v else "?"),
+    ("shape", "image_shape", lambda v: "x".join(map(str, v)) if v else "?"),
+    ("epochs", "epochs", str),
+    ("test -ELBO", "test_neg_elbo", lambda v: f"{v:.2f}" if v is not None else "-"),
+    ("best NLL (K)", "best_nll", lambda v: f"{v['nll']:.2f} ({v['k']})" if v else "-"),
+    ("export", "export", str),
+    ("finished", "finished", lambda v: "yes" if v else "no"),
+    ("last written", "time", str),
+)
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _export_status(run_dir: Path) -> tuple[str, list[str]]:
+    """"verified", "FAILED", "damaged" or "-" (none), and the variants the manifest accepted."""
+    manifest_path = run_dir / runs.ONNX_DIR / runs.MANIFEST_FILE
+    if not manifest_path.is_file():
+        return "-", []
+    manifest = _read_json(manifest_path)
+    if not isinstance(manifest, dict):
+        return "damaged", []
+    variants = manifest.get("variants") or {}
+    accepted = [name for name, v in variants.items() if isinstance(v, dict) and v.get("status") == "verified"]
+    return ("verified" if manifest.get("verified") is True else "FAILED"), accepted
+
+
+def summarize(run_dir: Path) -> dict[str, Any] | None:
+    """What a run folder says about itself, or None when it is not a run (no config.yaml, no model)."""
+    config_path, model_path = run_dir / runs.CONFIG_FILE, run_dir / artifacts.MODEL_FILE
+    if not config_path.is_file() and not model_path.is_file():
+        return None
+    try:
+        saved = runs.read_saved_config(run_dir) if config_path.is_file() else {}
+    except UserError:
+        saved = {}
+    meta: dict[str, Any] = {}
+    if model_path.is_file():
+        try:
+            meta = artifacts.read_model_metadata(model_path)
+        except UserError:
+            meta = {}
+    model_cfg, data_cfg, train_cfg = (saved.get(k) or {} for k in ("model", "data", "train"))
+    try:
+        metrics = artifacts.read_jsonl(run_dir / runs.METRICS_FILE)
+    except ValueError:
+        metrics = []
+    try:
+        evals = [r for r in artifacts.read_jsonl(run_dir / runs.EVAL_FILE) if isinstance(r.get("nll"), (int, float))]
+    except ValueError:
+        evals = []
+    best = min(evals, key=lambda r: r["nll"], default=None)
+    planned = train_cfg.get("epochs", meta.get("epochs"))
+    done = len({r.get("epoch") for r in metrics})
+    status, variants = _export_status(run_dir)
+    files = [p for p in (config_path, model_path, run_dir / runs.METRICS_FILE, run_dir / runs.EVAL_FILE) if p.exists()]
+    newest = max((p.stat().st_mtime for p in files), default=run_dir.stat().st_mtime)
+    return {
+        "name": run_dir.name,
+        "path": str(run_dir),
+        "kind": (meta.get("model") or {}).get("kind") or model_cfg.get("kind", "?"),
+        "dataset": meta.get("dataset") or data_cfg.get("path") or data_cfg.get("name"),
+        "image_shape": meta.get("image_shape") or _shape_of(data_cfg),
+        "epochs_done": done,
+        "epochs_planned": planned,
+        "epochs": f"{done}/{planned if planned is not None else '?'}",
+        "test_neg_elbo": metrics[-1].get("test_neg_elbo") if metrics else meta.get("test_neg_elbo"),
+        "best_nll": {"nll": best["nll"], "k": best.get("k"), "split": best.get("split")} if best else None,
+        "export": status + (f" ({', '.join(variants)})" if variants else ""),
+        "export_verified": status == "verified",
+        "variants": variants,
+        "finished": model_path.is_file() and planned is not None and done >= planned,
+        "time": datetime.fromtimestamp(newest).strftime("%Y-%m-%d %H:%M"),
+        "mtime": newest,
+    }
+
+
+def _shape_of(data_cfg: dict[str, Any]) -> list[int] | None:
+    """A run still training has no model file: the dataset.json of its prepared dataset (its
+    data.path, or the built-in set prepared under the data folder) says its image shape."""
+    from vae_dist import data, paths, prepare
+
+    if data_cfg.get("root"):
+        return None  # a user's IDX folder, read in place: not opened for a listing
+    name = str(data_cfg.get("name"))
+    folder = Path(data_cfg["path"]) if data_cfg.get("path") else paths.data_dir() / data.PREPARED_DIR / name
+    info = _read_json(folder / prepare.INFO_FILE)
+    return info.get("shape") if isinstance(info, dict) else None
+
+
+def summaries(folder: Path) -> list[dict[str, Any]]:
+    """Every run in `folder`, oldest first (by the newest file each holds)."""
+    if not folder.is_dir():
+        raise UserError(f"{folder} is not a folder of runs; give one with --output-dir")
+    found = [s for p in folder.iterdir() if p.is_dir() and (s := summarize(p)) is not None]
+    return sorted(found, key=lambda s: (s["mtime"], s["name"]))
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    cells = [[header for header, _, _ in COLUMNS]] + [[show(r[key]) for _, key, show in COLUMNS] for r in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(COLUMNS))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in cells)
+
+
+@click.command("runs")
+@click.option("--output-dir", help="Folder of runs (default $VAE_DIST_RUNS or ./runs).")
+@click.option("--json", "as_json", is_flag=True, help="One JSON list of the runs, for scripts.")
+def runs_command(output_dir, as_json):
+    """List the runs in a folder: model, data, epochs, test -ELBO, best NLL, export, finished."""
+    from vae_dist import paths
+
+    folder = Path(output_dir) if output_dir else paths.runs_dir()
+    try:
+        rows = summaries(folder)
+    except UserError as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(2)
+    if as_json:
+        click.echo(json.dumps([{k: v for k, v in r.items() if k != "mtime"} for r in rows], indent=1))
+    elif rows:
+        click.echo(table(rows))
+    else:
+        click.echo(f"no runs in {folder}")

@@ -1,0 +1,120 @@
+"""What a run shows of itself while it trains: Accelerate's experiment trackers (`run.log_with`,
+TensorBoard by default, written into the run folder) and `curves.png`, drawn after every epoch.
+
+Only the main process logs. Steps are optimizer steps. A resumed run continues the same curves:
+its TensorBoard writer purges whatever the interrupted run logged after the checkpoint it resumes
+from (`purge_step`), and the trackers are flushed at every checkpoint, so each step appears once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+from pathlib import Path
+from typing import Any
+
+from accelerate import Accelerator
+
+from vae_dist import artifacts
+from vae_dist.config import Config, ConfigError
+
+PROJECT = "vae-dist"  # the trackers' project name
+LOGS_DIR = "logs"  # under the run folder: <run>/logs/vae-dist/ holds the TensorBoard event files
+CURVES_FILE = "curves.png"
+
+
+def check_trackers(names: list[str]) -> None:
+    """Each of `names` is a tracker Accelerate knows and whose package is installed."""
+    from accelerate.tracking import LOGGER_TYPE_TO_CLASS
+
+    for name in names:
+        if name not in LOGGER_TYPE_TO_CLASS:
+            raise ConfigError(
+                f"run.log_with: {name!r} is not a tracker Accelerate knows "
+                f"({', '.join(sorted(LOGGER_TYPE_TO_CLASS))}); use [] for none"
+            )
+        if importlib.util.find_spec(name) is None:  # each tracker's package has the tracker's name
+            raise ConfigError(f"run.log_with: {name} needs the {name} package (pip install {name}), or remove it")
+
+
+def hyperparameters(cfg: Config) -> dict[str, Any]:
+    """The resolved config, flat, with values the trackers accept (lists and None as text)."""
+    flat = {}
+    for section in dataclasses.fields(cfg):
+        for key, value in dataclasses.asdict(getattr(cfg, section.name)).items():
+            ok = isinstance(value, (bool, int, float, str))
+            flat[f"{section.name}.{key}"] = value if ok else str(value)
+    return flat
+
+
+def start(accelerator: Accelerator, cfg: Config, run_dir: Path, resumed_at: int | None) -> None:
+    """Start the trackers of `cfg.run.log_with` for the run; `resumed_at`: the global step of the
+    checkpoint the run resumes from (what was logged after it is purged), None for a new run."""
+    from accelerate.tracking import LOGGER_TYPE_TO_CLASS
+
+    trackers = []
+    for name in cfg.run.log_with:
+        kind = LOGGER_TYPE_TO_CLASS[name]
+        if kind.requires_logging_directory:
+            kwargs = {"purge_step": resumed_at + 1} if name == "tensorboard" and resumed_at is not None else {}
+            trackers.append(kind(PROJECT, str(run_dir / LOGS_DIR), **kwargs))
+        else:
+            trackers.append(kind(PROJECT))
+    accelerator.log_with = trackers
+    accelerator.init_trackers(PROJECT, config=hyperparameters(cfg))
+
+
+def log(accelerator: Accelerator, values: dict[str, float], step: int) -> None:
+    accelerator.log(values, step=step)
+
+
+def log_images(accelerator: Accelerator, images: dict[str, Path], step: int) -> None:
+    """The grid PNGs written for the epoch, to the trackers that take images."""
+    if not accelerator.is_main_process or not accelerator.trackers:
+        return
+    import numpy as np
+    from PIL import Image
+
+    arrays = {name: np.asarray(Image.open(path).convert("RGB"))[None] for name, path in images.items()}
+    for tracker in accelerator.trackers:
+        if hasattr(tracker, "log_images"):
+            tracker.log_images(arrays, step=step, dataformats="NHWC")
+
+
+def flush(accelerator: Accelerator) -> None:
+    """Everything logged so far on disk (called with each checkpoint)."""
+    for tracker in accelerator.trackers if accelerator.is_main_process else []:
+        writer = getattr(tracker, "writer", None)
+        if writer is not None and hasattr(writer, "flush"):
+            writer.flush()
+
+
+def end(accelerator: Accelerator) -> None:
+    accelerator.end_training()
+
+
+def write_curves(run_dir: Path, records: list[dict[str, Any]]) -> None:
+    """curves.png: training loss and test -ELBO per epoch, and the test -ELBO's two terms."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+
+    epochs = [r["epoch"] for r in records]
+    fig = Figure(figsize=(10, 3.8), dpi=100, layout="constrained")
+    left, right = fig.subplots(1, 2)
+    left.plot(epochs, [r["train_loss"] for r in records], "o-", label="training loss (mean per image)")
+    left.plot(epochs, [r["test_neg_elbo"] for r in records], "s-", label="test -ELBO")
+    left.set(xlabel="epoch", ylabel="nats per image", title="loss")
+    right.plot(epochs, [r["test_recon"] for r in records], "o-", label="reconstruction")
+    twin = right.twinx()
+    twin.plot(epochs, [r["test_kl"] for r in records], "s-", color="tab:red", label="KL")
+    right.set(xlabel="epoch", ylabel="reconstruction, nats", title="test -ELBO, its two terms")
+    twin.set_ylabel("KL, nats")
+    for ax in (left, right):
+        ax.grid(alpha=0.3)
+        ax.xaxis.get_major_locator().set_params(integer=True)
+    left.legend()
+    right.legend(handles=right.get_lines() + twin.get_lines(), loc="center right")
+    fig.suptitle(f"{run_dir.name}")
+    artifacts.atomic_write(run_dir / CURVES_FILE, lambda tmp: fig.savefig(tmp, format="png"))
