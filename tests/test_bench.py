@@ -58,4 +58,10 @@ def test_the_benchmark_reports_start_up_and_step_figures(tmp_path):
     for r in reading:
         assert len(r["rounds"]) == 2 and r["memory_images_per_s"] > 0 and r["disk_images_per_s"] > 0
         assert 0 < r["disk_of_memory"] < 5 and r["read_only_images_per_s"] > 0
+    # evaluate's estimate at K=5000, both models: its speed and FLOP fraction, and the 10,000-image time
+    assert [(r["model"], r["k"]) for r in result["evaluate"]] == [("linear", 5000), ("conv", 5000)]
+    for r in result["evaluate"]:
+        assert r["flops"] > r["images"] * 5000 * 6e5 and 0 < r["fraction_of_matmul"] < 1.5
+        assert r["seconds_for_10000"] == pytest.approx(10000 / r["images_per_s"], rel=1e-9)
+    assert "evaluate linear K=5000:" in proc.stdout
     assert f"vae-dist prepare, {EMOJI_FILES} PNG files of 64x64, 1 worker(s)" in proc.stdout

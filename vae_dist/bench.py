@@ -1,7 +1,7 @@
 """Training benchmark on the CPU: start-up time and the step's share of the machine's matmul throughput.
 
     python -m vae_dist.bench [--batch-size 128] [--seconds 8] [--rounds 5] [--starts 3] [--profile]
-                             [--data/--no-data] [--json bench/train.json]
+                             [--data/--no-data] [--evaluate/--no-evaluate] [--json bench/train.json]
 
 1. Start-up: `vae-dist train` (the shipped linear config) is started as a new process and timed
    until it logs its first optimizer step, `--starts` times.
@@ -15,6 +15,9 @@
    one worker and with one per core), and the training step fed from a split read from disk
    (`data.in_memory=never`) against the same split held in memory, in turn over the rounds: the
    linear VAE on Fashion-MNIST and the 64x64 CNN (conv64.yaml) on the emoji set.
+4. Evaluation (`--evaluate`, the default): `vae-dist evaluate`'s estimate at K=5000 on a few
+   Fashion-MNIST test images, for both shipped models: images/s, the FLOPs counted by
+   FlopCounterMode, their fraction of the mm throughput, and the implied time for the 10,000.
 See docs/benchmarks.md for figures and their analysis.
 """
 from __future__ import annotations
@@ -249,6 +252,46 @@ def bench_data(accelerator, seconds: float, rounds: int) -> dict:
     return {"prepare": preparing, "reading": reading}
 
 
+EVAL_K = 5000
+EVAL_IMAGES = {"linear": 20, "conv": 2}  # test images per timed estimate (about a second each)
+
+
+def bench_evaluate(kind: str, test: data.Split, rounds: int) -> dict:
+    """`evaluate.estimate` at K=EVAL_K on a few test images: images/s and the fraction of the mm
+    throughput its counted FLOPs reach (medians over `rounds`, each next to its own mm)."""
+    from vae_dist import evaluate
+
+    cfg = load_config(shipped_config(kind))
+    torch.manual_seed(0)
+    model = build_model(cfg.model, test.image_shape).eval()
+    n = EVAL_IMAGES[kind]
+    x, idx = data.to_float(test.images[:n]), torch.arange(n)
+
+    def once():
+        evaluate.estimate(model, x, idx, EVAL_K, 0, "bernoulli")
+
+    with FlopCounterMode(display=False) as counter:
+        once()
+    flops = counter.get_total_flops()
+    per_round = []
+    for _ in range(rounds):
+        peak = matmul_flops_per_s(seconds=1.0)
+        t0 = time.perf_counter()
+        once()
+        per_round.append((peak, time.perf_counter() - t0))
+    seconds = statistics.median(t for _, t in per_round)
+    return {
+        "model": kind,
+        "k": EVAL_K,
+        "images": n,
+        "flops": flops,
+        "images_per_s": n / seconds,
+        "fraction_of_matmul": statistics.median(flops / t / p for p, t in per_round),
+        "seconds_for_10000": 10000 * seconds / n,
+        "rounds": [{"matmul_flops_per_s": p, "seconds": t} for p, t in per_round],
+    }
+
+
 def profile_lines(accelerator, train: data.Split, batch: int, rows: int = 12) -> list[str]:
     """Where the linear VAE's step spends its time, by operator (self CPU time over 50 steps)."""
     from torch.profiler import ProfilerActivity, profile
@@ -275,8 +318,19 @@ def profile_lines(accelerator, train: data.Split, batch: int, rows: int = 12) ->
 @click.option("--profile", is_flag=True, help="Also print the linear VAE step's profile by operator.")
 @click.option("--data/--no-data", "with_data", default=True, show_default=True,
               help="Also time `prepare` on the emoji PNGs and training from disk against in memory.")
+@click.option("--evaluate/--no-evaluate", "with_evaluate", default=True, show_default=True,
+              help="Also time `vae-dist evaluate`'s estimate at K=5000 for both models.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default="bench/train.json", show_default=True)
-def main(batch_size: int, seconds: float, rounds: int, starts: int, profile: bool, with_data: bool, json_path: str):
+def main(
+    batch_size: int,
+    seconds: float,
+    rounds: int,
+    starts: int,
+    profile: bool,
+    with_data: bool,
+    with_evaluate: bool,
+    json_path: str,
+):
     """Benchmark start-up and the training step of both VAEs on the CPU."""
     root = data.resolve("fashion-mnist", download=False)
     firsts = [seconds_to_first_step() for _ in range(starts)]
@@ -287,6 +341,8 @@ def main(batch_size: int, seconds: float, rounds: int, starts: int, profile: boo
     layer = matmul_flops_per_s(batch_size, 784, 400, seconds=2.0)
     rows = [bench_model(kind, accelerator, train, root, batch_size, seconds, rounds) for kind in MODELS]
     reading = bench_data(accelerator, seconds, rounds) if with_data else None
+    test = data.load_split("fashion-mnist", False, root)
+    evaluating = [bench_evaluate(kind, test, min(rounds, 3)) for kind in MODELS] if with_evaluate else None
     if firsts:
         click.echo(
             f"start-up: `vae-dist train --config linear` reached its first optimizer step after "
@@ -327,7 +383,13 @@ def main(batch_size: int, seconds: float, rounds: int, starts: int, profile: boo
                 f"{r['memory_images_per_s']:>9.0f} {r['disk_images_per_s']:>9.0f} {r['disk_of_memory']:>6.0%} | "
                 f"{r['read_only_images_per_s']:>13.0f}"
             )
-    result = {"seconds_to_first_step": firsts, "models": rows, "data": reading}
+    for r in evaluating or []:
+        click.echo(
+            f"evaluate {r['model']:<6} K={r['k']}: {r['images_per_s']:.2f} images/s, "
+            f"{r['flops'] / r['images'] / 1e9:.1f} GFLOP per image, {r['fraction_of_matmul']:.0%} of mm; "
+            f"10,000 test images in {r['seconds_for_10000'] / 60:.0f} min"
+        )
+    result = {"seconds_to_first_step": firsts, "models": rows, "data": reading, "evaluate": evaluating}
     Path(json_path).parent.mkdir(parents=True, exist_ok=True)
     Path(json_path).write_text(json.dumps(result, indent=1))
     click.echo(f"written to {json_path}")

@@ -67,12 +67,12 @@ def log_likelihood_samples(logits: torch.Tensor, x: torch.Tensor, likelihood: st
     """log p(x|z) of each image under each of its S latents: `logits` [B, S, C, H, W] decoded from
     them, `x` [B, C, H, W]; returns [B, S]. The same value as `-reconstruction_nll`, computed
     without copying x S times: BCE with logits is softplus(l) - x * l."""
-    logits = logits.float().flatten(2)
-    x = x.to(logits.dtype).flatten(1)[:, None]
-    if likelihood == "bernoulli":
-        return (logits * x).sum(2) - F.softplus(logits).sum(2)
+    logits = logits.float().flatten(2)  # [B, S, D]
+    x = x.to(logits.dtype).flatten(1)  # [B, D]
+    if likelihood == "bernoulli":  # sum_d x_d l_d as one batched matrix product: no [B, S, D] temporary
+        return torch.bmm(logits, x[:, :, None])[:, :, 0] - F.softplus(logits).sum(2)
     if likelihood == "gaussian":
-        return -_gaussian_nll(torch.sigmoid(logits), x).sum(2)
+        return -_gaussian_nll(torch.sigmoid(logits), x[:, None]).sum(2)
     raise ValueError(f"unknown likelihood {likelihood!r}; expected one of {LIKELIHOODS}")
 
 
