@@ -195,3 +195,15 @@ def test_k_5000_runs_in_bounded_memory(tmp_path):
         assert "200 test images" in out.stdout, out.stdout
         peaks[k] = int(out.stdout.split("peak")[-1]) / 1024  # MB (ru_maxrss is in KiB on Linux)
     assert peaks[5000] - peaks[1] < 512, peaks
+
+
+def test_the_channels_last_cnn_gives_the_same_estimate():
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(kind="conv", latent_dim=4, hidden_dims=[32], channels=[8, 16]), (1, 28, 28))
+    model.eval()
+    x, idx = torch.rand(3, 1, 28, 28), torch.arange(3)
+    before = ev.estimate(model, x, idx, 300, 0, "bernoulli")
+    after = ev.estimate(ev.for_estimation(model), x, idx, 300, 0, "bernoulli")
+    assert any(p.is_contiguous(memory_format=torch.channels_last) and p.ndim == 4 for p in model.parameters())
+    for a, b in ((before.nll, after.nll), (before.recon, after.recon), (before.kl, after.kl)):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-4)

@@ -263,7 +263,7 @@ def bench_evaluate(kind: str, test: data.Split, rounds: int) -> dict:
 
     cfg = load_config(shipped_config(kind))
     torch.manual_seed(0)
-    model = build_model(cfg.model, test.image_shape).eval()
+    model = evaluate.for_estimation(build_model(cfg.model, test.image_shape).eval())  # as vae-dist evaluate runs it
     n = EVAL_IMAGES[kind]
     x, idx = data.to_float(test.images[:n]), torch.arange(n)
 
