@@ -179,6 +179,12 @@ def prepared(folder: str, shape=(1, 28, 28), damage: Callable[[Path], object] = 
     return setup
 
 
+def colour_model_and_grey_data(tmp: Path) -> None:
+    """A 3x64x64 model at runs/colour, and a prepared dataset of 1x28x28 images at grey."""
+    tiny_model("colour", shape=(3, 64, 64), kind="conv", dataset="emoji")(tmp)
+    prepared("grey")(tmp)
+
+
 def edit_counts(folder: Path) -> None:
     """dataset.json says the training split has one image more than train.npy holds."""
     info = json.loads((folder / "dataset.json").read_text())
@@ -534,10 +540,7 @@ CASES = [
         sh("vae-dist export runs/colour --data grey --variants none"),
         2,
         "test images are (1, 28, 28), the model expects (3, 64, 64)",
-        setup=lambda tmp: (
-            tiny_model("colour", shape=(3, 64, 64), kind="conv", dataset="emoji")(tmp),
-            prepared("grey")(tmp),
-        ),
+        setup=colour_model_and_grey_data,
         unchanged=("runs/colour/model.safetensors", "grey/*"),
         absent=NO_EXPORT,
     ),
@@ -567,10 +570,7 @@ CASES = [
         sh("vae-dist evaluate runs/colour --data grey --k 2"),
         2,
         "grey test images are (1, 28, 28), the model expects (3, 64, 64)",
-        setup=lambda tmp: (
-            tiny_model("colour", shape=(3, 64, 64), kind="conv", dataset="emoji")(tmp),
-            prepared("grey")(tmp),
-        ),
+        setup=colour_model_and_grey_data,
         unchanged=("runs/colour/model.safetensors", "grey/*"),
         absent=("runs/colour/eval.jsonl",),
     ),

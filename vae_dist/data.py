@@ -346,11 +346,16 @@ def load_split(name: str, train: bool, root: Path, subset: int = 0) -> Split:
     return Split(torch.from_numpy(array.copy()))
 
 
+def prepared_folder(name: str) -> Path:
+    """Where the built-in data set `name` is kept in the prepared format."""
+    return paths.data_dir() / PREPARED_DIR / name
+
+
 def prepared_built_in(name: str, download: bool = True) -> Path:
     """The built-in data set `name` in the prepared format, made once under the data folder."""
     from vae_dist import prepare
 
-    folder = paths.data_dir() / PREPARED_DIR / name
+    folder = prepared_folder(name)
     if not (folder / prepare.INFO_FILE).is_file():
         resolve(name, download=download)  # says where it looked when the IDX files are missing
         prepare.prepare(name, folder, download=download)

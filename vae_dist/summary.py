@@ -101,12 +101,11 @@ def summarize(run_dir: Path) -> dict[str, Any] | None:
 def _shape_of(data_cfg: dict[str, Any]) -> list[int] | None:
     """A run still training has no model file: the dataset.json of its prepared dataset (its
     data.path, or the built-in set prepared under the data folder) says its image shape."""
-    from vae_dist import data, paths, prepare
+    from vae_dist import data, prepare
 
     if data_cfg.get("root"):
         return None  # a user's IDX folder, read in place: not opened for a listing
-    name = str(data_cfg.get("name"))
-    folder = Path(data_cfg["path"]) if data_cfg.get("path") else paths.data_dir() / data.PREPARED_DIR / name
+    folder = Path(data_cfg["path"]) if data_cfg.get("path") else data.prepared_folder(str(data_cfg.get("name")))
     info = _read_json(folder / prepare.INFO_FILE)
     return info.get("shape") if isinstance(info, dict) else None
 
