@@ -18,6 +18,7 @@ from export.spec import DEFAULT_OPSET, ELBO_TOL
 from export.variants import QUALITY_BUDGET, VARIANTS, parse_names
 from vae_dist import paths
 from vae_dist.errors import UserError
+from vae_dist.runs import locate
 
 EXIT_FAILED = 1
 EXIT_USAGE = 2
@@ -30,13 +31,6 @@ def _setup_logging() -> None:
     logging.basicConfig(format="%(asctime)s %(levelname)s %(message)s", level=logging.WARNING)
     for name in ("export", "vae_dist"):
         logging.getLogger(name).setLevel(logging.INFO)
-
-
-def _locate(run: Path, output_dir: Path) -> Path:
-    """A path as given, or else a run name under `output_dir` (`vae-dist export conv-2024...`)."""
-    if not run.exists() and not run.is_absolute() and (output_dir / run).exists():
-        return output_dir / run
-    return run
 
 
 def _print_report(title: str, report, manifest: dict | None = None) -> None:
@@ -144,7 +138,7 @@ def export_command(run, opset, atol, elbo_tol, variant_names, quality_budget, da
     from vae_dist.artifacts import ModelFileError
 
     if run is not None:
-        targets = [_locate(run, output_dir)]
+        targets = [locate(run, output_dir)]
     else:
         targets = list(find_latest_runs(output_dir).values())
         if not targets:
@@ -192,7 +186,7 @@ def verify_command(run, atol, elbo_tol, quality_budget, data_root, output_dir):
 
     try:
         report, onnx_dir = verify_run(
-            _locate(run, output_dir), atol=atol, data_root=data_root, elbo_tol=elbo_tol, quality_budget=quality_budget
+            locate(run, output_dir), atol=atol, data_root=data_root, elbo_tol=elbo_tol, quality_budget=quality_budget
         )
     except UserError as e:
         click.echo(f"error: {e}", err=True)

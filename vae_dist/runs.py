@@ -37,6 +37,7 @@ METRICS_FILE = "metrics.jsonl"
 EVAL_FILE = "eval.jsonl"  # vae-dist evaluate: one line per evaluation, appended
 ONNX_DIR = "onnx"  # vae-dist export writes the run's export here
 MANIFEST_FILE = "manifest.json"  # in ONNX_DIR: what was exported and whether it verified
+WEB_DIR = "web"  # vae-dist web builds the run's browser site here
 IMAGES_DIR = "images"
 CHECKPOINTS_DIR = "checkpoints"
 STATE_FILE = "trainer_state.json"
@@ -124,6 +125,17 @@ def find_run(resume: str | None, name: str | None, output_dir: str | Path) -> Ru
             )
         return RunTarget(run_dir, checkpoints[-1] if checkpoints else None, True)
     return RunTarget(run_dir, None, False)
+
+
+def locate(run: str | Path, output_dir: str | Path | None = None) -> Path:
+    """RUN as the commands take it: a path, or else a run name under the runs folder
+    (`output_dir`, default $VAE_DIST_RUNS or ./runs), e.g. `vae-dist export conv-20241102-101500`."""
+    path = Path(run)
+    if not path.exists() and not path.is_absolute():
+        folder = Path(output_dir) if output_dir is not None else paths.runs_dir()
+        if (folder / path).exists():
+            return folder / path
+    return path
 
 
 def check_name(name: str) -> None:
