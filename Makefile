@@ -15,7 +15,8 @@ RUN     ?=
 # The folders the commands use (vae_dist/paths.py): runs under $(RUNS), data under ./data.
 export VAE_DIST_RUNS := $(RUNS)
 
-.PHONY: setup data emoji train train-ddp demo export verify sample test test-fast lint bench bench-infer clean
+.PHONY: setup data emoji node browser train train-ddp demo export verify sample web test test-fast lint bench bench-infer \
+	bench-web clean
 
 setup: $(VENV)/.installed
 
@@ -47,6 +48,22 @@ $(EMOJI)/.complete:
 	mv $(EMOJI).partial/package/img/twitter/64 $(EMOJI).images && mv $(EMOJI).partial/package/LICENSE $(EMOJI).LICENSE
 	rm -rf $(EMOJI).partial && mv $(EMOJI).images $(EMOJI) && touch $@
 
+# Node.js and npm build a browser site (`vae-dist web` installs onnxruntime-web with npm ci); the
+# browser tests drive Debian's chromium with playwright. Installed here, as root, when missing.
+CHROMIUM ?= /usr/bin/chromium
+export VAE_DIST_CHROMIUM := $(CHROMIUM)
+APT_INSTALL = apt-get install -y -q $(1) >/dev/null 2>&1 || { apt-get update -q >/dev/null && apt-get install -y -q $(1); }
+node:
+	@command -v npm >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then $(call APT_INSTALL,nodejs npm); \
+	  else echo "error: Node.js and npm are needed to build a browser site (apt-get install nodejs npm)" >&2; exit 2; fi; }
+
+browser: setup node
+	@test -x $(CHROMIUM) || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then $(call APT_INSTALL,chromium); \
+	  else echo "error: the browser tests need $(CHROMIUM) (apt-get install chromium)" >&2; exit 2; fi; }
+	@$(BIN)/python -c "from export import web; web.runtime_dist()"  # onnxruntime-web, once (npm ci)
+
 train: data
 	$(BIN)/vae-dist train --config $(CONFIG) --output-dir $(RUNS) $(ARGS)
 
@@ -60,6 +77,7 @@ demo: data
 	  $(BIN)/vae-dist export "$$run"; \
 	  $(MAKE) --no-print-directory sample RUN="$$run/onnx" SAMPLES="$$run/samples"; \
 	done
+	$(MAKE) --no-print-directory web
 
 # RUN: a run folder or name; empty = the latest run of each model.
 export: data
@@ -84,14 +102,19 @@ sample: setup
 	$(SAMPLER) reconstruct $(if $(RUN),--model-dir $(RUN)) --idx "$$test_idx" -n 16 --out $(SAMPLES)/reconstructions.png && \
 	$(SAMPLER) interpolate $(if $(RUN),--model-dir $(RUN)) --idx "$$test_idx" --pair 0 1 --out $(SAMPLES)/interpolation.png
 
+# The browser site of RUN's export (default: the newest verified one) into RUN/web; VARIANT=int8
+# for the int8 files, ARGS="--serve" to serve it. It prints how to open it.
+web: data node
+	$(BIN)/vae-dist web $(RUN) --output-dir $(RUNS) $(if $(VARIANT),--variant $(VARIANT)) $(ARGS)
+
 # Everything, nothing skipped (CI runs this); then the linter.
-test: data emoji
+test: data emoji browser
 	$(BIN)/ruff check .
 	$(BIN)/pytest -q
 
 # The edit-test loop: leaves out the tests marked slow (accelerate launches, multi-process and
 # end-to-end training runs, a package install, the benchmark run).
-test-fast: data emoji
+test-fast: data emoji browser
 	$(BIN)/ruff check .
 	$(BIN)/pytest -q -m "not slow"
 
@@ -103,6 +126,10 @@ bench: data emoji
 
 bench-infer: data
 	$(BIN)/python -m export.bench_infer --output-dir $(RUNS)
+
+# Decode latency in headless Chromium against native onnxruntime, for the newest export of each model.
+bench-web: setup node browser
+	$(BIN)/python -m export.bench_web --output-dir $(RUNS)
 
 clean:
 	rm -rf $(VENV) bench .pytest_cache .ruff_cache

@@ -2,6 +2,7 @@
 
     vae-dist export [RUN]        # or: python -m export   (latest run of each model kind)
     vae-dist verify RUN
+    vae-dist web [RUN] [--serve]  # the export in the browser: export/site/ and docs/web.md
     python -m export.sample sample --model-dir runs/RUN/onnx   # needs only onnxruntime, numpy, Pillow
 
 The modules, in the order an export uses them:
@@ -14,6 +15,8 @@ The modules, in the order an export uses them:
     export.cli          the `export` and `verify` commands
     export.sample       the torch-free consumer (onnxruntime, numpy and Pillow only)
     export.bench_infer  latency and throughput of every variant against PyTorch eager
+    export.web          `vae-dist web`: a static site running an export in the browser (onnxruntime-web)
+    export.bench_web    decode latency in headless Chromium against native onnxruntime
 
 Dependencies point one way: export uses vae_dist, never the reverse. See docs/export.md.
 

@@ -170,7 +170,7 @@ def export_run(
         if not report.passed:
             final = run_dir / FAILED_DIR
         with writing(final):
-            _replace_dir(staging, final)
+            replace_dir(staging, final)
     except BaseException as e:
         shutil.rmtree(staging, ignore_errors=True)
         error = e if isinstance(e, WriteError) else _no_room(e)
@@ -280,15 +280,15 @@ def _export_not_written(run_dir: Path, staging: Path, error: OSError | WriteErro
     )
 
 
-def remove_stale_staging(run_dir: Path) -> list[Path]:
-    """Remove the staging folders of exports whose process is gone (killed mid-export); those of
-    running exports stay. Returns what was removed."""
+def remove_stale_staging(run_dir: Path, prefix: str = STAGING_PREFIX, what: str = "an export") -> list[Path]:
+    """Remove the staging folders (named prefix + pid) of exports or site builds whose process is
+    gone (killed mid-way); those of running processes stay. Returns what was removed."""
     removed = []
-    for folder in run_dir.glob(f"{STAGING_PREFIX}*"):
-        pid = folder.name.removeprefix(STAGING_PREFIX)
+    for folder in run_dir.glob(f"{prefix}*"):
+        pid = folder.name.removeprefix(prefix)
         if folder.is_dir() and pid.isdigit() and not _process_exists(int(pid)):
             shutil.rmtree(folder, ignore_errors=True)
-            log.info("removed the files left in %s by an export that did not finish", run_dir)
+            log.info("removed the files left in %s by %s that did not finish", run_dir, what)
             removed.append(folder)
     return removed
 
@@ -303,7 +303,7 @@ def _process_exists(pid: int) -> bool:
     return True
 
 
-def _replace_dir(src: Path, dst: Path) -> None:
+def replace_dir(src: Path, dst: Path) -> None:
     """Move `src` to `dst`, replacing it; `dst` is never a mix of old and new files, and stays
     as it was if the move fails."""
     old = None

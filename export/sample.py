@@ -108,7 +108,7 @@ class Model:
         return [np.concatenate([p[k] for p in parts]) for k in range(len(outputs))]
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -165,7 +165,7 @@ def check_verified(path: Path, allow_rejected: bool = False) -> tuple[dict[str, 
     if status not in ("verified", "rejected"):
         raise UnverifiedError(f"{path.name} belongs to the variant {name}, which has status {status!r} ({reasons})")
     try:
-        digest = _sha256(path)
+        digest = file_sha256(path)
     except OSError as e:
         raise SampleError(f"{path} cannot be read ({e.strerror})") from None
     if digest != entry["sha256"]:

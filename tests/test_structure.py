@@ -77,6 +77,7 @@ def test_random_streams_are_one_table_of_distinct_numbers():
         "vae_dist/rng.py": "the table itself",
         "vae_dist/bench.py": "benchmark inputs",
         "export/bench_infer.py": "benchmark inputs",
+        "export/bench_web.py": "benchmark inputs",
         "export/spec.py": "example inputs for tracing; only their shapes matter",
         "export/sample.py": "the user's --seed; it cannot import the project",
     }
@@ -99,6 +100,8 @@ def test_shipped_configs_and_data_folder_work_in_a_regular_install(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (target / "vae_dist" / "configs" / "conv.yaml").is_file()
     assert (target / "vae_dist" / "configs" / "accelerate" / "cpu_2proc.yaml").is_file()
+    for name in ("index.html", "vae.js", "style.css", "package.json", "package-lock.json"):  # vae-dist web
+        assert (target / "export" / "site" / name).is_file(), name
     code = (
         "import vae_dist, os\n"
         "from vae_dist import paths\n"

@@ -4,6 +4,7 @@
     RUN/metrics.jsonl                one line per epoch
     RUN/images/                      reconstruction and prior-sample grids per epoch
     RUN/model.safetensors            the final model (vae_dist.artifacts)
+    RUN/onnx/                        its export (vae-dist export), RUN/web/ its browser site (vae-dist web)
     RUN/checkpoints/step-NNNNNNNN/   Accelerate's state plus trainer_state.json
 
 `find_run` is the one place that reads --resume, --name and --output-dir; `decide_run` turns its
