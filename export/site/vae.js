@@ -6,6 +6,7 @@ const GRID_COUNT = 64, GRID_COLS = 8; // prior samples, decoded as one batch
 const MAX_SLIDERS = 32, SLIDER_LIMIT = 3; // sliders for the first 32 dimensions (all of the shipped models')
 const STEPS = 10; // interpolation points from A to B, both ends included
 const WARMUP_RUNS = 3;
+const MIN_SAMPLE_MS = 5; // one latency sample spans at least this long
 
 const $ = (id) => document.getElementById(id);
 
@@ -233,18 +234,23 @@ async function encode(x, n) {
   return { mu: out[mu].data, logvar: out[logvar].data };
 }
 
-/** Decoder latency in ms for one batch, timed around session.run only, after warm-up runs. */
+/** Decoder latency in ms for one batch, on fixed latents, after warm-up runs. Chromium coarsens
+ * performance.now() (to 0.1 ms without cross-origin isolation), so each sample times enough calls
+ * in a row to span MIN_SAMPLE_MS and divides. */
 async function latency(batch, repeats = 20) {
   needModel();
   const feeds = { [decoder.input]: new ort.Tensor('float32', normals(batch * latentDim, 12345), [batch, latentDim]) };
-  const times = await timeRuns(repeats, () =>
-    decoder.run(async (s) => {
-      const t0 = performance.now();
-      await s.run(feeds);
-      return performance.now() - t0;
-    }),
-  );
-  return { batch, repeats, median_ms: median(times), min_ms: Math.min(...times) };
+  const calls = async (count) => {
+    const t0 = performance.now();
+    for (let i = 0; i < count; i++) await decoder.run((s) => s.run(feeds));
+    return performance.now() - t0;
+  };
+  await calls(WARMUP_RUNS);
+  let inner = 1;
+  while (inner < 1024 && (await calls(inner)) < MIN_SAMPLE_MS) inner *= 2;
+  const times = [];
+  for (let i = 0; i < repeats; i++) times.push((await calls(inner)) / inner);
+  return { batch, repeats, calls_per_sample: inner, median_ms: median(times), min_ms: Math.min(...times) };
 }
 
 /** Median ms of one explorer redraw (decode one point and draw it), as a slider move causes. */
