@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import http.server
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -35,6 +36,8 @@ from export import sample
 from export.pipeline import remove_stale_staging, replace_dir
 from vae_dist import data, paths, runs
 from vae_dist.errors import UserError
+
+log = logging.getLogger(__name__)
 
 SITE_SOURCE = Path(__file__).with_name("site")
 PAGE_FILES = ("index.html", "vae.js", "style.css")
@@ -115,7 +118,7 @@ def runtime_dist() -> Path:
             shutil.copyfile(SITE_SOURCE / name, staging / name)
     except OSError as e:
         raise WebError(f"cannot write {RUNTIME_PACKAGE} into {root} ({e.strerror}); set {RUNTIME_CACHE_ENV}") from None
-    print(f"installing {RUNTIME_PACKAGE} {runtime_version()} with npm ci into {folder}", file=sys.stderr)
+    log.info("installing %s %s with npm ci into %s", RUNTIME_PACKAGE, runtime_version(), folder)
     try:
         done = subprocess.run(
             [npm, "ci", "--ignore-scripts", "--no-audit", "--no-fund", "--loglevel=error"],
