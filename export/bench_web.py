@@ -127,8 +127,9 @@ def main(run_names, output_dir, repeats, screenshot, json_path):
         click.echo(f"error: {e}", err=True)
         sys.exit(2)
     click.echo(
-        f"decoder latency, median of {repeats} calls, one thread (Chromium {version}, onnxruntime-web "
-        f"{web.runtime_version()} WebAssembly; native onnxruntime)"
+        f"decoder latency per call, median of {repeats} timings (in the browser each times calls spanning "
+        f"5 ms), one thread (Chromium {version}, onnxruntime-web {web.runtime_version()} WebAssembly; "
+        "native onnxruntime)"
     )
     for r in results:
         shape = "x".join(map(str, r["shape"]))

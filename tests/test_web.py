@@ -424,3 +424,29 @@ def test_without_npm_the_error_says_what_to_install(exports, tmp_path, monkeypat
     result = _web(str(exports["linear"]), "--out", str(tmp_path / "site"))
     assert result.exit_code == 2 and "npm is needed" in result.output and len(result.output.splitlines()) == 1
     assert not (tmp_path / "site").exists()
+
+
+def test_the_browser_benchmark_reports_both_models_against_native(exports, tmp_path):
+    """`make bench-web` on the tiny exports: a figure for every model and batch, a screenshot, the
+    JSON record; the timings themselves are not asserted."""
+    from export import bench_web
+
+    out, shot = tmp_path / "web.json", tmp_path / "page.png"
+    runs_dir = exports["linear"].parent
+    args = ["--output-dir", str(runs_dir), "--repeats", "2", "--json", str(out), "--screenshot", str(shot)]
+    result = CliRunner().invoke(bench_web.main, args)
+    assert result.exit_code == 0, result.output
+    doc = json.loads(out.read_text())
+    assert doc["chromium"].split(".")[0].isdigit()
+    assert sorted(r["kind"] for r in doc["results"]) == ["conv", "linear"]
+    for r in doc["results"]:
+        for batch in bench_web.BATCHES:
+            b = r[f"batch_{batch}"]
+            assert b["browser_ms"] > 0 and b["native_ms"] > 0
+            assert b["ratio"] == pytest.approx(b["browser_ms"] / b["native_ms"])
+        assert r["redraw_ms"] > 0
+    assert "linear batch 1, browser / native:" in result.output
+    assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    empty = CliRunner().invoke(bench_web.main, ["--output-dir", str(tmp_path / "none"), "--json", str(out)])
+    assert empty.exit_code == 2 and "no verified export under" in empty.output
