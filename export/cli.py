@@ -25,7 +25,7 @@ EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
 
 
-def _setup_logging() -> None:
+def setup_logging() -> None:
     # Progress from this project only: the exporter's optimiser passes log every rewrite at INFO,
     # and onnxruntime's quantisers one line per tensor through the root logger.
     logging.basicConfig(format="%(asctime)s %(levelname)s %(message)s", level=logging.WARNING)
@@ -133,7 +133,7 @@ def export_command(run, opset, atol, elbo_tol, variant_names, quality_budget, da
 
     Without RUN: the latest run of each model kind under --output-dir.
     """
-    _setup_logging()
+    setup_logging()
     from export.pipeline import WriteError, export_run, find_latest_runs
     from vae_dist.artifacts import ModelFileError
 
@@ -180,7 +180,7 @@ def export_command(run, opset, atol, elbo_tol, variant_names, quality_budget, da
 def verify_command(run, atol, elbo_tol, quality_budget, data_root, output_dir):
     """Verify RUN/onnx against RUN's model file, and judge its edge variants again; the verdicts
     go into RUN/onnx/manifest.json."""
-    _setup_logging()
+    setup_logging()
     from export.manifest import read_manifest
     from export.pipeline import verify_run
 

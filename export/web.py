@@ -33,6 +33,7 @@ import click
 import numpy as np
 
 from export import sample
+from export.cli import setup_logging
 from export.pipeline import remove_stale_staging, replace_dir
 from vae_dist import data, paths, runs
 from vae_dist.errors import UserError
@@ -338,6 +339,7 @@ def make_server(folder: Path, port: int, host: str = "127.0.0.1") -> http.server
 def web_command(run, variant, out, serve, port, where, output_dir):
     """Build a static site that samples, explores and interpolates with RUN's verified export in the
     browser (onnxruntime-web, WebAssembly); RUN defaults to the newest verified export."""
+    setup_logging()  # the one-time npm install says what it is doing
     output_dir = output_dir if output_dir is not None else paths.runs_dir()
     server = None
     try:

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -15,7 +17,7 @@ from click.testing import CliRunner
 
 from export import web
 from export.pipeline import export_run
-from helpers import TINY_TEST_NEG_ELBO, make_run
+from helpers import ROOT, TINY_TEST_NEG_ELBO, make_run
 from vae_dist import prepare
 from vae_dist.cli import main as cli_main
 
@@ -431,11 +433,14 @@ def test_the_browser_benchmark_reports_both_models_against_native(exports, tmp_p
     JSON record; the timings themselves are not asserted."""
     from export import bench_web
 
+    def bench(*args: str) -> subprocess.CompletedProcess:  # its own process: playwright's sync API is in use here
+        command = [sys.executable, "-m", "export.bench_web", *args]
+        return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+
     out, shot = tmp_path / "web.json", tmp_path / "page.png"
     runs_dir = exports["linear"].parent
-    args = ["--output-dir", str(runs_dir), "--repeats", "2", "--json", str(out), "--screenshot", str(shot)]
-    result = CliRunner().invoke(bench_web.main, args)
-    assert result.exit_code == 0, result.output
+    result = bench("--output-dir", str(runs_dir), "--repeats", "2", "--json", str(out), "--screenshot", str(shot))
+    assert result.returncode == 0, result.stderr
     doc = json.loads(out.read_text())
     assert doc["chromium"].split(".")[0].isdigit()
     assert sorted(r["kind"] for r in doc["results"]) == ["conv", "linear"]
@@ -445,8 +450,8 @@ def test_the_browser_benchmark_reports_both_models_against_native(exports, tmp_p
             assert b["browser_ms"] > 0 and b["native_ms"] > 0
             assert b["ratio"] == pytest.approx(b["browser_ms"] / b["native_ms"])
         assert r["redraw_ms"] > 0
-    assert "linear batch 1, browser / native:" in result.output
+    assert "linear batch 1, browser / native:" in result.stdout
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
-    empty = CliRunner().invoke(bench_web.main, ["--output-dir", str(tmp_path / "none"), "--json", str(out)])
-    assert empty.exit_code == 2 and "no verified export under" in empty.output
+    empty = bench("--output-dir", str(tmp_path / "none"), "--json", str(out))
+    assert empty.returncode == 2 and empty.stderr.startswith("error: no verified export under")
