@@ -13,6 +13,7 @@ manifest instead. `verify_run` checks an existing export again, variants include
 
 from __future__ import annotations
 
+import glob
 import json
 import logging
 import os
@@ -148,6 +149,8 @@ def export_run(
     vers = versions()
     recorded = recorded_test_images(run_dir, meta)
     remove_stale_staging(run_dir)
+    for folder in (run_dir / ONNX_DIR, run_dir / FAILED_DIR):
+        restore_moved_aside(folder)
     staging = run_dir / f"{STAGING_PREFIX}{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
     final = run_dir / ONNX_DIR
@@ -303,12 +306,34 @@ def _process_exists(pid: int) -> bool:
     return True
 
 
+def _moved_aside_prefix(dst: Path) -> str:
+    return f".{dst.name}-old-"
+
+
+def restore_moved_aside(dst: Path) -> None:
+    """Finish what a replace_dir killed between its two renames left behind: the earlier `dst`,
+    moved aside under a name with that process's pid, goes back when `dst` is missing (nothing is
+    lost), else it is removed. Folders of running processes stay."""
+    prefix = _moved_aside_prefix(dst)
+    for old in sorted(dst.parent.glob(f"{glob.escape(prefix)}*")):
+        pid = old.name.removeprefix(prefix)
+        if not (old.is_dir() and pid.isdigit()) or _process_exists(int(pid)):
+            continue
+        if dst.exists():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(old, dst)
+            log.warning("restored %s, which a replacement that did not finish had moved aside", dst)
+
+
 def replace_dir(src: Path, dst: Path) -> None:
     """Move `src` to `dst`, replacing it; `dst` is never a mix of old and new files, and stays
-    as it was if the move fails."""
+    as it was if the move fails (or, if the process is killed between the two renames, is put
+    back by the next restore_moved_aside or replace_dir)."""
+    restore_moved_aside(dst)
     old = None
     if dst.exists():
-        old = dst.with_name(f".{dst.name}-old-{os.getpid()}")
+        old = dst.with_name(f"{_moved_aside_prefix(dst)}{os.getpid()}")
         shutil.rmtree(old, ignore_errors=True)
         os.replace(dst, old)
     try:
@@ -336,6 +361,7 @@ def verify_run(
     """
     run_dir, model_path = resolve_run(run)
     onnx_dir = run_dir / ONNX_DIR
+    restore_moved_aside(onnx_dir)
     if not onnx_dir.is_dir():
         raise UserError(f"{onnx_dir} not found; export the run first (vae-dist export {run_dir})")
     model, meta = artifacts.load_model(model_path)

@@ -175,8 +175,9 @@ def check_verified(path: Path, allow_rejected: bool = False) -> tuple[dict[str, 
     return manifest, name, variant
 
 
-def variant_files(folder: Path, variant: str, fmt: str, allow_rejected: bool) -> tuple[str, str]:
-    """(manifest variant name, file suffix) for --variant and --format in export folder `folder`."""
+def variant_files(folder: Path, variant: str, fmt: str, allow_rejected: bool, hint: bool = True) -> tuple[str, str]:
+    """(manifest variant name, file suffix) for --variant and --format in export folder `folder`;
+    `hint`: a refusal names --allow-rejected where it would help."""
     extension = FORMAT_EXTENSIONS[fmt]
     if variant == "fp32" and fmt == "onnx":
         return "fp32", extension  # the export itself: no variant entry needed
@@ -199,8 +200,8 @@ def variant_files(folder: Path, variant: str, fmt: str, allow_rejected: bool) ->
     why = "; ".join(
         f"{name} {status[name]}: {(listed[name].get('reasons') or ['no reason recorded'])[0]}" for name in present
     )
-    hint = "; pass --allow-rejected to use a rejected one anyway" if "rejected" in status.values() else ""
-    raise UnverifiedError(f"no accepted {wanted} variant in {folder} ({why}){hint}")
+    advice = "; pass --allow-rejected to use a rejected one anyway" if hint and "rejected" in status.values() else ""
+    raise UnverifiedError(f"no accepted {wanted} variant in {folder} ({why}){advice}")
 
 
 def load_model(path: Path, role: str, threads: int, allow_rejected: bool = False) -> Model:

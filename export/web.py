@@ -33,7 +33,7 @@ import click
 import numpy as np
 
 from export import sample
-from export.cli import setup_logging
+from export.cli import EXIT_INTERRUPTED, EXIT_USAGE, setup_logging
 from export.pipeline import remove_stale_staging, replace_dir
 from vae_dist import data, paths, runs
 from vae_dist.errors import UserError
@@ -66,8 +66,6 @@ CHROMIUM_ENV = "VAE_DIST_CHROMIUM"  # the browser the tests and make bench-web d
 DEFAULT_CHROMIUM = "/usr/bin/chromium"  # Debian's package
 
 NPM_TIMEOUT_S = 600
-EXIT_USAGE = 2
-EXIT_INTERRUPTED = 130
 
 
 class WebError(UserError):
@@ -138,10 +136,13 @@ def runtime_dist() -> Path:
         shutil.rmtree(staging, ignore_errors=True)
         raise WebError(f"npm ci could not install {RUNTIME_PACKAGE} {runtime_version()}: {failure}")
     (staging / ".complete").touch()
-    if (folder / ".complete").is_file():  # another build finished first: use its copy
-        shutil.rmtree(staging, ignore_errors=True)
-    else:
-        replace_dir(staging, folder)  # only an incomplete copy is ever replaced
+    try:
+        os.rename(staging, folder)  # fails if the folder exists: a complete install is never replaced
+    except OSError:
+        if (folder / ".complete").is_file():  # another build finished first: use its copy
+            shutil.rmtree(staging, ignore_errors=True)
+        else:  # a damaged install (files deleted by hand)
+            replace_dir(staging, folder)
     return dist
 
 
@@ -183,17 +184,17 @@ def find_export(run: str | None, output_dir: Path, variant: str) -> Export:
             raise WebError(f"{run}: no such run or export folder")
         if not (folder / runs.MANIFEST_FILE).is_file():
             raise WebError(f"{folder} holds no export (no {runs.MANIFEST_FILE}); export the run first: vae-dist export")
-    try:
-        name, suffix = sample.variant_files(folder, variant, "onnx", allow_rejected=False)
-    except sample.UnverifiedError as e:  # the sampler's hint names its own --allow-rejected
-        raise sample.UnverifiedError(str(e).split("; pass --allow-rejected")[0]) from None
+    manifest = sample.read_manifest(folder)
+    name, suffix = sample.variant_files(folder, variant, "onnx", allow_rejected=False, hint=False)
     models = {role: sample.load_model(folder / f"{role}{suffix}", role, threads=1) for role in ("encoder", "decoder")}
     if models["encoder"].source != models["decoder"].source:
         raise WebError(f"{folder}: the encoder and decoder were exported from different models")
+    if sample.read_manifest(folder) != manifest:  # the checks above read it too: they judged this one
+        raise WebError(f"{folder} changed while the site was being built (an export or verify?); build it again")
     first = models["decoder"]
     return Export(
         folder,
-        sample.read_manifest(folder),
+        manifest,
         name,
         {r: m.path for r, m in models.items()},
         first.image_shape,
@@ -261,7 +262,9 @@ def check_out(out: Path, export: Export) -> Path:
     """`out` made absolute, refused if it holds anything but an earlier site or lies in the export
     folder (which the next `vae-dist export` replaces whole)."""
     out = out.resolve()
-    if out == export.folder.resolve() or export.folder.resolve() in out.parents or out.parent == out:
+    if out.parent == out:
+        raise WebError(f"--out {out} is a file system root; choose a folder for the site")
+    if out == export.folder.resolve() or export.folder.resolve() in out.parents:
         raise WebError(f"--out {out} is inside the export folder {export.folder}; choose a folder beside it")
     if out.exists() and not (out.is_dir() and (site_format(out) or not any(out.iterdir()))):
         raise WebError(f"{out} exists and is not a site built by vae-dist web; choose another --out")
@@ -341,7 +344,7 @@ def web_command(run, variant, out, serve, port, where, output_dir):
     browser (onnxruntime-web, WebAssembly); RUN defaults to the newest verified export."""
     setup_logging()  # the one-time npm install says what it is doing
     output_dir = output_dir if output_dir is not None else paths.runs_dir()
-    server = None
+    server = facts = None
     try:
         if serve:  # a busy port is found before the build, not after
             try:
@@ -360,6 +363,9 @@ def web_command(run, variant, out, serve, port, where, output_dir):
     except KeyboardInterrupt:
         click.echo("interrupted; an earlier site is unchanged", err=True)
         sys.exit(EXIT_INTERRUPTED)
+    finally:
+        if server is not None and facts is None:  # the build failed: free the port
+            server.server_close()
     sizes = ", ".join(f"{Path(f['path']).name} {f['size'] / 1e6:.2f} MB" for f in facts["files"].values())
     click.echo(f"{out}: {facts['run']} ({facts['variant']}: {sizes})")
     if server is None:

@@ -674,3 +674,27 @@ def test_tolerances_and_budgets_grow_with_the_pixels():
     assert nats_for_image(ELBO_TOL, (1, 28, 28)) == ELBO_TOL
     assert nats_for_image(ELBO_TOL, (1, 8, 8)) == ELBO_TOL  # never below the stated figure
     assert nats_for_image(ELBO_TOL, (3, 64, 64)) == pytest.approx(ELBO_TOL * 12288 / 784)
+
+
+def test_a_folder_moved_aside_by_a_killed_replacement_comes_back(tmp_path):
+    """replace_dir renames the earlier folder aside, then the new one in: a kill between the two
+    leaves no `onnx/`; the next export or verify puts the earlier one back, or removes it."""
+    run = make_run(tmp_path, "r", "linear")
+    assert export_run(run, variants=[]).verified
+    before = (run / "onnx" / "manifest.json").read_bytes()
+    dead = 2**22 + 12345  # above the default pid_max: no such process
+    aside = run / f".onnx-old-{dead}"
+    os.replace(run / "onnx", aside)
+    report, _ = pipeline.verify_run(run)
+    assert report.passed and not aside.exists()
+    assert json.loads((run / "onnx" / "manifest.json").read_bytes())["files"] == json.loads(before)["files"]
+
+    aside.mkdir()  # beside a present folder it is only removed
+    (aside / "stale").write_text("x")
+    live = run / f".onnx-old-{os.getppid()}"  # a running replacement's folder is left alone
+    live.mkdir()
+    new = tmp_path / "new"
+    new.mkdir()
+    (new / "marker").write_text("new")
+    pipeline.replace_dir(new, run / "onnx")
+    assert not aside.exists() and live.is_dir() and (run / "onnx" / "marker").read_text() == "new"

@@ -98,6 +98,17 @@ def ready(page) -> dict:
     )
 
 
+def outcome(page) -> str:
+    """How window.vae.ready settled: 'resolved', or the rejection's text."""
+    return page.evaluate(
+        """(s) => Promise.race([
+            window.vae.ready.then(() => 'resolved', (e) => String(e)),
+            new Promise((ok) => setTimeout(() => ok(`not settled in ${s} s`), s * 1000)),
+        ])""",
+        READY_S,
+    )
+
+
 def draws(page, selector: str) -> int:
     """How many times the page has drawn a canvas (vae.js counts them in data-draws)."""
     return int(page.get_attribute(selector, "data-draws") or 0)
@@ -181,7 +192,7 @@ def test_the_page_draws_samples_and_a_slider_redraws_the_explorer(browser, linea
     facts = ready(page)
     samples = canvas_pixels(page, "#samples")
     assert samples.size and len(np.unique(samples)) > 10, "the sample grid is blank"
-    page.fill("#seed", "7")
+    page.evaluate("() => { document.getElementById('seed').value = '7'; }")  # no change event: no draw
     drawn = draws(page, "#samples")
     page.click("#new-samples")
     wait_drawn(page, "#samples", drawn)
@@ -243,6 +254,7 @@ def test_the_page_times_its_own_decoder(browser, linear_site):
         timing = page.evaluate("(b) => window.vae.latency(b, 3)", batch)
         assert timing["batch"] == batch and timing["repeats"] == 3
         assert 0 < timing["min_ms"] <= timing["median_ms"] < 10_000
+        assert 1 <= timing["calls_per_sample"] <= 1024 and timing["min_sample_ms"] > 0
     assert 0 < page.evaluate("() => window.vae.redrawLatency(3)") < 10_000
     page.close()
 
@@ -310,10 +322,35 @@ def test_each_failure_shows_its_message_on_the_page(browser, linear_site, tmp_pa
     site = Site(folder)
     try:
         page, _ = open_page(browser, site, init_script)
-        outcome = page.evaluate("() => window.vae.ready.then(() => 'resolved', (e) => String(e))")
+        settled = outcome(page)
         message = page.inner_text("#error")
         assert message.startswith(expected) and page.is_visible("#error") and page.is_hidden("#app"), message
-        assert outcome == f"Error: {message}"
+        assert settled == f"Error: {message}"
+        page.close()
+    finally:
+        site.close()
+
+
+@pytest.mark.parametrize(
+    "script, expected",
+    [
+        (None, "vae.js could not be loaded."),
+        ("const broken = ;\n", "The page could not start: vae.js did not run in this browser"),
+    ],
+    ids=["missing", "unparsable"],
+)
+def test_a_page_whose_script_cannot_run_says_so(browser, linear_site, tmp_path, script, expected):
+    folder = Path(shutil.copytree(linear_site.folder, tmp_path / "site"))
+    if script is None:
+        (folder / "vae.js").unlink()
+    else:
+        (folder / "vae.js").write_text(script)
+    site = Site(folder)
+    try:
+        page, _ = open_page(browser, site)
+        page.wait_for_selector("#error", state="visible")
+        assert page.inner_text("#error").startswith(expected)
+        assert page.is_hidden("#status") and page.is_hidden("#app")
         page.close()
     finally:
         site.close()
@@ -397,6 +434,27 @@ def test_a_site_inside_the_export_folder_is_refused(exports, tmp_path):
     result = _web(str(run), "--out", str(run / "onnx" / "web"))
     assert result.exit_code == 2 and "inside the export folder" in result.output
     assert not (run / "onnx" / "web").exists()
+    result = _web(str(run), "--out", "/")
+    assert result.exit_code == 2 and "error: --out / is a file system root" in result.output
+
+
+def test_an_export_that_changes_during_the_build_is_refused(exports, tmp_path, monkeypatch):
+    """The files are checked against the manifest the checks read; a `vae-dist export` or `verify`
+    that rewrites it meanwhile must not give a site that claims the new one's verdict."""
+    run = Path(shutil.copytree(exports["linear"], tmp_path / "run"))
+    manifest_path = run / "onnx" / "manifest.json"
+    real_load = web.sample.load_model
+
+    def load_then_rewrite(path, role, threads):
+        model = real_load(path, role, threads)
+        if role == "decoder":  # the last file checked: then the export is verified again, and fails
+            manifest_path.write_text(json.dumps({**json.loads(manifest_path.read_text()), "verified": False}))
+        return model
+
+    monkeypatch.setattr(web.sample, "load_model", load_then_rewrite)
+    result = _web(str(run), "--out", str(tmp_path / "site"))
+    assert result.exit_code == 2 and "changed while the site was being built" in result.output
+    assert not (tmp_path / "site").exists()
 
 
 def test_a_busy_port_is_found_before_anything_is_built(exports, tmp_path):
