@@ -242,7 +242,12 @@ def site_facts(export: Export, site: Path, images: np.ndarray) -> dict[str, Any]
         "status": "verified",  # find_export accepts nothing else
         "files": files,
         "variant_quality": entry.get("quality"),
-        "test_images": {"path": TEST_IMAGES_FILE, "count": int(images.shape[0]), "shape": list(images.shape[1:])},
+        "test_images": {
+            "path": TEST_IMAGES_FILE,
+            "count": int(images.shape[0]),
+            "shape": list(images.shape[1:]),
+            "sha256": sample.file_sha256(site / TEST_IMAGES_FILE),
+        },
         "runtime": {"package": RUNTIME_PACKAGE, "version": runtime_version()},
         "exported_at": manifest.get("exported_at"),
         "built_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),

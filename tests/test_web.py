@@ -301,6 +301,14 @@ def _corrupt_message(folder: Path, facts: dict) -> str:
     return f"Model file models/{_corrupt(folder, facts)} is corrupt: its sha256 does not match site.json."
 
 
+def _corrupt_test_images(folder: Path, facts: dict) -> str:
+    path = folder / facts["test_images"]["path"]
+    data = bytearray(path.read_bytes())
+    data[0] ^= 0xFF
+    path.write_bytes(bytes(data))
+    return f"Test image file {facts['test_images']['path']} is corrupt: its sha256 does not match site.json."
+
+
 def _no_webassembly(folder: Path, facts: dict) -> str:
     return "WebAssembly could not start: this browser does not provide WebAssembly."
 
@@ -310,11 +318,14 @@ def _no_webassembly(folder: Path, facts: dict) -> str:
     [
         (_missing_message, None),
         (_corrupt_message, None),
+        (_corrupt_test_images, None),
         (_rejected, None),
         (_no_runtime, None),
         (_no_webassembly, "delete window.WebAssembly"),
     ],
-    ids=["missing-file", "corrupt-file", "rejected-variant", "runtime-missing", "no-webassembly"],
+    ids=[
+        "missing-file", "corrupt-file", "corrupt-test-images", "rejected-variant", "runtime-missing", "no-webassembly"
+    ],
 )
 def test_each_failure_shows_its_message_on_the_page(browser, linear_site, tmp_path, damage, init_script):
     folder = Path(shutil.copytree(linear_site.folder, tmp_path / "site"))

@@ -128,6 +128,9 @@ async function fetchTestImages(info) {
   if (bytes.byteLength !== expected || String(info.shape) !== String(shape)) {
     throw new PageError(`Test image file ${info.path} does not hold ${info.count} images of ${shape}.`);
   }
+  if ((await sha256(bytes)) !== info.sha256) {
+    throw new PageError(`Test image file ${info.path} is corrupt: its sha256 does not match site.json.`);
+  }
   return Float32Array.from(bytes, (v) => v / 255);
 }
 
