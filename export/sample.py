@@ -204,6 +204,24 @@ def variant_files(folder: Path, variant: str, fmt: str, allow_rejected: bool, hi
     raise UnverifiedError(f"no accepted {wanted} variant in {folder} ({why}){advice}")
 
 
+def session_options(threads: int | None = None) -> Any:
+    """onnxruntime.SessionOptions for every model run here, and for the export's checks.
+
+    onnxruntime's int8 kernels for x86 CPUs with AVX2 but no VNNI add pairs of u8 x s8 products in
+    16 bits, which can saturate; session.x64quantprecision sums in 32 bits, the exact int8
+    arithmetic of other CPUs and onnxruntime-web. Float models are unaffected. A fixed thread
+    count keeps results independent of the machine's core count.
+    """
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.add_session_config_entry("session.x64quantprecision", "1")
+    if threads is not None:
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+    return options
+
+
 def load_model(path: Path, role: str, threads: int, allow_rejected: bool = False) -> Model:
     import onnxruntime as ort
 
@@ -212,11 +230,7 @@ def load_model(path: Path, role: str, threads: int, allow_rejected: bool = False
     # Bytes that differ from the verified ones are reported as such, before anything reads them;
     # without a manifest, what the file is comes first (check_verified then says what is missing).
     vouched = check_verified(path, allow_rejected) if (path.parent / MANIFEST_FILE).is_file() else None
-    options = ort.SessionOptions()
-    # A fixed thread count keeps results independent of the machine's core count; these
-    # models are small enough that one thread is fast.
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
+    options = session_options(threads)  # these models are small enough that one thread is fast
     options.log_severity_level = 3  # errors only
     try:
         session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])

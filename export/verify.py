@@ -39,6 +39,7 @@ import onnx
 import onnxruntime as ort
 import torch
 
+from export.sample import session_options
 from export.spec import BATCH_AXIS, ELBO_TOL, RANDOM_OPS, SubModelSpec, identity_metadata, nats_for_image, vae_specs
 from vae_dist import data
 from vae_dist.config import TrainConfig
@@ -294,7 +295,8 @@ def eval_seed(model_meta: dict[str, Any]) -> int:
 
 
 def open_session(path: Path) -> ort.InferenceSession:
-    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    # The sampler's options: int8 variants are judged by exact int8 arithmetic.
+    return ort.InferenceSession(str(path), session_options(), providers=["CPUExecutionProvider"])
 
 
 def compare(

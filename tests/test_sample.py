@@ -380,3 +380,27 @@ def test_the_sampler_fits_an_image_exactly_as_prepare_does(policy, channels):
             ours = fit_pixels(image, fit.to_dict())
             assert np.array_equal(ours, fit_image(image, fit)), (name, size, policy, channels)
             assert ours.shape == (channels, *size)
+
+
+def test_int8_products_are_summed_exactly(tmp_path):
+    """The sampler's (and the export checks') sessions run int8 kernels without the 16-bit pair
+    sums that saturate on x86 AVX2: 255 x 127 summed over 64 products is 2,072,640 (the default
+    kernels give 1,048,544 on such a CPU)."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    k = 64
+    weights = numpy_helper.from_array(np.full((k, 8), 127, np.int8), "B")
+    graph = helper.make_graph(
+        [helper.make_node("MatMulInteger", ["A", "B"], ["Y"])],
+        "int8",
+        [helper.make_tensor_value_info("A", TensorProto.UINT8, [None, k])],
+        [helper.make_tensor_value_info("Y", TensorProto.INT32, [None, 8])],
+        [weights],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 9
+    options = sampler.session_options(1)
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    out = session.run(None, {"A": np.full((4, k), 255, np.uint8)})[0]
+    assert (out == 255 * 127 * k).all()

@@ -15,7 +15,7 @@ import onnxruntime as ort
 import pytest
 from click.testing import CliRunner
 
-from export import web
+from export import sample, web
 from export.pipeline import export_run
 from helpers import ROOT, TINY_TEST_NEG_ELBO, make_run
 from vae_dist import prepare
@@ -121,12 +121,10 @@ def wait_drawn(page, selector: str, after: int) -> None:
 
 
 def onnx_outputs(path: Path, name: str, x: np.ndarray) -> list[np.ndarray]:
-    """Python onnxruntime's outputs. Its default int8 kernels on x86 (AVX2) add pairs of u8 x s8
-    products in 16 bits, which saturates (0.08 off on a decoder pixel here); the precise mode sums
-    in 32 bits, as the WebAssembly kernels do, and is the reference for the int8 files."""
-    options = ort.SessionOptions()
-    options.add_session_config_entry("session.x64quantprecision", "1")
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    """Python onnxruntime's outputs, with the sampler's session options: exact int8 arithmetic,
+    which the WebAssembly kernels compute too (the default x86 AVX2 kernels can saturate: 0.08 off
+    on a decoder pixel of these tiny models)."""
+    session = ort.InferenceSession(str(path), sample.session_options(), providers=["CPUExecutionProvider"])
     return session.run(None, {name: x})
 
 
