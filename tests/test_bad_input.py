@@ -498,6 +498,15 @@ CASES = [
         absent=("runs",),
     ),
     Case(
+        "data-command-root-without-files",
+        sh("vae-dist data --root mine"),
+        2,
+        "--root mine does not hold the Fashion-MNIST IDX files",
+        setup=with_data_folder_listed(lambda tmp: (tmp / "mine").mkdir()),
+        then=data_folder_unchanged,
+        slow=False,
+    ),
+    Case(
         "data-root-used-in-place",
         sh("vae-dist data --root mine"),
         0,
@@ -542,6 +551,15 @@ CASES = [
         "test images are (1, 28, 28), the model expects (3, 64, 64)",
         setup=colour_model_and_grey_data,
         unchanged=("runs/colour/model.safetensors", "grey/*"),
+        absent=NO_EXPORT,
+    ),
+    Case(
+        "export-data-without-files",
+        sh("vae-dist export runs/tiny --data mine --variants none"),
+        2,
+        "--data mine does not hold the Fashion-MNIST IDX files",
+        setup=lambda tmp: (tiny_model("tiny")(tmp), (tmp / "mine").mkdir()),
+        unchanged=("runs/tiny/model.safetensors",),
         absent=NO_EXPORT,
     ),
     # -- vae-dist evaluate: refused before any work (a failed append: tests/test_evaluate.py)

@@ -66,7 +66,7 @@ def data_command(dataset: str, root: str | None, download: bool, test_images: bo
     from vae_dist import data
 
     try:
-        found = data.resolve(dataset, root, download=download)
+        found = data.resolve(dataset, root, download=download, given_as="--root")
         for train in (True, False):
             split = data.load_split(dataset, train, found)
             click.echo(

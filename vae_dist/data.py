@@ -169,12 +169,14 @@ def resolve(
     data_dir: Path | None = None,
     system_dirs: tuple[Path, ...] | None = None,
     download: bool = True,
+    given_as: str = "data.root",
 ) -> Path:
     """A folder holding `name`'s four IDX files (`images_file` finds them inside).
 
     An explicit root is read where it is, in any layout, or refused: it is never ignored and
     never copied into the shared data folder. Without one: the data folder, then the system
-    folders (copied into the data folder), then a download into the data folder."""
+    folders (copied into the data folder), then a download into the data folder. `given_as`: the
+    config key or option the root came from, as a refusal names it."""
     info = DATASETS[name]
     data_dir = Path(data_dir or paths.data_dir())
     if root:
@@ -182,8 +184,8 @@ def resolve(
         files = _locate(root, info)
         if files is None:
             raise DataError(
-                f"data.root {root} does not hold the {info.pretty} IDX files ({', '.join(ALL_FILES)}, plain or "
-                f".gz, flat or under {info.folder}/raw/); point data.root at them, or leave it unset to use {data_dir}"
+                f"{given_as} {root} does not hold the {info.pretty} IDX files ({', '.join(ALL_FILES)}, plain or "
+                f".gz, flat or under {info.folder}/raw/); point {given_as} at them, or leave it unset to use {data_dir}"
             )
         for path in files.values():
             check_idx(path)
@@ -465,7 +467,7 @@ def model_split(dataset: str, train: bool, where: str | Path | None = None) -> t
     from vae_dist import prepare
 
     if dataset in DATASETS:
-        root = resolve(dataset, where, download=False)
+        root = resolve(dataset, where, download=False, given_as="--data")
         return load_split(dataset, train, root).images
     folder = Path(where or dataset)
     if not (folder / prepare.INFO_FILE).is_file():
