@@ -4,6 +4,7 @@ steps, no step twice after a resume), curves.png, and the tracker names refused 
 from __future__ import annotations
 
 import shutil
+import time
 
 import pytest
 import yaml
@@ -77,6 +78,24 @@ def test_a_resumed_run_continues_the_curves_without_a_step_twice(tmp_path, fashi
     for tag in EPOCH_TAGS:
         assert [e.step for e in reader.Scalars(tag)] == [8, 16], tag
     assert len(list((again / tracking.LOGS_DIR / tracking.PROJECT).glob("events.out.tfevents.*"))) == 2
+
+
+def test_a_resumed_runs_event_file_is_read_after_the_earlier_ones(tmp_path):
+    """TensorBoard reads event files in name order, and a name starts with the second it was made
+    in: an earlier file made in this second, whose host name sorts after this machine's, must still
+    come first, or the resumed run's purge is read before the steps it should drop."""
+    from accelerate import Accelerator
+
+    cfg = config(tmp_path)
+    folder = tmp_path / "r" / tracking.LOGS_DIR / tracking.PROJECT
+    folder.mkdir(parents=True)
+    earlier = folder / f"{tracking.EVENT_FILE_PREFIX}{int(time.time()):010d}.~other-host.1.9"
+    earlier.write_bytes(b"")
+    accelerator = Accelerator(cpu=True)
+    tracking.start(accelerator, cfg, tmp_path / "r", resumed_at=9)
+    tracking.end(accelerator)
+    names = sorted(p.name for p in folder.glob(f"{tracking.EVENT_FILE_PREFIX}*"))
+    assert len(names) == 2 and names[0] == earlier.name
 
 
 def test_curves_png_is_drawn_after_every_epoch(tmp_path, fashion_root):

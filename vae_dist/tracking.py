@@ -4,12 +4,15 @@ TensorBoard by default, written into the run folder) and `curves.png`, drawn aft
 Only the main process logs. Steps are optimizer steps. A resumed run continues the same curves:
 its TensorBoard writer purges whatever the interrupted run logged after the checkpoint it resumes
 from (`purge_step`), and the trackers are flushed at every checkpoint, so each step appears once.
+The purge holds only if the resumed run's event file is read after the earlier ones, see
+`after_earlier_event_files`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import time
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +23,7 @@ from vae_dist.config import Config, ConfigError
 
 PROJECT = "vae-dist"  # the trackers' project name
 LOGS_DIR = "logs"  # under the run folder: <run>/logs/vae-dist/ holds the TensorBoard event files
+EVENT_FILE_PREFIX = "events.out.tfevents."  # then the second it was created, host, pid, a counter
 CURVES_FILE = "curves.png"
 
 
@@ -52,6 +56,8 @@ def start(accelerator: Accelerator, cfg: Config, run_dir: Path, resumed_at: int 
     checkpoint the run resumes from (what was logged after it is purged), None for a new run."""
     from accelerate.tracking import LOGGER_TYPE_TO_CLASS
 
+    if resumed_at is not None:
+        after_earlier_event_files(run_dir / LOGS_DIR / PROJECT)
     trackers = []
     for name in cfg.run.log_with:
         kind = LOGGER_TYPE_TO_CLASS[name]
@@ -62,6 +68,22 @@ def start(accelerator: Accelerator, cfg: Config, run_dir: Path, resumed_at: int 
             trackers.append(kind(PROJECT))
     accelerator.log_with = trackers
     accelerator.init_trackers(PROJECT, config=hyperparameters(cfg))
+
+
+def after_earlier_event_files(folder: Path) -> None:
+    """Return once an event file created now sorts after every one in `folder`.
+
+    TensorBoard reads a folder's event files in name order. A name starts with the whole second
+    the file was created in, then host, pid and a per-process counter compared as text: within one
+    second a resumed run's file can sort first (counter 10 before 9), and the earlier run's steps
+    are then read after the purge that should have dropped them. One second later it cannot."""
+    stamps = [
+        int(stamp)
+        for path in folder.glob(f"{EVENT_FILE_PREFIX}*")
+        if (stamp := path.name[len(EVENT_FILE_PREFIX) :].split(".")[0]).isdigit()
+    ]
+    if stamps:  # at most a second: a file dated later by a skewed clock is not waited for
+        time.sleep(min(1.0, max(0.0, max(stamps) + 1 - time.time())))
 
 
 def log(accelerator: Accelerator, values: dict[str, float], step: int) -> None:
