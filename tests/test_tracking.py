@@ -77,7 +77,7 @@ def test_a_resumed_run_continues_the_curves_without_a_step_twice(tmp_path, fashi
         assert [e.step for e in reader.Scalars(tag)] == list(range(2, 17, 2)), tag
     for tag in EPOCH_TAGS:
         assert [e.step for e in reader.Scalars(tag)] == [8, 16], tag
-    assert len(list((again / tracking.LOGS_DIR / tracking.PROJECT).glob("events.out.tfevents.*"))) == 2
+    assert len(list((again / tracking.LOGS_DIR / tracking.PROJECT).glob(f"{tracking.EVENT_FILE_PREFIX}*"))) == 2
 
 
 def test_a_resumed_runs_event_file_is_read_after_the_earlier_ones(tmp_path):
