@@ -198,8 +198,8 @@ def bench_run(
     manifest = read_manifest(onnx_dir)
     if manifest is None:
         raise UserError(f"{onnx_dir} holds no export; run `vae-dist export {run_dir}` first")
-    model, meta = artifacts.load_model(model_path)
-    kind = meta["model"]["kind"]
+    model, record = artifacts.load_model(model_path)
+    kind = record.kind
     files = export_files(onnx_dir, manifest)
     rng = np.random.default_rng(0)
     rows = []

@@ -22,7 +22,8 @@ import click
 import numpy as np
 
 from export import sample, web
-from vae_dist import data, paths, runs
+from vae_dist import paths, runs
+from vae_dist.data import builtin
 from vae_dist.errors import UserError
 
 BATCHES = (1, 64)
@@ -46,7 +47,7 @@ def newest_exports(output_dir: Path) -> dict[str, Path]:
         model = manifest.get("model") or {}
         if manifest.get("verified") is not True or "kind" not in model:
             continue
-        key = (model.get("dataset") in data.DATASETS, manifest_path.stat().st_mtime, manifest_path.parent)
+        key = (model.get("dataset") in builtin.DATASETS, manifest_path.stat().st_mtime, manifest_path.parent)
         if model["kind"] not in found or key[:2] > found[model["kind"]][:2]:
             found[model["kind"]] = key
     return {kind: folder for kind, (_, _, folder) in sorted(found.items())}

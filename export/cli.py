@@ -134,8 +134,9 @@ def export_command(run, opset, atol, elbo_tol, variant_names, quality_budget, da
     Without RUN: the latest run of each model kind under --output-dir.
     """
     setup_logging()
-    from export.pipeline import WriteError, export_run, find_latest_runs
+    from export.pipeline import export_run, find_latest_runs
     from vae_dist.artifacts import ModelFileError
+    from vae_dist.files import WriteError
 
     if run is not None:
         targets = [locate(run, output_dir)]

@@ -29,7 +29,7 @@ def versions() -> dict[str, str]:
     import onnxruntime
     import onnxscript
 
-    from vae_dist import __version__
+    from vae_dist.version import __version__
 
     return {
         "torch": torch.__version__,

@@ -39,13 +39,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from export.spec import MANIFEST_FILE, MANIFEST_FORMAT, SubModelSpec
+from vae_dist import files
 from vae_dist.errors import UserError
+from vae_dist.record import ModelRecord
 
 if TYPE_CHECKING:
     from export.variants import VariantSpec
@@ -72,22 +73,21 @@ def files_section(onnx_dir: Path, specs: tuple[SubModelSpec, ...]) -> dict[str, 
 
 
 def new_manifest(
-    run_dir: Path, model_path: Path, model_meta: dict[str, Any], opset: int, versions: dict[str, str]
+    run_dir: Path, model_path: Path, record: ModelRecord, opset: int, versions: dict[str, str]
 ) -> dict[str, Any]:
     """Everything but the files and the verification, which `record_verification` fills in."""
-    m = model_meta["model"]
     return {
         "format": MANIFEST_FORMAT,
         "run": run_dir.name,
         "exported_at": _now(),
         "source": {"file": model_path.name, **file_record(model_path)},
         "model": {
-            "kind": m["kind"],
-            "latent_dim": m["latent_dim"],
-            "image_shape": list(model_meta["image_shape"]),
-            "dataset": model_meta.get("dataset"),
-            "likelihood": model_meta.get("likelihood", "bernoulli"),
-            "test_neg_elbo": model_meta.get("test_neg_elbo"),
+            "kind": record.kind,
+            "latent_dim": record.latent_dim,
+            "image_shape": list(record.image_shape),
+            "dataset": record.dataset,
+            "likelihood": record.likelihood,
+            "test_neg_elbo": record.test_neg_elbo,
         },
         "opset": opset,
         "versions": versions,
@@ -180,12 +180,7 @@ def read_manifest(onnx_dir: Path) -> dict[str, Any] | None:
 
 def write_manifest(onnx_dir: Path, manifest: dict[str, Any]) -> Path:
     path = onnx_dir / MANIFEST_FILE
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        tmp.write_text(json.dumps(manifest, indent=2) + "\n")
-        os.replace(tmp, path)  # a reader never sees half a manifest, and a full disk leaves the old one
-    finally:
-        tmp.unlink(missing_ok=True)
+    files.atomic_write_text(path, json.dumps(manifest, indent=2) + "\n")  # a reader never sees half a manifest
     return path
 
 

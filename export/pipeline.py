@@ -13,14 +13,12 @@ manifest instead. `verify_run` checks an existing export again, variants include
 
 from __future__ import annotations
 
-import glob
 import json
 import logging
 import os
 import shutil
 import time
-from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,23 +31,15 @@ from export.convert import export_submodel, opset_of, versions
 from export.spec import DEFAULT_OPSET, ELBO_TOL, MANIFEST_FILE, ONNX_DIR, onnx_metadata, vae_specs
 from export.variants import FP32, QUALITY_BUDGET, VARIANTS, VariantSpec
 from export.verify import Check, Reference, Report, judge, load_test_images, verify_export
-from vae_dist import artifacts, runs
-from vae_dist.artifacts import NO_ROOM
+from vae_dist import artifacts, files, runs
 from vae_dist.errors import UserError
 from vae_dist.models import VAE
+from vae_dist.record import ModelFileError, ModelRecord
+from vae_dist.record import read as read_record
 
 log = logging.getLogger(__name__)
 
 FAILED_DIR = "onnx-failed"
-STAGING_PREFIX = ".onnx-staging-"
-
-
-class WriteError(UserError):
-    """A file of an export could not be written for want of room; nothing else was changed."""
-
-    def __init__(self, message: str, path: Path | None, error: OSError):
-        super().__init__(message)
-        self.path, self.error = path, error
 
 
 # ---------------------------------------------------------------- finding runs
@@ -61,10 +51,10 @@ def resolve_run(path: str | Path) -> tuple[Path, Path]:
     if path.is_file():
         return path.parent, path
     if path.is_dir():
-        model_path = path / artifacts.MODEL_FILE
+        model_path = path / runs.MODEL_FILE
         if model_path.is_file():
             return path, model_path
-        raise UserError(f"{path} holds no {artifacts.MODEL_FILE}; is it a finished run (runs/NAME)?")
+        raise UserError(f"{path} holds no {runs.MODEL_FILE}; is it a finished run (runs/NAME)?")
     raise UserError(f"run {str(path)!r} not found")
 
 
@@ -79,10 +69,10 @@ def find_latest_runs(output_dir: str | Path) -> dict[str, Path]:
     if not output_dir.is_dir():
         return {}
     newest: dict[str, tuple[float, Path]] = {}
-    for model_path in sorted(output_dir.glob(f"*/{artifacts.MODEL_FILE}")):
+    for model_path in sorted(output_dir.glob(f"*/{runs.MODEL_FILE}")):
         try:
-            kind = artifacts.read_model_metadata(model_path)["model"]["kind"]
-        except artifacts.ModelFileError as e:  # a half-written or foreign file must not stop the others
+            kind = read_record(model_path).kind
+        except ModelFileError as e:  # a half-written or foreign file must not stop the others
             log.warning("skipping %s: %s", model_path, e)
             continue
         mtime = model_path.stat().st_mtime
@@ -144,42 +134,40 @@ def export_run(
     variant to be "verified" rather than "rejected".
     """
     run_dir, model_path = resolve_run(run)
-    model, meta = artifacts.load_model(model_path)
+    model, record = artifacts.load_model(model_path)
     specs = vae_specs(model, atol)
     vers = versions()
-    recorded = recorded_test_images(run_dir, meta)
-    remove_stale_staging(run_dir)
-    for folder in (run_dir / ONNX_DIR, run_dir / FAILED_DIR):
-        restore_moved_aside(folder)
-    staging = run_dir / f"{STAGING_PREFIX}{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)
+    recorded = recorded_test_images(run_dir, record)
     final = run_dir / ONNX_DIR
+    files.restore_moved_aside(run_dir / FAILED_DIR)
+    staging = None
     try:
-        with writing(staging):
-            staging.mkdir()
+        with files.writing(run_dir):
+            staging = files.new_staging(final)  # also puts back an export a kill left aside
         for spec in specs:
-            with writing(staging / spec.filename):
-                export_submodel(model, spec, staging / spec.filename, opset, onnx_metadata(spec, meta, opset, vers))
-        report = verify_export(staging, model, meta, atol, data_root, elbo_tol=elbo_tol, recorded_images=recorded)
-        manifest = manifest_lib.new_manifest(run_dir, model_path, meta, opset, vers)
+            with files.writing(staging / spec.filename):
+                export_submodel(model, spec, staging / spec.filename, opset, onnx_metadata(spec, record, opset, vers))
+        report = verify_export(staging, model, record, atol, data_root, elbo_tol=elbo_tol, recorded_images=recorded)
+        manifest = manifest_lib.new_manifest(run_dir, model_path, record, opset, vers)
         manifest = manifest_lib.record_verification(manifest, staging, specs, report.to_dict())
         section, operators = {}, None
         if report.passed:  # variants are made from verified fp32 files only
-            section = make_variants(staging, model, meta, variants, quality_budget, data_root, fp32_report=report)
+            section = make_variants(staging, model, record, variants, quality_budget, data_root, fp32_report=report)
             operators = write_operator_config(staging, section)
         manifest = manifest_lib.record_variants(manifest, section, quality_budget, operators)
-        with writing(staging / MANIFEST_FILE):
+        with files.writing(staging / MANIFEST_FILE):
             manifest_lib.write_manifest(staging, manifest)
         if not report.passed:
             final = run_dir / FAILED_DIR
-        with writing(final):
-            replace_dir(staging, final)
+        with files.writing(final):
+            files.publish(staging, final)
     except BaseException as e:
-        shutil.rmtree(staging, ignore_errors=True)
-        error = e if isinstance(e, WriteError) else _no_room(e)
-        if error is None:
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
+        found = None if isinstance(e, files.WriteError) else files.failure_reason(e, run_dir)
+        if not isinstance(e, files.WriteError) and not (found and found[1]):  # only a full disk, found anywhere
             raise
-        raise _export_not_written(run_dir, staging, error) from None
+        raise _export_not_written(run_dir, staging or final, e) from None
     if report.passed:
         shutil.rmtree(run_dir / FAILED_DIR, ignore_errors=True)  # superseded by a good export
         log.info("export of %s verified: %s", run_dir, final)
@@ -188,15 +176,15 @@ def export_run(
     return ExportResult(run_dir, final, report, manifest)
 
 
-def recorded_test_images(run_dir: Path, model_meta: dict[str, Any]) -> int | None:
+def recorded_test_images(run_dir: Path, record: ModelRecord) -> int | None:
     """How many test images training's recorded -ELBO (the model file's test_neg_elbo) was measured
     on: the model file's own record when it has one, else that of the run's metrics line holding
     the same figure; None when neither says (a model file copied without its run)."""
-    if isinstance(model_meta.get("test_images"), int):
-        return model_meta["test_images"]
-    recorded = model_meta.get("test_neg_elbo")
+    if record.test_images is not None:
+        return record.test_images
+    recorded = record.test_neg_elbo
     try:
-        lines = artifacts.read_jsonl(run_dir / runs.METRICS_FILE)
+        lines = files.read_jsonl(run_dir / runs.METRICS_FILE)
     except (OSError, ValueError):  # a damaged log only costs the figure's context
         return None
     for line in reversed(lines):
@@ -208,66 +196,13 @@ def recorded_test_images(run_dir: Path, model_meta: dict[str, Any]) -> int | Non
 # ---------------------------------------------------------------- a full disk
 
 
-@contextmanager
-def writing(path: Path, room_for: int = 0) -> Iterator[None]:
-    """Report a failure to write `path` for want of room as a WriteError naming `path`.
-
-    Python's own writes raise OSError(ENOSPC, EDQUOT or EFBIG). Tools that write from C++ say it
-    otherwise: onnxruntime raises its own Fail or InvalidProtobuf ("Protobuf serialization
-    failed"), and a file that onnxruntime's optimiser truncated without a word fails later to
-    parse (protobuf's DecodeError). So when a step that writes about `room_for` bytes fails in
-    any other way, the folder is asked whether that much still fits.
-    """
-    try:
-        yield
-    except WriteError:
-        raise
-    except Exception as e:
-        error = _no_room(e) or (_room_refused(path.parent, room_for) if room_for else None)
-        if error is None:
-            raise
-        raise WriteError(f"cannot write {path} ({_reason(error)})", path, error) from e
-
-
-def _no_room(e: BaseException) -> OSError | None:
-    """The OSError saying there is no room, anywhere in `e`'s chain of causes."""
-    seen = set()
-    while e is not None and id(e) not in seen:
-        seen.add(id(e))
-        if isinstance(e, OSError) and e.errno in NO_ROOM:
-            return e
-        e = e.__cause__ or e.__context__
-    return None
-
-
-def _room_refused(folder: Path, size: int) -> OSError | None:
-    """The error a write of `size` bytes into `folder` meets for want of room; None if it fits."""
-    if size <= 0:
-        return None
-    probe = folder / f".room-probe-{os.getpid()}"
-    block = bytes(min(size, 1 << 20))
-    try:
-        with open(probe, "wb") as f:
-            for start in range(0, size, len(block)):
-                f.write(block[: size - start])
-            f.flush()
-            os.fsync(f.fileno())
-    except OSError as e:
-        return e if e.errno in NO_ROOM else None
-    finally:
-        probe.unlink(missing_ok=True)
-    return None
-
-
-def _reason(error: OSError) -> str:
-    return error.strerror or os.strerror(error.errno or 0)
-
-
-def _export_not_written(run_dir: Path, staging: Path, error: OSError | WriteError) -> WriteError:
-    """The one line for an export stopped by a full disk: which file, and that nothing else changed."""
-    path, cause = (error.path, error.error) if isinstance(error, WriteError) else (None, error)
-    if path is None and cause.filename:
-        path = Path(os.fsdecode(cause.filename))
+def _export_not_written(run_dir: Path, staging: Path, error: BaseException) -> files.WriteError:
+    """The one line for an export stopped by a failed write: which file, and that nothing else changed."""
+    if isinstance(error, files.WriteError):
+        path, reason, no_room = error.path, error.reason, error.no_room
+    else:
+        reason, no_room, cause = files.failure_reason(error, run_dir)
+        path = Path(os.fsdecode(cause.filename)) if cause is not None and cause.filename else None
     if path is not None and path.is_relative_to(staging):  # the staging folder is not the user's business
         name = path.relative_to(staging).as_posix()
         what = f"{name} of the new export of {run_dir}" if name != "." else f"the new export of {run_dir}"
@@ -275,75 +210,9 @@ def _export_not_written(run_dir: Path, staging: Path, error: OSError | WriteErro
         what = str(path) if path is not None else f"a file while exporting {run_dir}"
     previous = run_dir / ONNX_DIR
     kept = f"the previous export in {previous} is untouched" if previous.is_dir() else "nothing was exported"
-    return WriteError(
-        f"cannot write {what} ({_reason(cause)}); {kept}; "
-        "free some space (or raise the quota or file size limit) and run the export again",
-        path,
-        cause,
-    )
-
-
-def remove_stale_staging(run_dir: Path, prefix: str = STAGING_PREFIX, what: str = "an export") -> list[Path]:
-    """Remove the staging folders (named prefix + pid) of exports or site builds whose process is
-    gone (killed mid-way); those of running processes stay. Returns what was removed."""
-    removed = []
-    for folder in run_dir.glob(f"{prefix}*"):
-        pid = folder.name.removeprefix(prefix)
-        if folder.is_dir() and pid.isdigit() and not _process_exists(int(pid)):
-            shutil.rmtree(folder, ignore_errors=True)
-            log.info("removed the files left in %s by %s that did not finish", run_dir, what)
-            removed.append(folder)
-    return removed
-
-
-def _process_exists(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process
-        return True
-    return True
-
-
-def _moved_aside_prefix(dst: Path) -> str:
-    return f".{dst.name}-old-"
-
-
-def restore_moved_aside(dst: Path) -> None:
-    """Finish what a replace_dir killed between its two renames left behind: the earlier `dst`,
-    moved aside under a name with that process's pid, goes back when `dst` is missing (nothing is
-    lost), else it is removed. Folders of running processes stay."""
-    prefix = _moved_aside_prefix(dst)
-    for old in sorted(dst.parent.glob(f"{glob.escape(prefix)}*")):
-        pid = old.name.removeprefix(prefix)
-        if not (old.is_dir() and pid.isdigit()) or _process_exists(int(pid)):
-            continue
-        if dst.exists():
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(old, dst)
-            log.warning("restored %s, which a replacement that did not finish had moved aside", dst)
-
-
-def replace_dir(src: Path, dst: Path) -> None:
-    """Move `src` to `dst`, replacing it; `dst` is never a mix of old and new files, and stays
-    as it was if the move fails (or, if the process is killed between the two renames, is put
-    back by the next restore_moved_aside or replace_dir)."""
-    restore_moved_aside(dst)
-    old = None
-    if dst.exists():
-        old = dst.with_name(f"{_moved_aside_prefix(dst)}{os.getpid()}")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(dst, old)
-    try:
-        os.replace(src, dst)
-    except BaseException:
-        if old is not None:
-            os.replace(old, dst)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    todo = "free some space (or raise the quota or file size limit)" if no_room else "make the folder writable"
+    return files.WriteError(f"cannot write {what} ({reason}); {kept}; {todo} and run the export again", path, reason,
+                            no_room)
 
 
 def verify_run(
@@ -361,14 +230,13 @@ def verify_run(
     """
     run_dir, model_path = resolve_run(run)
     onnx_dir = run_dir / ONNX_DIR
-    restore_moved_aside(onnx_dir)
+    files.restore_moved_aside(onnx_dir)
     if not onnx_dir.is_dir():
         raise UserError(f"{onnx_dir} not found; export the run first (vae-dist export {run_dir})")
-    model, meta = artifacts.load_model(model_path)
+    model, record = artifacts.load_model(model_path)
     specs = vae_specs(model, atol)
-    report = verify_export(
-        onnx_dir, model, meta, atol, data_root, elbo_tol=elbo_tol, recorded_images=recorded_test_images(run_dir, meta)
-    )
+    recorded = recorded_test_images(run_dir, record)
+    report = verify_export(onnx_dir, model, record, atol, data_root, elbo_tol=elbo_tol, recorded_images=recorded)
     try:
         previous = manifest_lib.read_manifest(onnx_dir)
     except manifest_lib.ManifestError as e:  # a damaged manifest is rebuilt; the verdict below is what counts
@@ -378,12 +246,12 @@ def verify_run(
     rebuilt = previous is None
     if rebuilt:
         opset = _opset_of(onnx_dir / specs[0].filename)
-        previous = manifest_lib.new_manifest(run_dir, model_path, meta, opset, versions())
+        previous = manifest_lib.new_manifest(run_dir, model_path, record, opset, versions())
         # The variants' records are gone with the old manifest: those whose files are here are judged
         # again (how they were made cannot be re-derived), so no file is left unlisted.
         found = {
             v.name: manifest_lib.variant_entry(v)
-            for v in variants_lib.select(None, meta["model"]["kind"])
+            for v in variants_lib.select(None, record.kind)
             if all((onnx_dir / v.filename(role)).is_file() for role in ("encoder", "decoder"))
         }
         previous = manifest_lib.record_variants(previous, found, QUALITY_BUDGET, None)
@@ -396,18 +264,20 @@ def verify_run(
         if manifest.get("variants"):
             budget = quality_budget if quality_budget is not None else manifest.get("quality_budget", QUALITY_BUDGET)
             section = reverify_variants(
-                onnx_dir, model, meta, manifest["variants"], budget, data_root, fp32_report=report
+                onnx_dir, model, record, manifest["variants"], budget, data_root, fp32_report=report
             )
             operators = write_operator_config(onnx_dir, section) if rebuilt else manifest.get("required_operators")
             manifest = manifest_lib.record_variants(manifest, section, budget, operators)
-        with writing(onnx_dir / MANIFEST_FILE):
+        with files.writing(onnx_dir / MANIFEST_FILE):
             manifest_lib.write_manifest(onnx_dir, manifest)
-    except WriteError as e:  # both files are replaced whole, so the old ones are still there
-        raise WriteError(
-            f"{e} while recording the verdict; {onnx_dir} is as it was; free some space (or raise the quota or "
-            "file size limit) and run verify again",
+    except files.WriteError as e:  # both files are replaced whole, so the old ones are still there
+        raise files.WriteError(
+            f"{e} while recording the verdict; {onnx_dir} is as it was; "
+            + ("free some space (or raise the quota or file size limit)" if e.no_room else "make the folder writable")
+            + " and run verify again",
             e.path,
-            e.error,
+            e.reason,
+            e.no_room,
         ) from None
     if report.passed:  # the verdict comes last, after every check including the source's
         log.info("%s verified", onnx_dir)
@@ -431,7 +301,7 @@ def _opset_of(path: Path) -> int | None:
 def make_variants(
     onnx_dir: Path,
     model: VAE,
-    model_meta: dict[str, Any],
+    record: ModelRecord,
     names: Iterable[str] | None = None,
     budget: float = QUALITY_BUDGET,
     data_root: str | Path | None = None,
@@ -440,10 +310,10 @@ def make_variants(
     """Make, check and judge the variants `names` (all that apply when None) beside the verified
     fp32 files in `onnx_dir`; the manifest's "variants" section."""
     onnx_dir = Path(onnx_dir)
-    chosen = variants_lib.select(names, model_meta["model"]["kind"])
+    chosen = variants_lib.select(names, record.kind)
     if not chosen:
         return {}
-    reference = _reference(model, model_meta, data_root, fp32_report)
+    reference = _reference(model, record, data_root, fp32_report)
     calibration: dict[str, np.ndarray] | None = None
     section: dict[str, Any] = {}
     for variant in chosen:
@@ -456,9 +326,9 @@ def make_variants(
         try:
             if variant.calibrated and calibration is None:
                 count = variant.options["calibration_images"]
-                calibration = variants_lib.calibration_inputs(model, model_meta, count, data_root)
+                calibration = variants_lib.calibration_inputs(model, record, count, data_root)
             manifest_lib.record_production(entry, _produce(onnx_dir, variant, calibration))
-        except WriteError:  # a full disk stops the export: the variant itself is not at fault
+        except files.WriteError:  # a full disk stops the export: the variant itself is not at fault
             raise
         except Exception as e:  # the tools raise anything from ValueError to onnxruntime's own types
             log.warning("variant %s could not be made: %s", variant.name, e, exc_info=log.isEnabledFor(logging.DEBUG))
@@ -466,14 +336,14 @@ def make_variants(
                 (onnx_dir / variant.filename(role)).unlink(missing_ok=True)
             manifest_lib.record_failure(entry, f"production: {type(e).__name__}: {e}".splitlines()[0])
             continue
-        _judge(entry, onnx_dir, variant, model, model_meta, reference, budget)
+        _judge(entry, onnx_dir, variant, model, record, reference, budget)
     return section
 
 
 def reverify_variants(
     onnx_dir: Path,
     model: VAE,
-    model_meta: dict[str, Any],
+    record: ModelRecord,
     section: dict[str, Any],
     budget: float,
     data_root: str | Path | None = None,
@@ -485,7 +355,7 @@ def reverify_variants(
     todo = {name: entry for name, entry in section.items() if entry.get("status") != "failed"}
     if not todo:
         return section
-    reference = _reference(model, model_meta, data_root, fp32_report)
+    reference = _reference(model, record, data_root, fp32_report)
     updated = dict(section)
     for name, entry in todo.items():
         entry = dict(entry)
@@ -494,37 +364,37 @@ def reverify_variants(
         if variant is None:
             manifest_lib.record_rejection(entry, f"unknown variant {name!r}; export the run again")
             continue
-        _judge(entry, onnx_dir, variant, model, model_meta, reference, budget)
+        _judge(entry, onnx_dir, variant, model, record, reference, budget)
     return updated
 
 
 def write_operator_config(onnx_dir: Path, section: dict[str, Any]) -> dict[str, Any] | None:
     """required_operators.config for a minimal onnxruntime build running this folder's ORT files."""
-    files = sorted(
+    ort_files = sorted(
         onnx_dir / name
         for variant, entry in section.items()
         if VARIANTS[variant].format == "ort" and entry.get("status") in ("verified", "rejected")
         for name in entry.get("files", {})
     )
-    if not files:
+    if not ort_files:
         return None
     path = onnx_dir / variants_lib.REQUIRED_OPERATORS_FILE
     try:
-        with writing(path):
-            variants_lib.write_required_operators(files, path)
-    except WriteError:
+        with files.writing(path):
+            variants_lib.write_required_operators(ort_files, path)
+    except files.WriteError:
         raise
     except Exception as e:  # informational only: never worth failing the export over
         log.warning("could not write %s: %s", path.name, e)
         return None
-    return manifest_lib.operators_record(path, files)
+    return manifest_lib.operators_record(path, ort_files)
 
 
-def _reference(model: VAE, model_meta: dict[str, Any], data_root, fp32_report: Report | None) -> Reference:
-    images = load_test_images(model, model_meta, data_root)
+def _reference(model: VAE, record: ModelRecord, data_root, fp32_report: Report | None) -> Reference:
+    images = load_test_images(model, record, data_root)
     if fp32_report is not None and fp32_report.elbo and "recon_mse_torch" in fp32_report.elbo:
         return Reference.from_elbo(fp32_report.elbo, model, images)
-    return Reference.compute(model, model_meta, images)
+    return Reference.compute(model, record, images)
 
 
 def _produce(onnx_dir: Path, variant: VariantSpec, calibration: dict[str, np.ndarray] | None) -> dict[str, Any]:
@@ -541,7 +411,7 @@ def _produce(onnx_dir: Path, variant: VariantSpec, calibration: dict[str, np.nda
             calibration=calibration[role] if variant.calibrated and calibration else None,
         )
         # The tools write the target and temporary copies of about the source's size beside it.
-        with writing(job.target, room_for=2 * source.stat().st_size):
+        with files.writing(job.target, room_for=2 * source.stat().st_size):
             record[role] = variant.produce(job)
     record["seconds"] = round(time.perf_counter() - started, 2)
     log.debug("made variant %s in %.1f s", variant.name, record["seconds"])  # its verdict is logged next
@@ -553,12 +423,12 @@ def _judge(
     onnx_dir: Path,
     variant: VariantSpec,
     model: VAE,
-    model_meta: dict[str, Any],
+    record: ModelRecord,
     reference: Reference,
     budget: float,
 ) -> None:
     try:
-        verdict = judge(onnx_dir, variant, model, model_meta, reference, budget)
+        verdict = judge(onnx_dir, variant, model, record, reference, budget)
     except Exception as e:  # a check that crashes rejects the variant, never the export
         log.warning("variant %s could not be checked: %s", variant.name, e, exc_info=log.isEnabledFor(logging.DEBUG))
         manifest_lib.record_rejection(entry, f"verification: {type(e).__name__}: {e}".splitlines()[0])

@@ -337,7 +337,7 @@ def load_models(args: argparse.Namespace, roles: tuple[str, ...]) -> dict[str, M
 # ---------------------------------------------------------------- images in
 
 
-# The conversion of vae_dist.prepare.fit_image, repeated here because this file imports nothing of
+# The conversion of vae_dist.data.images.fit_image, repeated here because this file imports nothing of
 # the project (tests/test_sample.py checks that both give the same pixels); docs/data.md.
 GREY_16_BIT = ("I", "I;16", "I;16B", "I;16L")
 

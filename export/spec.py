@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from vae_dist.models import VAE
+from vae_dist.record import ModelRecord
 from vae_dist.runs import MANIFEST_FILE, ONNX_DIR  # noqa: F401  (re-exported for the export package)
 
 ONNX_FORMAT = "vae-dist-onnx/1"  # metadata "format"; bump when the contract above changes
@@ -163,16 +164,16 @@ def vae_specs(model: VAE, atol: float | None = None) -> tuple[SubModelSpec, SubM
 
 
 def onnx_metadata(
-    spec: SubModelSpec, model_meta: dict[str, Any], opset: int, versions: dict[str, str]
+    spec: SubModelSpec, record: ModelRecord, opset: int, versions: dict[str, str]
 ) -> dict[str, str]:
     """metadata_props for one file, from the run's model metadata (see vae_dist.artifacts)."""
-    neg_elbo = model_meta.get("test_neg_elbo")
+    neg_elbo = record.test_neg_elbo
     values = {
-        **identity_metadata(spec.role, model_meta),
-        "dataset": str(model_meta.get("dataset", "")),
+        **identity_metadata(spec.role, record),
+        "dataset": record.dataset or "",
         # how the dataset's images were made rows (vae-dist prepare); the sampler fits new images the same way
-        "fit": json.dumps(model_meta.get("fit"), sort_keys=True),
-        "likelihood": str(model_meta.get("likelihood", "bernoulli")),
+        "fit": json.dumps(record.fit, sort_keys=True),
+        "likelihood": record.likelihood,
         "opset": str(opset),
         "test_neg_elbo": "" if neg_elbo is None else repr(float(neg_elbo)),
         "torch_version": versions["torch"],
@@ -182,12 +183,12 @@ def onnx_metadata(
     return {k: values[k] for k in METADATA_KEYS}
 
 
-def identity_metadata(role: str, model_meta: dict[str, Any]) -> dict[str, str]:
-    """The IDENTITY_KEYS values of a file describing the model of `model_meta` in `role`."""
+def identity_metadata(role: str, record: ModelRecord) -> dict[str, str]:
+    """The IDENTITY_KEYS values of a file describing the model of `record` in `role`."""
     return {
         "format": ONNX_FORMAT,
         "role": role,
-        "model_kind": model_meta["model"]["kind"],
-        "latent_dim": str(model_meta["model"]["latent_dim"]),
-        "image_shape": json.dumps(list(model_meta["image_shape"])),
+        "model_kind": record.kind,
+        "latent_dim": str(record.latent_dim),
+        "image_shape": json.dumps(list(record.image_shape)),
     }

@@ -41,8 +41,10 @@ import onnxruntime as ort
 import torch
 
 from export.spec import DEFAULT_ATOL, VARIANT_KEY
-from vae_dist import data
+from vae_dist.data import splits
+from vae_dist.kinds import MODEL_KINDS
 from vae_dist.models import VAE
+from vae_dist.record import ModelRecord
 from vae_dist.rng import Stream, generator
 
 log = logging.getLogger(__name__)
@@ -343,7 +345,7 @@ class VariantSpec:
     # Largest |variant - torch fp32| per sub-model role, for every output, at every batch size.
     # Looser than fp32's 1e-4: these are the rounding errors the conversion itself brings.
     atol: Mapping[str, float]
-    kinds: tuple[str, ...] = ("linear", "conv")  # model kinds it is made for
+    only_for: str | None = None  # a vae_dist.kinds.ModelKind flag a model kind must have for it to be made
     source: str = FP32  # the variant whose files it is made from
     options: Mapping[str, Any] = field(default_factory=dict)  # passed to `produce`, recorded
     calibrated: bool = False  # needs calibration inputs (training images, and latents from them)
@@ -356,7 +358,7 @@ class VariantSpec:
         return f"{role}{self.suffix}"
 
     def applies_to(self, kind: str) -> bool:
-        return kind in self.kinds
+        return self.only_for is None or getattr(MODEL_KINDS[kind], self.only_for)
 
 
 # Per role: encoder outputs mu and logvar (values of a few units), decoder outputs x_mean in [0, 1].
@@ -387,7 +389,7 @@ INT8_STATIC = VariantSpec(
     description="int8 QDQ: weights and activations, activation ranges calibrated on training images",
     produce=to_int8_static,
     atol=INT8_ATOL,
-    kinds=("conv",),
+    only_for="static_int8",
     calibrated=True,
     options={
         "calibration_images": 1000,
@@ -409,7 +411,7 @@ INT8_STATIC = VariantSpec(
 ONNX_VARIANTS = (FP16, INT8_DYNAMIC, INT8_STATIC)
 
 
-def _ort_copy(name: str, suffix: str, atol: Mapping[str, float], kinds: tuple[str, ...]) -> VariantSpec:
+def _ort_copy(name: str, suffix: str, atol: Mapping[str, float], only_for: str | None) -> VariantSpec:
     return VariantSpec(
         name=f"{name}{ORT_SUFFIX}",
         suffix=suffix.removesuffix(".onnx") + ".ort",
@@ -417,7 +419,7 @@ def _ort_copy(name: str, suffix: str, atol: Mapping[str, float], kinds: tuple[st
         produce=to_ort_format,
         # The saved graph is onnxruntime's optimised one (fused nodes): the same tolerance as its source.
         atol=atol,
-        kinds=kinds,
+        only_for=only_for,
         source=name,
     )
 
@@ -427,8 +429,8 @@ def _ort_copy(name: str, suffix: str, atol: Mapping[str, float], kinds: tuple[st
 # model as large as fp32-ort, specific to the converting machine. Convert fp16 on its target.
 ORT_VARIANTS = (
     # onnxruntime's fused kernels only reorder float32 sums: the fp32 export's own tolerance
-    _ort_copy(FP32, ".onnx", {"encoder": DEFAULT_ATOL, "decoder": DEFAULT_ATOL}, ("linear", "conv")),
-    *(_ort_copy(v.name, v.suffix, v.atol, v.kinds) for v in (INT8_DYNAMIC, INT8_STATIC)),
+    _ort_copy(FP32, ".onnx", {"encoder": DEFAULT_ATOL, "decoder": DEFAULT_ATOL}, None),
+    *(_ort_copy(v.name, v.suffix, v.atol, v.only_for) for v in (INT8_DYNAMIC, INT8_STATIC)),
 )
 VARIANTS: dict[str, VariantSpec] = {v.name: v for v in (*ONNX_VARIANTS, *ORT_VARIANTS)}
 
@@ -468,7 +470,7 @@ CALIBRATION_SEED = 0
 
 
 def calibration_inputs(
-    model: VAE, model_meta: dict[str, Any], count: int, data_root: str | Path | None = None
+    model: VAE, record: ModelRecord, count: int, data_root: str | Path | None = None
 ) -> dict[str, np.ndarray]:
     """Inputs for static quantisation, by role, drawn from Stream.CALIBRATION.
 
@@ -476,9 +478,9 @@ def calibration_inputs(
     decoder: what a decoder is fed in use: posterior samples z = mu + sigma * eps of those images
     (reconstruction) and as many draws from the prior N(0, I) (sampling).
     """
-    train = data.model_split(model_meta["dataset"], True, data_root)
+    train = splits.model_split(record.dataset, True, data_root)
     g = generator(CALIBRATION_SEED, Stream.CALIBRATION)
-    x = data.to_float(train[torch.randperm(len(train), generator=g)[:count]])
+    x = splits.to_float(train[torch.randperm(len(train), generator=g)[:count]])
     with torch.no_grad():
         mu, logvar = model.eval().encode(x)
         posterior = model.reparameterize(mu, logvar, torch.randn(mu.shape, generator=g))

@@ -41,11 +41,11 @@ import torch
 
 from export.sample import session_options
 from export.spec import BATCH_AXIS, ELBO_TOL, RANDOM_OPS, SubModelSpec, identity_metadata, nats_for_image, vae_specs
-from vae_dist import data
-from vae_dist.config import TrainConfig
+from vae_dist.data import splits
 from vae_dist.evaluation import evaluation_noise
 from vae_dist.losses import neg_elbo_from_mean, negative_elbo
 from vae_dist.models import VAE
+from vae_dist.record import ModelRecord
 from vae_dist.rng import Stream, generator
 
 if TYPE_CHECKING:
@@ -286,11 +286,6 @@ def check_session(session: ort.InferenceSession, spec: SubModelSpec, expected_me
     return [Check(name, "metadata", not wrong, "; ".join(wrong)), Check(name, "io", not problems, "; ".join(problems))]
 
 
-def eval_seed(model_meta: dict[str, Any]) -> int:
-    """The evaluation seed the run used (recorded in its model file; older files: the default)."""
-    return int(model_meta.get("eval_seed", TrainConfig().eval_seed))
-
-
 # ---------------------------------------------------------------- numbers
 
 
@@ -352,7 +347,7 @@ def torch_scores(model: VAE, images: torch.Tensor, eps: torch.Tensor, likelihood
     neg_elbo = native = sq_err = 0.0
     with torch.no_grad():
         for lo in range(0, n, CHUNK):
-            x = data.to_float(images[lo : lo + CHUNK])
+            x = splits.to_float(images[lo : lo + CHUNK])
             mu, logvar = model.encode(x)
             logits = model.decode(model.reparameterize(mu, logvar, eps[lo : lo + CHUNK]))
             native += negative_elbo(logits, x, mu, logvar, 1.0, likelihood).neg_elbo().double().sum().item()
@@ -373,7 +368,7 @@ def onnx_scores(
     n = images.shape[0]
     neg_elbo = sq_err = 0.0
     for lo in range(0, n, CHUNK):
-        x = data.to_float(images[lo : lo + CHUNK]).numpy()
+        x = splits.to_float(images[lo : lo + CHUNK]).numpy()
         mu, logvar = encoder.run(["mu", "logvar"], {"x": x})
         z = mu + np.exp(np.float32(0.5) * logvar) * eps[lo : lo + CHUNK].numpy()
         (x_mean,) = decoder.run(["x_mean"], {"z": z.astype(np.float32)})
@@ -441,16 +436,16 @@ def _within(diff: float, tol: float) -> bool:
 # ---------------------------------------------------------------- the whole export
 
 
-def load_test_images(model: VAE, model_meta: dict[str, Any], data_root: str | Path | None = None) -> torch.Tensor:
+def load_test_images(model: VAE, record: ModelRecord, data_root: str | Path | None = None) -> torch.Tensor:
     """The real test split of the run's data set, uint8 [N, C, H, W]; never downloads."""
-    return data.split_for_model(model_meta, model.image_shape, False, data_root)
+    return splits.split_for_model(record.dataset, model.image_shape, False, data_root)
 
 
 def verify_files(
     onnx_dir: Path,
     specs: tuple[SubModelSpec, ...],
     model: VAE,
-    model_meta: dict[str, Any],
+    record: ModelRecord,
     images: torch.Tensor,
     batch_sizes: tuple[int, ...] = BATCH_SIZES,
 ) -> tuple[list[Check], dict[str, ort.InferenceSession]]:
@@ -471,7 +466,7 @@ def verify_files(
         if not path.is_file():
             checks.append(Check(spec.filename, "exists", False, f"{path} not found"))
             continue
-        expected = identity_metadata(spec.role, model_meta)
+        expected = identity_metadata(spec.role, record)
         ort_format = is_ort_format(path)
         if not ort_format:
             checks += check_graph(path, spec, expected)
@@ -486,7 +481,7 @@ def verify_files(
             checks += check_session(session, spec, expected)
         sessions[spec.role] = session
         if spec.role == "encoder":
-            reference, batches = model.encode, [data.to_float(images[:b]).numpy() for b in batch_sizes]
+            reference, batches = model.encode, [splits.to_float(images[:b]).numpy() for b in batch_sizes]
         else:
             reference, batches = (lambda z: (torch.sigmoid(model.decode(z)),)), [latents[:b] for b in batch_sizes]
         for inputs in batches:
@@ -497,7 +492,7 @@ def verify_files(
 def verify_export(
     onnx_dir: Path,
     model: VAE,
-    model_meta: dict[str, Any],
+    record: ModelRecord,
     atol: float | None = None,
     data_root: str | Path | None = None,
     batch_sizes: tuple[int, ...] = BATCH_SIZES,
@@ -511,9 +506,9 @@ def verify_export(
     """
     onnx_dir = Path(onnx_dir)
     model.eval()
-    images = load_test_images(model, model_meta, data_root)
+    images = load_test_images(model, record, data_root)
     report = Report()
-    report.checks, sessions = verify_files(onnx_dir, vae_specs(model, atol), model, model_meta, images, batch_sizes)
+    report.checks, sessions = verify_files(onnx_dir, vae_specs(model, atol), model, record, images, batch_sizes)
     if len(sessions) == 2:
         try:
             report.elbo, checks = elbo_check(
@@ -521,33 +516,33 @@ def verify_export(
                 sessions["decoder"],
                 model,
                 images,
-                model_meta.get("likelihood", "bernoulli"),
+                record.likelihood,
                 elbo_tol,
-                eval_seed(model_meta),
+                record.eval_seed,
             )
         except Exception as e:  # e.g. a graph that runs at batch 128 but not at 1000
             checks = [Check("", "elbo", False, f"end-to-end run failed: {e}".splitlines()[0])]
         report.checks += checks
-        if report.elbo and model_meta.get("test_neg_elbo") is not None:
-            report.elbo.update(_training_record(model, model_meta, images, recorded_images, report.elbo))
+        if report.elbo and record.test_neg_elbo is not None:
+            report.elbo.update(_training_record(model, record, images, recorded_images, report.elbo))
     return report
 
 
 def _training_record(
-    model: VAE, model_meta: dict[str, Any], images: torch.Tensor, count: int | None, elbo: dict[str, Any]
+    model: VAE, record: ModelRecord, images: torch.Tensor, count: int | None, elbo: dict[str, Any]
 ) -> dict[str, Any]:
     """Training's own -ELBO figure, and torch's now on the images it was measured on (training
     evaluates the first data.test_subset images, with the evaluation noise drawn for that many)."""
-    record: dict[str, Any] = {"recorded": model_meta["test_neg_elbo"], "recorded_images": count}
+    figures: dict[str, Any] = {"recorded": record.test_neg_elbo, "recorded_images": count}
     if count is None or count > images.shape[0]:
-        return record
+        return figures
     if count == images.shape[0]:
         native = elbo["torch_native"]
     else:
         noise = evaluation_noise(count, model.latent_dim, elbo["noise_seed"])
         _, native = torch_scores(model, images[:count], noise, elbo["likelihood"])
-    record["recorded_images_torch_native"] = native
-    return record
+    figures["recorded_images_torch_native"] = native
+    return figures
 
 
 # ---------------------------------------------------------------- edge variants
@@ -564,8 +559,8 @@ class Reference:
     seed: int
 
     @classmethod
-    def compute(cls, model: VAE, model_meta: dict[str, Any], images: torch.Tensor) -> Reference:
-        seed, likelihood = eval_seed(model_meta), model_meta.get("likelihood", "bernoulli")
+    def compute(cls, model: VAE, record: ModelRecord, images: torch.Tensor) -> Reference:
+        seed, likelihood = record.eval_seed, record.likelihood
         eps = evaluation_noise(images.shape[0], model.latent_dim, seed)
         scores, _ = torch_scores(model.eval(), images, eps, likelihood)
         return cls(images, eps, likelihood, scores, seed)
@@ -597,7 +592,7 @@ def judge(
     onnx_dir: Path,
     variant: VariantSpec,
     model: VAE,
-    model_meta: dict[str, Any],
+    record: ModelRecord,
     reference: Reference,
     budget: float,
     batch_sizes: tuple[int, ...] = BATCH_SIZES,
@@ -606,7 +601,7 @@ def judge(
     `budget` nats of -ELBO per 784 pixels (`spec.nats_for_image`)."""
     budget = nats_for_image(budget, model.image_shape)
     specs = variant_specs(model, variant)
-    checks, sessions = verify_files(Path(onnx_dir), specs, model, model_meta, reference.images, batch_sizes)
+    checks, sessions = verify_files(Path(onnx_dir), specs, model, record, reference.images, batch_sizes)
     report = Report(checks)
     quality = None
     if len(sessions) == 2:

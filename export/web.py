@@ -34,8 +34,8 @@ import numpy as np
 
 from export import sample
 from export.cli import EXIT_INTERRUPTED, EXIT_USAGE, setup_logging
-from export.pipeline import remove_stale_staging, replace_dir
-from vae_dist import data, paths, runs
+from vae_dist import files, paths, runs
+from vae_dist.data import builtin, splits
 from vae_dist.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -106,13 +106,8 @@ def runtime_dist() -> Path:
             f"npm is needed to install {RUNTIME_PACKAGE} when a site is built (not to open one); install "
             "Node.js and npm (apt-get install nodejs npm), or run make web"
         )
-    prefix = f".{folder.name}.partial-"
     try:
-        root.mkdir(parents=True, exist_ok=True)
-        remove_stale_staging(root, prefix, f"an install of {RUNTIME_PACKAGE}")
-        staging = root / f"{prefix}{os.getpid()}"
-        shutil.rmtree(staging, ignore_errors=True)
-        staging.mkdir()
+        staging = files.new_staging(folder)
         for name in ("package.json", "package-lock.json"):
             shutil.copyfile(SITE_SOURCE / name, staging / name)
     except OSError as e:
@@ -136,13 +131,9 @@ def runtime_dist() -> Path:
         shutil.rmtree(staging, ignore_errors=True)
         raise WebError(f"npm ci could not install {RUNTIME_PACKAGE} {runtime_version()}: {failure}")
     (staging / ".complete").touch()
-    try:
-        os.rename(staging, folder)  # fails if the folder exists: a complete install is never replaced
-    except OSError:
-        if (folder / ".complete").is_file():  # another build finished first: use its copy
-            shutil.rmtree(staging, ignore_errors=True)
-        else:  # a damaged install (files deleted by hand)
-            replace_dir(staging, folder)
+    # A complete install another build finished first is used as it is, never replaced; a damaged
+    # one (files deleted by hand) is.
+    files.publish(staging, folder, keep_existing=lambda found: (found / ".complete").is_file())
     return dist
 
 
@@ -204,8 +195,8 @@ def find_export(run: str | None, output_dir: Path, variant: str) -> Export:
 
 def test_images(export: Export, where: str | Path | None) -> np.ndarray:
     """The first TEST_IMAGES images of the model's test split, uint8 [n, C, H, W]."""
-    meta = {"dataset": (export.manifest.get("model") or {}).get("dataset")}
-    images = data.split_for_model(meta, export.image_shape, False, where)
+    dataset = (export.manifest.get("model") or {}).get("dataset")
+    images = splits.split_for_model(dataset, export.image_shape, False, where)
     return images[:TEST_IMAGES].numpy()
 
 
@@ -215,14 +206,14 @@ def site_facts(export: Export, site: Path, images: np.ndarray) -> dict[str, Any]
     listed = {**(manifest.get("files") or {})}
     for entry in (manifest.get("variants") or {}).values():
         listed.update(entry.get("files") or {})
-    files = {}
+    graphs = {}
     for role, path in export.files.items():
         copy = site / "models" / path.name
         digest = sample.file_sha256(copy)
         if digest != (listed.get(path.name) or {}).get("sha256"):
             raise WebError(f"{copy} differs from the verified {path}; was the export changed during the build?")
         inputs, outputs = sample.SIGNATURES[role]
-        files[role] = {
+        graphs[role] = {
             "path": f"models/{path.name}",
             "size": copy.stat().st_size,
             "sha256": digest,
@@ -231,7 +222,7 @@ def site_facts(export: Export, site: Path, images: np.ndarray) -> dict[str, Any]
         }
     model = dict(manifest.get("model") or {})
     dataset = model.get("dataset")
-    if isinstance(dataset, str) and dataset not in data.DATASETS:
+    if isinstance(dataset, str) and dataset not in builtin.DATASETS:
         model["dataset"] = Path(dataset).name  # a prepared folder: its name, not this machine's path
     entry = (manifest.get("variants") or {}).get(export.variant) or {}
     return {
@@ -240,7 +231,7 @@ def site_facts(export: Export, site: Path, images: np.ndarray) -> dict[str, Any]
         "model": {**model, "latent_dim": export.latent_dim, "image_shape": list(export.image_shape)},
         "variant": export.variant,
         "status": "verified",  # find_export accepts nothing else
-        "files": files,
+        "files": graphs,
         "variant_quality": entry.get("quality"),
         "test_images": {
             "path": TEST_IMAGES_FILE,
@@ -282,13 +273,10 @@ def build_site(export: Export, out: Path, where: str | Path | None = None) -> di
     out = check_out(out, export)
     images = test_images(export, where)
     dist = runtime_dist()
-    prefix = f".{out.name}.partial-"
-    staging = out.with_name(f"{prefix}{os.getpid()}")
+    staging = None
     try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        remove_stale_staging(out.parent, prefix, "a site build")
-        shutil.rmtree(staging, ignore_errors=True)
-        (staging / "ort").mkdir(parents=True)
+        staging = files.new_staging(out)
+        (staging / "ort").mkdir()
         (staging / "models").mkdir()
         for name in PAGE_FILES:
             shutil.copyfile(SITE_SOURCE / name, staging / name)
@@ -299,11 +287,12 @@ def build_site(export: Export, out: Path, where: str | Path | None = None) -> di
         np.ascontiguousarray(images, dtype=np.uint8).tofile(staging / TEST_IMAGES_FILE)
         facts = site_facts(export, staging, images)
         (staging / SITE_FILE).write_text(json.dumps(facts, indent=1) + "\n")
-        replace_dir(staging, out)
+        files.publish(staging, out)
     except OSError as e:
         raise WebError(f"cannot write the site into {out} ({e.strerror or e}); an earlier site is unchanged") from None
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
     return facts
 
 

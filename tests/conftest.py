@@ -11,17 +11,17 @@ import pytest
 @pytest.fixture(scope="session")
 def fashion_root() -> Path:
     """Real Fashion-MNIST; `make test` installs it, so a missing data set fails rather than skips."""
-    from vae_dist import data
+    from vae_dist.data import builtin
 
-    return data.resolve("fashion-mnist", download=False)
+    return builtin.resolve("fashion-mnist", download=False)
 
 
 @pytest.fixture(scope="session")
 def test_images(fashion_root) -> np.ndarray:
     """The first ten real Fashion-MNIST test images, uint8 [10, 1, 28, 28]."""
-    from vae_dist import data
+    from vae_dist.data import splits
 
-    return data.load_split("fashion-mnist", False, fashion_root, subset=10).images.numpy()
+    return splits.load_split("fashion-mnist", False, fashion_root, subset=10).images.numpy()
 
 
 @pytest.fixture(scope="session")

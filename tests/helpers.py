@@ -17,9 +17,12 @@ import click
 import torch
 from safetensors.torch import load_file
 
-from vae_dist import artifacts, data
+from vae_dist import artifacts
 from vae_dist.config import ModelConfig
+from vae_dist.data import builtin
 from vae_dist.models import build_model
+from vae_dist.record import ModelRecord
+from vae_dist.runs import MODEL_FILE
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -29,6 +32,7 @@ SHAPE = (1, 28, 28)  # Fashion-MNIST
 LATENT = 4  # the tiny models' latent size
 EMOJI_FILES, EMOJI_TRAIN = 3786, 3377  # the emoji set's PNG files; its training split, prepared as shipped
 TINY_TEST_NEG_ELBO = 543.21  # what a tiny run's model file claims as its test -ELBO
+DEAD_PID = 2**22 + 12345  # above the default pid_max: no such process
 
 
 # ---------------------------------------------------------------- tiny finished runs
@@ -50,16 +54,18 @@ def make_run(
     cfg = ModelConfig(kind=kind, latent_dim=latent_dim, hidden_dims=[32], channels=[4, 8])
     run = runs / name
     run.mkdir(parents=True)
-    extra = {
-        "dataset": dataset,
-        "likelihood": likelihood,
-        "epochs": 0,
-        "steps": 0,
-        "test_neg_elbo": TINY_TEST_NEG_ELBO,
-        "eval_seed": eval_seed,
-        "versions": {"torch": torch.__version__, "vae_dist": "0.1.0"},
-    }
-    artifacts.save_model(run / artifacts.MODEL_FILE, build_model(cfg, shape), cfg, extra)
+    record = ModelRecord(
+        model=cfg,
+        image_shape=shape,
+        dataset=dataset,
+        likelihood=likelihood,
+        epochs=0,
+        steps=0,
+        test_neg_elbo=TINY_TEST_NEG_ELBO,
+        eval_seed=eval_seed,
+        versions={"torch": torch.__version__, "vae_dist": "0.1.0"},
+    )
+    artifacts.save_model(run / MODEL_FILE, build_model(cfg, shape), record)
     return run
 
 
@@ -72,7 +78,7 @@ def cli() -> click.Group:
 
 def fashion_test_idx() -> Path:
     """The real Fashion-MNIST test images' IDX file (installed by `make test`)."""
-    return data.images_file("fashion-mnist", False, data.resolve("fashion-mnist", download=False))
+    return builtin.images_file("fashion-mnist", False, builtin.resolve("fashion-mnist", download=False))
 
 
 # ---------------------------------------------------------------- launching training

@@ -9,7 +9,7 @@ from pathlib import Path
 from safetensors.torch import save_file
 
 from vae_dist.config import load_config
-from vae_dist.train import train
+from vae_dist.training import train
 
 out, config, *overrides = sys.argv[1:]
 result = train(load_config(config, overrides))

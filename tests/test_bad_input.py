@@ -169,7 +169,7 @@ def prepared(folder: str, shape=(1, 28, 28), damage: Callable[[Path], object] = 
     """A prepared dataset of random images of `shape` (8 train, 4 test) at `folder`, then `damage`d."""
 
     def setup(tmp: Path) -> None:
-        from vae_dist import prepare
+        from vae_dist.data import prepare
 
         rng = np.random.default_rng(0)
         images = rng.integers(0, 256, (12, *shape), dtype=np.uint8)
@@ -252,7 +252,7 @@ def manifest_says_verified(value: bool) -> Callable[[Path], None]:
 RUN_FILES = (f"{TRAINED}/config.yaml", f"{TRAINED}/metrics.jsonl", f"{TRAINED}/images/*", f"{TRAINED}/**/*")
 TRAINED_RUN = (f"{TRAINED}/model.safetensors", *RUN_FILES)
 EXPORT_FILES = (f"{EXPORTED}/model.safetensors", f"{EXPORTED}/onnx/*.onnx")
-NO_EXPORT = ("runs/*/onnx", "runs/*/onnx-failed", "runs/*/.onnx-staging-*")
+NO_EXPORT = ("runs/*/onnx", "runs/*/onnx-failed", "runs/*/.onnx.partial-*")
 
 # ---------------------------------------------------------------- the table
 

@@ -70,7 +70,7 @@ def test_cli_reports_one_line_and_exits_nonzero(tmp_path):
 
 
 def test_train_script_is_importable_and_runnable():
-    import vae_dist.train as t
+    import vae_dist.training as t
 
     assert callable(t.train)
     out = subprocess.run(
@@ -98,7 +98,7 @@ def test_fp16_on_the_cpu_is_refused(tmp_path):
 
 
 def test_a_torn_last_metrics_line_is_dropped(tmp_path):
-    from vae_dist.artifacts import read_jsonl
+    from vae_dist.files import read_jsonl
 
     f = tmp_path / "metrics.jsonl"
     f.write_text('{"epoch": 0}\n{"epoch": 1, "te')

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from vae_dist import data
-from vae_dist.data import DataError, check_idx, resolve
+from vae_dist.data import builtin, splits
+from vae_dist.data.builtin import DataError, check_idx, resolve
 
 
 def idx_bytes(array: torch.Tensor) -> bytes:
@@ -18,8 +18,8 @@ def idx_bytes(array: torch.Tensor) -> bytes:
 def write_set(folder, n_train=6, n_test=4, gz=False, fill=None):
     """Four tiny IDX files; pixel values encode the image index so that reads can be checked."""
     folder.mkdir(parents=True, exist_ok=True)
-    splits = {"train": n_train, "t10k": n_test}
-    for prefix, n in splits.items():
+    counts = {"train": n_train, "t10k": n_test}
+    for prefix, n in counts.items():
         images = torch.arange(n).view(n, 1, 1).expand(n, 28, 28) if fill is None else torch.full((n, 28, 28), fill)
         for name, arr in (
             (f"{prefix}-images-idx3-ubyte", images),
@@ -42,7 +42,7 @@ def test_flat_gzip_files_are_copied_into_torchvision_layout(dirs):
     root = resolve("fashion-mnist", None, dirs["data"], (dirs["system"],), download=False)
     assert root == dirs["data"]
     assert (dirs["data"] / "FashionMNIST" / "raw" / "train-images-idx3-ubyte").is_file()
-    split = data.load_split("fashion-mnist", True, root)
+    split = splits.load_split("fashion-mnist", True, root)
     assert split.images.dtype == torch.uint8 and split.images.shape == (6, 1, 28, 28)
     assert split.images[:, 0, 0, 0].tolist() == list(range(6))
 
@@ -67,8 +67,8 @@ def test_explicit_root_is_read_in_place_and_never_changes_the_data_folder(dirs, 
     before = snapshot(dirs["data"])
     root = resolve("fashion-mnist", dirs["root"], dirs["data"], (), download=False)
     assert root == dirs["root"]
-    assert data.images_file("fashion-mnist", False, root).parent == folder
-    split = data.load_split("fashion-mnist", False, root)
+    assert builtin.images_file("fashion-mnist", False, root).parent == folder
+    split = splits.load_split("fashion-mnist", False, root)
     assert split.images.shape == (4, 1, 28, 28) and int(split.images.max()) == 1  # the root's, not data/'s
     assert snapshot(dirs["data"]) == before  # nothing copied into the shared folder
 
@@ -86,14 +86,15 @@ def test_train_and_test_shapes_must_agree(dirs):
     write_set(dirs["root"])
     (dirs["root"] / "t10k-images-idx3-ubyte").write_bytes(idx_bytes(torch.zeros(4, 32, 32)))
     with pytest.raises(DataError, match=r"training images are \(1, 28, 28\) but the test images are \(1, 32, 32\)"):
-        data.load_splits(DataConfig(root=str(dirs["root"]), download=False))
+        splits.load_splits(DataConfig(root=str(dirs["root"]), download=False))
 
 
 def test_a_one_dimensional_file_is_not_images(dirs):
     write_set(dirs["root"])
     (dirs["root"] / "train-images-idx3-ubyte").write_bytes(idx_bytes(torch.zeros(50)))
     with pytest.raises(DataError, match=r"holds an array of shape \(50,\), not images"):
-        data.load_split("fashion-mnist", True, resolve("fashion-mnist", dirs["root"], dirs["data"], (), download=False))
+        root = resolve("fashion-mnist", dirs["root"], dirs["data"], (), download=False)
+        splits.load_split("fashion-mnist", True, root)
 
 
 def test_missing_everywhere_names_every_place(dirs):
@@ -130,14 +131,14 @@ def test_corrupt_gzip(tmp_path):
 
 
 def test_epoch_order_is_seeded_and_a_permutation():
-    a, b = data.epoch_order(100, 1, 0), data.epoch_order(100, 1, 0)
+    a, b = splits.epoch_order(100, 1, 0), splits.epoch_order(100, 1, 0)
     assert torch.equal(a, b) and sorted(a.tolist()) == list(range(100))
-    assert not torch.equal(a, data.epoch_order(100, 1, 1))
-    assert not torch.equal(a, data.epoch_order(100, 2, 0))
+    assert not torch.equal(a, splits.epoch_order(100, 1, 1))
+    assert not torch.equal(a, splits.epoch_order(100, 2, 0))
 
 
 def test_real_fashion_mnist(fashion_root):
-    train, test = (data.load_split("fashion-mnist", t, fashion_root) for t in (True, False))
+    train, test = (splits.load_split("fashion-mnist", t, fashion_root) for t in (True, False))
     assert train.images.shape == (60000, 1, 28, 28) and test.images.shape == (10000, 1, 28, 28)
     assert train.images.dtype == torch.uint8 and 60 < train.images.float().mean() < 80
 
@@ -148,25 +149,25 @@ def test_rows_read_from_disk_equal_rows_held_in_memory(tmp_path):
     rng = np.random.default_rng(0)
     array = rng.integers(0, 256, (50, 3, 5, 7), dtype=np.uint8)
     np.save(tmp_path / "train.npy", array)
-    mapped = data.MappedSplit(tmp_path / "train.npy", 50, (3, 5, 7))
-    memory = data.Split(torch.from_numpy(array))
+    mapped = splits.MappedSplit(tmp_path / "train.npy", 50, (3, 5, 7))
+    memory = splits.Split(torch.from_numpy(array))
     lists = [torch.tensor([49, 0, 7, 7, 3]), torch.randperm(50), torch.tensor([], dtype=torch.long)]
     cpu = torch.device("cpu")
     for indices in lists:
         assert torch.equal(mapped.rows(indices, cpu), memory.rows(indices, cpu))
-    for a, b in zip(data.prefetched(mapped, lists, cpu), data.prefetched(memory, lists, cpu), strict=True):
+    for a, b in zip(splits.prefetched(mapped, lists, cpu), splits.prefetched(memory, lists, cpu), strict=True):
         assert torch.equal(a, b)
     os.truncate(tmp_path / "train.npy", (tmp_path / "train.npy").stat().st_size - 100)  # cut while open
     with pytest.raises(DataError, match="is shorter than its header says"):
         mapped.rows(torch.tensor([49]), cpu)
     with pytest.raises(DataError, match="train.npy cannot be read"):
-        data.MappedSplit(tmp_path / "train.npy", 50, (3, 5, 7))
+        splits.MappedSplit(tmp_path / "train.npy", 50, (3, 5, 7))
 
 
 @pytest.mark.parametrize("in_memory, limit, kind", [("always", 0, "Split"), ("never", 1e9, "MappedSplit"),
                                                     ("auto", 0.01, "MappedSplit"), ("auto", 1.0, "Split")])
 def test_where_a_split_is_read_from(tmp_path, in_memory, limit, kind):
     np.save(tmp_path / "train.npy", np.zeros((20, 1, 28, 28), np.uint8))  # 15.3 KiB
-    split = data.load_prepared(tmp_path, True, 0, in_memory, limit)
+    split = splits.load_prepared(tmp_path, True, 0, in_memory, limit)
     assert type(split).__name__ == kind and len(split) == 20
-    assert len(data.load_prepared(tmp_path, True, 5, in_memory, limit)) == 5
+    assert len(splits.load_prepared(tmp_path, True, 5, in_memory, limit)) == 5

@@ -174,7 +174,7 @@ def test_k_5000_runs_in_bounded_memory(tmp_path):
 
     import numpy as np
 
-    from vae_dist import prepare
+    from vae_dist.data import prepare
 
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (300, 1, 28, 28), dtype=np.uint8)

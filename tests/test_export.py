@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import json
 import logging
@@ -25,13 +26,27 @@ from export import sample as sampler
 from export import spec as spec_lib
 from export.convert import ExportError, export_submodel
 from export.manifest import file_record
-from export.pipeline import FAILED_DIR, WriteError, export_run, find_latest_runs, recorded_test_images
+from export.pipeline import FAILED_DIR, export_run, find_latest_runs, recorded_test_images
 from export.verify import Check, Report, check_graph, load_test_images, random_ops, torch_scores
-from helpers import BIN, LATENT, ROOT, SHAPE, TINY_TEST_NEG_ELBO, cli, fashion_test_idx, full_disk, make_run, weights
+from helpers import (
+    BIN,
+    DEAD_PID,
+    LATENT,
+    ROOT,
+    SHAPE,
+    TINY_TEST_NEG_ELBO,
+    cli,
+    fashion_test_idx,
+    full_disk,
+    make_run,
+    weights,
+)
 from helpers import run as run_command
-from vae_dist import artifacts, runs
+from vae_dist import artifacts, files, runs
+from vae_dist import record as record_lib
 from vae_dist.config import ModelConfig
 from vae_dist.evaluation import evaluation_noise
+from vae_dist.files import WriteError
 from vae_dist.losses import neg_elbo_from_mean, negative_elbo
 from vae_dist.models import build_model
 
@@ -42,17 +57,17 @@ KINDS = {"linear": "gaussian", "conv": "bernoulli"}
 @pytest.fixture(scope="module")
 def exported_runs(tmp_path_factory) -> Path:
     """Both kinds exported by `export` without RUN (the latest run of each kind)."""
-    runs = tmp_path_factory.mktemp("runs")
+    folder = tmp_path_factory.mktemp("runs")
     for kind, likelihood in KINDS.items():
-        make_run(runs, f"{kind}-old", kind, likelihood, seed=1)
-        old = runs / f"{kind}-old" / artifacts.MODEL_FILE
+        make_run(folder, f"{kind}-old", kind, likelihood, seed=1)
+        old = folder / f"{kind}-old" / runs.MODEL_FILE
         os.utime(old, (old.stat().st_atime, old.stat().st_mtime - 3600))
-        make_run(runs, f"{kind}-new", kind, likelihood)
+        make_run(folder, f"{kind}-new", kind, likelihood)
     # The edge variants are covered by test_variants.py.
-    result = CliRunner().invoke(cli(), ["export", "--output-dir", str(runs), "--variants", "none"])
+    result = CliRunner().invoke(cli(), ["export", "--output-dir", str(folder), "--variants", "none"])
     assert result.exit_code == 0, result.output
     assert result.output.count(": verified") == 2
-    return runs
+    return folder
 
 
 def exported(runs: Path, kind: str) -> Path:
@@ -68,8 +83,8 @@ def copy_run(runs: Path, kind: str, dest: Path) -> Path:
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_export_writes_only_the_latest_run_of_each_kind(exported_runs, kind):
-    files = sorted(p.name for p in exported(exported_runs, kind).iterdir())
-    assert files == ["decoder.onnx", "encoder.onnx", "manifest.json"]
+    names = sorted(p.name for p in exported(exported_runs, kind).iterdir())
+    assert names == ["decoder.onnx", "encoder.onnx", "manifest.json"]
     assert not (exported_runs / f"{kind}-old" / spec_lib.ONNX_DIR).exists()
     assert not list((exported_runs / f"{kind}-new").glob(".onnx-*")), "staging folder left behind"
 
@@ -131,7 +146,7 @@ def test_manifest_records_files_versions_and_verification(exported_runs, kind):
         record = file_record(folder / name)
         assert manifest["files"][name]["sha256"] == record["sha256"]
         assert manifest["files"][name]["size"] == record["size"]
-    assert manifest["source"]["sha256"] == file_record(exported_runs / f"{kind}-new" / artifacts.MODEL_FILE)["sha256"]
+    assert manifest["source"]["sha256"] == file_record(exported_runs / f"{kind}-new" / runs.MODEL_FILE)["sha256"]
     assert {"torch", "onnx", "onnxruntime", "vae_dist"} <= set(manifest["versions"])
     assert manifest["model"] == {
         "kind": kind,
@@ -226,9 +241,9 @@ def test_verify_rejects_a_random_operator(exported_runs, tmp_path):
 
 def test_verify_notices_a_retrained_model(exported_runs, tmp_path, caplog):
     run = copy_run(exported_runs, "linear", tmp_path)
-    (run / artifacts.MODEL_FILE).unlink()
+    (run / runs.MODEL_FILE).unlink()
     make_run(tmp_path / "other", "x", "linear", "gaussian", seed=5)
-    shutil.copy(tmp_path / "other" / "x" / artifacts.MODEL_FILE, run / artifacts.MODEL_FILE)
+    shutil.copy(tmp_path / "other" / "x" / runs.MODEL_FILE, run / runs.MODEL_FILE)
     with caplog.at_level(logging.INFO, logger="export"):
         result = CliRunner().invoke(cli(), ["verify", str(run)])
     assert result.exit_code == 1
@@ -247,8 +262,8 @@ def test_verification_draws_the_evaluation_noise_the_run_used(tmp_path):
     result = export_run(run, variants=[])
     assert result.verified
     elbo = result.manifest["verification"]["elbo"]
-    model, meta = artifacts.load_model(run / artifacts.MODEL_FILE)
-    images = load_test_images(model, meta)
+    model, record = artifacts.load_model(run / runs.MODEL_FILE)
+    images = load_test_images(model, record)
     _, native = torch_scores(model, images, evaluation_noise(len(images), LATENT, 3), "bernoulli")
     assert elbo["noise_seed"] == 3 and elbo["torch_native"] == pytest.approx(native, abs=1e-9)
     _, other = torch_scores(model, images, evaluation_noise(len(images), LATENT, 0), "bernoulli")
@@ -272,8 +287,8 @@ def test_training_record_is_compared_on_the_test_images_it_was_measured_on(tmp_p
     result = export_run(run, variants=[])
     elbo = result.manifest["verification"]["elbo"]
     assert elbo["images"] == 10000 and elbo["recorded"] == TINY_TEST_NEG_ELBO and elbo["recorded_images"] == 1000
-    model, meta = artifacts.load_model(run / artifacts.MODEL_FILE)
-    images = load_test_images(model, meta)[:1000]
+    model, record = artifacts.load_model(run / runs.MODEL_FILE)
+    images = load_test_images(model, record)[:1000]
     _, native = torch_scores(model, images, evaluation_noise(1000, LATENT, 0), "bernoulli")
     assert elbo["recorded_images_torch_native"] == pytest.approx(native, abs=1e-9)
     assert abs(native - elbo["torch_native"]) > 1e-3  # another figure than the whole split's
@@ -287,14 +302,15 @@ def test_training_record_is_compared_on_the_test_images_it_was_measured_on(tmp_p
 
 def test_where_the_count_behind_training_record_comes_from(tmp_path):
     run = make_run(tmp_path, "r", "linear")
-    meta = {"test_neg_elbo": 250.5}
-    assert recorded_test_images(run, meta) is None  # no metrics log
+    record = dataclasses.replace(record_lib.read(run / runs.MODEL_FILE), test_neg_elbo=250.5)
+    assert recorded_test_images(run, record) is None  # no metrics log
     _log_metrics(run, {"test_neg_elbo": 250.5, "test_images": 2000}, {"test_neg_elbo": 249.0, "test_images": 3000})
-    assert recorded_test_images(run, meta) == 2000  # the line holding the same figure
-    assert recorded_test_images(run, {"test_neg_elbo": 1.0}) is None
-    assert recorded_test_images(run, {**meta, "test_images": 500}) == 500  # the model file's own record first
+    assert recorded_test_images(run, record) == 2000  # the line holding the same figure
+    assert recorded_test_images(run, dataclasses.replace(record, test_neg_elbo=1.0)) is None
+    own = dataclasses.replace(record, test_images=500)
+    assert recorded_test_images(run, own) == 500  # the model file's own record first
     (run / runs.METRICS_FILE).write_text("{not json\n{}\n")
-    assert recorded_test_images(run, meta) is None
+    assert recorded_test_images(run, record) is None
     e = {"recorded": 250.5, "images": 10000, "recorded_images": 10000}
     assert Report._record_line(e) == "training's recorded -ELBO: 250.5000 nats, on the same 10000 test images"
 
@@ -366,12 +382,12 @@ def test_find_latest_runs_uses_metadata_kind_and_mtime(tmp_path):
     make_run(tmp_path, "a", "linear")
     newest = make_run(tmp_path, "b", "linear")
     (tmp_path / "junk").mkdir()
-    (tmp_path / "junk" / artifacts.MODEL_FILE).write_bytes(b"\0" * 64)
+    (tmp_path / "junk" / runs.MODEL_FILE).write_bytes(b"\0" * 64)
     (tmp_path / "unfinished").mkdir()
     for name, age in (("a", 10), ("b", 100), ("linear-looking-but-conv", 50)):
-        path = tmp_path / name / artifacts.MODEL_FILE
+        path = tmp_path / name / runs.MODEL_FILE
         os.utime(path, (1e9, 1e9 - age))
-    os.utime(newest / artifacts.MODEL_FILE, (1e9, 1e9))
+    os.utime(newest / runs.MODEL_FILE, (1e9, 1e9))
     assert find_latest_runs(tmp_path) == {"conv": tmp_path / "linear-looking-but-conv", "linear": newest}
     assert find_latest_runs(tmp_path / "missing") == {}
 
@@ -462,7 +478,7 @@ def _damaged_model(folder: Path, how: str) -> Path:
     from safetensors.torch import save_file
 
     run = make_run(folder, f"bad-{how}", "linear")
-    path = run / artifacts.MODEL_FILE
+    path = run / runs.MODEL_FILE
     if how == "truncated":
         path.write_bytes(path.read_bytes()[:-100])
     elif how == "truncated header":
@@ -473,7 +489,7 @@ def _damaged_model(folder: Path, how: str) -> Path:
         meta["model"] = json.dumps({**json.loads(meta["model"]), "kind": "transformer"})
         save_file(weights(path), str(path), metadata=meta)
     else:  # valid safetensors whose metadata is not a model description
-        save_file({"w": torch.zeros(1)}, str(path), metadata={"format": artifacts.FORMAT, "model": "[1, 2]"})
+        save_file({"w": torch.zeros(1)}, str(path), metadata={"format": record_lib.FORMAT, "model": "[1, 2]"})
     return run
 
 
@@ -492,7 +508,7 @@ def test_a_damaged_model_file_is_one_line_and_does_not_stop_the_others(tmp_path,
     assert result.exit_code == 2, result.output
     assert "Traceback" not in result.output
     (line,) = [x for x in result.output.splitlines() if x.startswith("error:")]
-    assert line.startswith(f"error: {bad / artifacts.MODEL_FILE} ") and says in line, line  # the file, once
+    assert line.startswith(f"error: {bad / runs.MODEL_FILE} ") and says in line, line  # the file, once
     assert not (bad / "onnx").exists()
     good = make_run(tmp_path, "good", "conv")
     found = find_latest_runs(tmp_path)
@@ -501,10 +517,10 @@ def test_a_damaged_model_file_is_one_line_and_does_not_stop_the_others(tmp_path,
 
 def test_an_export_removes_the_staging_folders_of_exports_that_were_killed(tmp_path, caplog):
     run = make_run(tmp_path, "r", "linear")
-    dead = 2**22 + 12345  # above the default pid_max: no such process
+    dead = DEAD_PID
     with pytest.raises(ProcessLookupError):
         os.kill(dead, 0)
-    stale, live = run / f".onnx-staging-{dead}", run / f".onnx-staging-{os.getppid()}"
+    stale, live = files.staging_name(run / "onnx", dead), files.staging_name(run / "onnx", os.getppid())
     for folder in (stale, live):
         folder.mkdir()
         (folder / "encoder.onnx").write_bytes(b"half")
@@ -513,9 +529,9 @@ def test_an_export_removes_the_staging_folders_of_exports_that_were_killed(tmp_p
     assert not stale.exists() and live.is_dir()  # a running export's folder is left alone
     # What the user reads (the command shows this project's lines only): a few, none naming a staging folder.
     ours = [r.getMessage() for r in caplog.records if r.name.split(".")[0] in ("export", "vae_dist")]
-    assert ".onnx-staging" not in "\n".join(ours)
+    assert ".onnx.partial" not in "\n".join(ours)
     assert [re.sub(r"\(\d+ bytes", "(N bytes", line) for line in ours] == [
-        f"removed the files left in {run} by an export that did not finish",
+        f"removed the files left for {run / 'onnx'} by a process that did not finish",
         "exported encoder.onnx (N bytes, opset 18)",
         "exported decoder.onnx (N bytes, opset 18)",
         f"export of {run} verified: {run / 'onnx'}",
@@ -570,15 +586,15 @@ def test_a_full_disk_stops_the_export_in_one_line_and_the_previous_export_is_unt
     assert proc.returncode == 2, proc.stderr
     assert "Traceback" not in proc.stderr
     (line,) = [x for x in proc.stderr.splitlines() if "error" in x.lower()]
-    files = r"(en|de)coder\.onnx" if phase == "fp32" else r"(en|de)coder\.fp16\.onnx"
+    written = r"(en|de)coder\.onnx" if phase == "fp32" else r"(en|de)coder\.fp16\.onnx"
     reasons = "|".join(re.escape(os.strerror(e)) for e in (errno.ENOSPC, errno.EFBIG))
     assert re.fullmatch(
-        rf"error: cannot write {files} of the new export of {re.escape(str(run))} \(({reasons})\); "
+        rf"error: cannot write {written} of the new export of {re.escape(str(run))} \(({reasons})\); "
         rf"the previous export in {re.escape(str(run / 'onnx'))} is untouched; "
         r"free some space \(or raise the quota or file size limit\) and run the export again",
         line,
     ), line
-    assert ".onnx-staging" not in proc.stderr  # no temporary path shown
+    assert ".onnx.partial" not in proc.stderr  # no temporary path shown
     assert _hashes(run) == before  # byte for byte, and nothing added: no staging folder left
     assert not list(run.glob(".onnx-*"))
 
@@ -596,7 +612,7 @@ def test_a_full_disk_without_a_previous_export_says_nothing_was_exported(tmp_pat
         f"error: cannot write manifest.json of the new export of {run} ({os.strerror(errno.ENOSPC)}); "
         "nothing was exported; free some space (or raise the quota or file size limit) and run the export again"
     )
-    assert sorted(p.name for p in run.iterdir()) == [artifacts.MODEL_FILE]
+    assert sorted(p.name for p in run.iterdir()) == [runs.MODEL_FILE]
 
 
 def test_verify_on_a_full_disk_leaves_the_manifest_as_it_was(exported_runs, tmp_path, monkeypatch):
@@ -625,17 +641,17 @@ def test_verify_on_a_full_disk_leaves_the_manifest_as_it_was(exported_runs, tmp_
 def test_a_write_refused_for_room_is_told_apart_from_a_failing_tool(tmp_path, monkeypatch):
     """Tools writing from C++ report a full disk as their own errors: the folder is asked."""
     with pytest.raises(RuntimeError):  # room enough: the tool's own error stands
-        with pipeline.writing(tmp_path / "x.onnx", room_for=1000):
+        with files.writing(tmp_path / "x.onnx", room_for=1000):
             raise RuntimeError("Protobuf serialization failed")
     with pytest.raises(WriteError, match=r"cannot write .*x\.onnx \(No space left on device\)"):
-        with pipeline.writing(tmp_path / "x.onnx"):  # an OSError anywhere in the chain
+        with files.writing(tmp_path / "x.onnx"):  # an OSError anywhere in the chain
             try:
                 raise OSError(errno.ENOSPC, "No space left on device")
             except OSError as e:
                 raise ValueError("while saving") from e
-    monkeypatch.setattr(pipeline, "_room_refused", lambda folder, size: OSError(errno.EDQUOT, "Disk quota exceeded"))
+    monkeypatch.setattr(files, "room_refused", lambda folder, size: OSError(errno.EDQUOT, "Disk quota exceeded"))
     with pytest.raises(WriteError, match=r"\(Disk quota exceeded\)"):
-        with pipeline.writing(tmp_path / "x.onnx", room_for=1000):
+        with files.writing(tmp_path / "x.onnx", room_for=1000):
             raise RuntimeError("Failed to save ORT format model")
     assert list(tmp_path.iterdir()) == []  # the probe leaves nothing
 
@@ -677,13 +693,13 @@ def test_tolerances_and_budgets_grow_with_the_pixels():
 
 
 def test_a_folder_moved_aside_by_a_killed_replacement_comes_back(tmp_path):
-    """replace_dir renames the earlier folder aside, then the new one in: a kill between the two
+    """files.publish renames the earlier folder aside, then the new one in: a kill between the two
     leaves no `onnx/`; the next export or verify puts the earlier one back, or removes it."""
     run = make_run(tmp_path, "r", "linear")
     assert export_run(run, variants=[]).verified
     before = (run / "onnx" / "manifest.json").read_bytes()
-    dead = 2**22 + 12345  # above the default pid_max: no such process
-    aside = run / f".onnx-old-{dead}"
+    dead = DEAD_PID
+    aside = files.aside_name(run / "onnx", dead)
     os.replace(run / "onnx", aside)
     report, _ = pipeline.verify_run(run)
     assert report.passed and not aside.exists()
@@ -691,10 +707,10 @@ def test_a_folder_moved_aside_by_a_killed_replacement_comes_back(tmp_path):
 
     aside.mkdir()  # beside a present folder it is only removed
     (aside / "stale").write_text("x")
-    live = run / f".onnx-old-{os.getppid()}"  # a running replacement's folder is left alone
+    live = files.aside_name(run / "onnx", os.getppid())  # a running replacement's folder is left alone
     live.mkdir()
     new = tmp_path / "new"
     new.mkdir()
     (new / "marker").write_text("new")
-    pipeline.replace_dir(new, run / "onnx")
+    files.publish(new, run / "onnx")
     assert not aside.exists() and live.is_dir() and (run / "onnx" / "marker").read_text() == "new"

@@ -1,8 +1,18 @@
 import math
 
+import pytest
 import torch
 
-from vae_dist.losses import kl_to_standard_normal, kl_weight, negative_elbo, reconstruction_nll
+from vae_dist.kinds import LIKELIHOODS
+from vae_dist.losses import (
+    kl_to_standard_normal,
+    kl_weight,
+    log_likelihood_samples,
+    neg_elbo_from_mean,
+    negative_elbo,
+    reconstruction_nll,
+    reconstruction_nll_from_mean,
+)
 
 
 def test_kl_is_zero_at_the_prior_and_positive_elsewhere():
@@ -51,3 +61,21 @@ def test_negative_elbo_sums_terms_with_beta():
 def test_kl_warmup_is_linear():
     assert [kl_weight(2.0, 4, s) for s in (0, 1, 4, 10)] == [0.0, 0.5, 2.0, 2.0]
     assert kl_weight(2.0, 0, 0) == 2.0
+
+
+@pytest.mark.parametrize("likelihood", LIKELIHOODS)
+def test_every_likelihood_gives_one_figure_by_every_route(likelihood):
+    """Training's terms (from logits), the importance-weighted estimate's (many latents at once) and
+    the export's (from the decoder's mean, float64) are one likelihood, for every name in the table."""
+    g = torch.Generator().manual_seed(0)
+    logits, x = torch.randn(3, 2, 1, 4, 4, generator=g), torch.rand(3, 1, 4, 4, generator=g)
+    per_latent = log_likelihood_samples(logits, x, likelihood)
+    for s in range(2):
+        direct = reconstruction_nll(logits[:, s], x, likelihood)
+        torch.testing.assert_close(-per_latent[:, s], direct, rtol=1e-5, atol=1e-4)
+        from_mean = reconstruction_nll_from_mean(torch.sigmoid(logits[:, s]), x, likelihood)
+        torch.testing.assert_close(from_mean.float(), direct, rtol=1e-4, atol=1e-3)
+    mu, logvar = torch.randn(3, 2, generator=g), torch.randn(3, 2, generator=g)
+    terms = negative_elbo(logits[:, 0], x, mu, logvar, 1.0, likelihood)
+    torch.testing.assert_close(neg_elbo_from_mean(torch.sigmoid(logits[:, 0]), x, mu, logvar, likelihood).float(),
+                               terms.neg_elbo(), rtol=1e-4, atol=1e-3)

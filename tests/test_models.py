@@ -2,7 +2,8 @@ import pytest
 import torch
 
 from vae_dist.config import ModelConfig
-from vae_dist.models import VAE, build_model
+from vae_dist.kinds import MODEL_KINDS
+from vae_dist.models import BUILDERS, VAE, build_model
 
 SHAPES = [(1, 28, 28), (3, 32, 32)]
 
@@ -14,7 +15,7 @@ def make(kind, shape, latent=7):
 
 
 @pytest.mark.parametrize("shape", SHAPES)
-@pytest.mark.parametrize("kind", ["linear", "conv"])
+@pytest.mark.parametrize("kind", MODEL_KINDS)
 def test_interface_and_shapes(kind, shape):
     model = make(kind, shape)
     assert isinstance(model, VAE) and model.latent_dim == 7 and model.image_shape == shape
@@ -29,7 +30,7 @@ def test_interface_and_shapes(kind, shape):
     torch.testing.assert_close(mu2, mu)
 
 
-@pytest.mark.parametrize("kind", ["linear", "conv"])
+@pytest.mark.parametrize("kind", MODEL_KINDS)
 def test_gradients_reach_every_parameter(kind):
     model = make(kind, (1, 28, 28))
     logits, mu, logvar = model(torch.rand(3, 1, 28, 28))
@@ -75,3 +76,8 @@ def test_which_upsampling_leaves_a_checkerboard(upsample, even):
     with torch.no_grad():
         out = model.decoder(torch.ones(1, *model.feature_shape))[0, 0, 4:-4, 4:-4]
     assert bool(out.max() == out.min()) is even
+
+
+def test_every_kind_of_the_table_is_built_and_nothing_else():
+    """A model kind is declared once, in vae_dist.kinds; its builder is its implementation."""
+    assert list(BUILDERS) == list(MODEL_KINDS)

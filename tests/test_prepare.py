@@ -11,8 +11,10 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from vae_dist import prepare as prep
-from vae_dist.prepare import Fit, PrepareError, fit_image, prepare, read_info
+from vae_dist.data import prepare as prep
+from vae_dist.data.images import Fit, fit_image
+from vae_dist.data.prepare import prepare
+from vae_dist.data.prepared import PrepareError, read_info
 
 
 def solid(mode: str, size: tuple[int, int], colour) -> Image.Image:
@@ -165,10 +167,10 @@ def test_the_built_in_data_set_is_prepared_as_published(tmp_path, fashion_root):
     info = prepare("fashion-mnist", tmp_path / "fm").info
     assert info["shape"] == [1, 28, 28] and info["counts"] == {"train": 60000, "test": 10000}
     assert info["fit"] is None and info["split"] == {"how": "the data set's own"}
-    from vae_dist import data
+    from vae_dist.data import splits
 
     test = np.load(tmp_path / "fm" / "test.npy", mmap_mode="r")
-    assert np.array_equal(test[:50], data.load_split("fashion-mnist", False, fashion_root, 50).images.numpy())
+    assert np.array_equal(test[:50], splits.load_split("fashion-mnist", False, fashion_root, 50).images.numpy())
 
 
 # ---------------------------------------------------------------- reading one back, and refusals
@@ -215,7 +217,7 @@ def test_read_info_refuses_what_is_not_a_complete_prepared_dataset(tmp_path):
     ],
 )
 def test_bad_input_is_one_line_and_writes_nothing(tmp_path, monkeypatch, args, message):
-    from vae_dist.prepare import prepare_command
+    from vae_dist.data.prepare import prepare_command
 
     folder_of(tmp_path)
     (tmp_path / "empty").mkdir()
@@ -237,9 +239,9 @@ def test_training_and_export_on_a_prepared_colour_folder(tmp_path):
     """A folder of colour images, prepared, trained on by both models through data.path, then
     exported and verified against its own test split (found from the model file alone)."""
     from helpers import BIN, run
-    from vae_dist.artifacts import read_model_metadata
     from vae_dist.config import load_config
-    from vae_dist.train import train
+    from vae_dist.record import read as read_record
+    from vae_dist.training import train
 
     src = tmp_path / "pictures"
     src.mkdir()
@@ -258,10 +260,10 @@ def test_training_and_export_on_a_prepared_colour_folder(tmp_path):
              f"run.output_dir={tmp_path / 'runs'}", f"run.name={kind}"],
         )
         result = train(cfg, cpu=True)
-        meta = read_model_metadata(result.run_dir / "model.safetensors")
-        assert meta["image_shape"] == [3, 16, 16] and meta["dataset"] == str(dataset)
-        assert meta["test_images"] == 16 and np.isfinite(result.metrics["test_neg_elbo"])
-        assert meta["fit"] == {"size": [16, 16], "channels": 3, "fit": "crop", "background": 255}
+        record = read_record(result.run_dir / "model.safetensors")
+        assert record.image_shape == (3, 16, 16) and record.dataset == str(dataset)
+        assert record.test_images == 16 and np.isfinite(result.metrics["test_neg_elbo"])
+        assert record.fit == {"size": [16, 16], "channels": 3, "fit": "crop", "background": 255}
         grid = Image.open(result.run_dir / "images" / "reconstruction_epoch001.png")
         assert grid.mode == "RGB"
     out = run([str(BIN / "vae-dist"), "export", str(tmp_path / "runs" / "conv"), "--variants", "none"])
@@ -280,7 +282,7 @@ def test_training_and_export_on_a_prepared_colour_folder(tmp_path):
 
 def test_a_data_path_that_is_not_a_prepared_dataset_is_one_line(tmp_path):
     from vae_dist.config import load_config
-    from vae_dist.train import train
+    from vae_dist.training import train
 
     cfg = load_config("linear", [f"data.path={tmp_path}", f"run.output_dir={tmp_path / 'runs'}", "run.name=r"])
     with pytest.raises(PrepareError, match="is not a prepared dataset .no dataset.json.; make one with"):
@@ -361,7 +363,7 @@ def test_the_shipped_colour_cnn_trains_on_the_real_colour_set(tmp_path, emoji_di
     and one of its PNGs reconstructed by the sampler (onnxruntime alone)."""
     from helpers import BIN, run, run_sampler
     from vae_dist.config import load_config
-    from vae_dist.train import train
+    from vae_dist.training import train
 
     dataset = prepare(str(emoji_dir), tmp_path / "emoji", workers=2).out
     cfg = load_config(
@@ -386,6 +388,6 @@ def test_the_shipped_colour_cnn_trains_on_the_real_colour_set(tmp_path, emoji_di
     cells = np.asarray(Image.open(tmp_path / "rec.png"))
     assert cells.shape == (2 + 2 * 66, 2 + 66, 3)
     # the top cell is the PNG as prepare fits it; the bottom one, the model's reconstruction of it
-    x = prep.fit_image(Image.open(png), prep.Fit(64, 64, 3, "crop"))
+    x = fit_image(Image.open(png), Fit(64, 64, 3, "crop"))
     assert np.array_equal(cells[2:66, 2:66], x.transpose(1, 2, 0))
     assert cells[68:132, 2:66].std() > 1  # a decoded image, not a blank cell

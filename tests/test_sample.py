@@ -21,7 +21,8 @@ from export import sample as sampler
 from export.pipeline import export_run
 from helpers import NO_TORCH, ROOT, SHAPE, full_disk, make_run, python_without, run_sampler
 from helpers import run as run_command
-from vae_dist import artifacts, data
+from vae_dist import artifacts, runs
+from vae_dist.data import splits
 
 SAMPLE_PY = ROOT / "export" / "sample.py"
 SCALE = sampler.grid_scale(SHAPE[2])  # the PNGs are upscaled, nearest neighbour
@@ -140,9 +141,9 @@ def test_reconstructions_match_torch(run, tmp_path, test_images):
     out = tmp_path / "r.png"
     args = ["reconstruct", "--model-dir", str(run / "onnx"), "--idx", str(idx), "-n", "4", "--out", str(out)]
     assert sampler.main(args) == 0
-    model, _ = artifacts.load_model(run / artifacts.MODEL_FILE)
+    model, _ = artifacts.load_model(run / runs.MODEL_FILE)
     with torch.no_grad():
-        mu, _ = model.encode(data.to_float(torch.from_numpy(test_images[:4])))
+        mu, _ = model.encode(splits.to_float(torch.from_numpy(test_images[:4])))
         want = (torch.sigmoid(model.decode(mu)) * 255 + 0.5).clamp(0, 255).to(torch.uint8).numpy()[:, 0]
     got = cells(out, rows=2, cols=4)[1]
     assert np.abs(got.astype(int) - want).max() <= 1  # float32 rounding may flip one grey level
@@ -369,10 +370,10 @@ def _images_of_every_kind():
 @pytest.mark.parametrize("policy", ["crop", "pad", "stretch"])
 @pytest.mark.parametrize("channels", [1, 3])
 def test_the_sampler_fits_an_image_exactly_as_prepare_does(policy, channels):
-    """export/sample.py repeats vae_dist.prepare's conversion (it may not import the project):
+    """export/sample.py repeats vae_dist.data.images' conversion (it may not import the project):
     the same pixels for every kind of image, size and policy."""
     from export.sample import fit_pixels
-    from vae_dist.prepare import Fit, fit_image
+    from vae_dist.data.images import Fit, fit_image
 
     for size in ((16, 16), (24, 12)):
         fit = Fit(*size, channels, policy)

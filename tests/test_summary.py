@@ -10,7 +10,7 @@ from helpers import BIN, run
 from vae_dist.config import load_config
 from vae_dist.evaluate import evaluate_run
 from vae_dist.summary import runs_command
-from vae_dist.train import train
+from vae_dist.training import train
 
 
 def tiny_config(runs, name, epochs):

@@ -13,7 +13,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from vae_dist import tracking
 from vae_dist.config import ConfigError, load_config
-from vae_dist.train import train
+from vae_dist.training import train
 
 STEP_TAGS = ("train/loss", "train/kl_weight", "train/images_per_s")
 EPOCH_TAGS = ("test/neg_elbo", "test/recon", "test/kl", "train/epoch_loss", "epoch")
@@ -57,7 +57,7 @@ def test_the_trackers_get_the_step_and_epoch_figures_and_the_grids(tmp_path, fas
 
 
 def _metrics(run_dir):
-    from vae_dist.artifacts import read_jsonl
+    from vae_dist.files import read_jsonl
 
     return read_jsonl(run_dir / "metrics.jsonl")
 

@@ -9,9 +9,10 @@ from PIL import Image
 
 from helpers import ROOT, launch_cmd, run
 from vae_dist import runs
-from vae_dist.artifacts import load_model, read_model_metadata
+from vae_dist.artifacts import load_model
 from vae_dist.config import load_config
-from vae_dist.train import train
+from vae_dist.record import read as read_record
+from vae_dist.training import train
 
 SMALL = ["data.train_subset=1024", "data.test_subset=300", "train.batch_size=64"]
 
@@ -54,10 +55,10 @@ def test_accelerate_launch_writes_the_run(tmp_path, kind):
             rows, cols = (2, 8) if stem == "reconstruction" else (8, 8)
             assert Image.open(png).size == (3 * (2 + cols * 30), 3 * (2 + rows * 30))
     # the model file rebuilds the model without the YAML
-    model, meta = load_model(run_dir / "model.safetensors")
-    assert meta["model"]["kind"] == kind and meta["image_shape"] == [1, 28, 28]
-    assert meta["test_neg_elbo"] == pytest.approx(records[-1]["test_neg_elbo"])
-    assert meta["eval_seed"] == 0  # export verification draws the same evaluation noise
+    model, record = load_model(run_dir / "model.safetensors")
+    assert record.kind == kind and record.image_shape == (1, 28, 28)
+    assert record.test_neg_elbo == pytest.approx(records[-1]["test_neg_elbo"])
+    assert record.eval_seed == 0  # export verification draws the same evaluation noise
     mu, logvar = model.encode(torch.rand(2, 1, 28, 28))
     assert mu.shape == (2, 20)
     assert len(list((run_dir / "checkpoints").glob("step-*"))) == 2  # keep_checkpoints default
@@ -108,7 +109,7 @@ def test_linear_vae_quality_after_one_epoch(tmp_path, fashion_root):
     result = train(cfg, cpu=True)
     assert result.metrics["test_images"] == 10000
     assert result.metrics["test_neg_elbo"] < 270
-    assert read_model_metadata(result.run_dir / "model.safetensors")["test_neg_elbo"] < 270
+    assert read_record(result.run_dir / "model.safetensors").test_neg_elbo < 270
 
 
 def test_the_one_process_step_equals_accelerates_wrapped_step(monkeypatch):
@@ -116,7 +117,7 @@ def test_the_one_process_step_equals_accelerates_wrapped_step(monkeypatch):
     bitwise the same weights as going through them."""
     from accelerate import Accelerator
 
-    import vae_dist.train as T
+    import vae_dist.step as T
     from vae_dist.models import build_model
 
     accelerator = Accelerator(cpu=True)

@@ -18,8 +18,8 @@ from click.testing import CliRunner
 from export import sample, web
 from export.pipeline import export_run
 from helpers import ROOT, TINY_TEST_NEG_ELBO, make_run
-from vae_dist import prepare
 from vae_dist.cli import main as cli_main
+from vae_dist.data import prepare
 
 SLIDERS = 32  # vae.js: MAX_SLIDERS
 READY_S = 120  # a page that neither loads nor fails within this is a failure, not a hang
@@ -389,9 +389,9 @@ def test_the_site_holds_the_page_the_runtime_the_models_and_test_images(exports,
         assert entry["size"] == (out / entry["path"]).stat().st_size
     images = np.fromfile(out / web.TEST_IMAGES_FILE, dtype=np.uint8)
     assert images.size == web.TEST_IMAGES * 3 * 64 * 64
-    from vae_dist import data
+    from vae_dist.data import splits
 
-    test = data.split_for_model({"dataset": manifest["model"]["dataset"]}, (3, 64, 64), False)
+    test = splits.split_for_model(manifest["model"]["dataset"], (3, 64, 64), False)
     assert np.array_equal(images.reshape(-1, 3, 64, 64), test[: web.TEST_IMAGES].numpy())
 
 

@@ -39,12 +39,14 @@ import torch
 from accelerate import Accelerator
 from torch.utils.flop_counter import FlopCounterMode
 
-from vae_dist import data, paths, prepare
+from vae_dist import paths
 from vae_dist.config import load_config, shipped_config
+from vae_dist.data import builtin, prepare, prepared, splits
+from vae_dist.kinds import MODEL_KINDS
 from vae_dist.models import build_model
-from vae_dist.train import FIRST_STEP_MESSAGE, make_optimizer, micro_step
+from vae_dist.step import FIRST_STEP_MESSAGE, make_optimizer, micro_step
 
-MODELS = ("linear", "conv")
+MODELS = tuple(kind.config for kind in MODEL_KINDS.values())  # the shipped config of each model kind
 EMOJI = "emoji-twitter-64"  # under the data folder: `make emoji` puts the set's PNGs there
 READING = (("linear", "fashion-mnist"), ("conv64", EMOJI))  # (shipped config, data set) for the data rows
 
@@ -111,7 +113,7 @@ def steps_per_s(step: Callable[[], None], seconds: float) -> float:
     return n / (time.perf_counter() - t0)
 
 
-def prepared(kind: str, accelerator, image_shape):
+def prepared_model(kind: str, accelerator, image_shape):
     cfg = load_config(shipped_config(kind))  # the shipped models, as `make train` builds them (kind: a config name)
     torch.manual_seed(0)
     model = build_model(cfg.model, image_shape)
@@ -120,27 +122,29 @@ def prepared(kind: str, accelerator, image_shape):
     return cfg, model, optimizer
 
 
-def bench_model(kind: str, accelerator, train: data.Split, root: Path, batch: int, seconds: float, rounds: int) -> dict:
+def bench_model(
+    kind: str, accelerator, train: splits.Split, root: Path, batch: int, seconds: float, rounds: int
+) -> dict:
     """The step's images/s and its fraction of the matmul throughput, as the median of `rounds`
     rounds, each timing a large mm, our step and the classic loop's step one after the other: this
     machine's speed drifts, and only figures taken side by side compare."""
-    cfg, model, optimizer = prepared(kind, accelerator, train.image_shape)
+    cfg, model, optimizer = prepared_model(kind, accelerator, train.image_shape)
     images = train.images
-    order = data.epoch_order(len(train), 0, 0)
+    order = splits.epoch_order(len(train), 0, 0)
     eps = torch.randn(batch, cfg.model.latent_dim)
     pos = [0]
 
     def ours():
         lo = pos[0] % (len(train) - batch)
         pos[0] += batch
-        x = data.to_float(images[order[lo : lo + batch]])
+        x = splits.to_float(images[order[lo : lo + batch]])
         micro_step(accelerator, model, optimizer, x, eps, 1.0, "bernoulli")
 
     # The classic loop: per-image PIL -> ToTensor, collated by a DataLoader.
     import torchvision
     from torch.utils.data import DataLoader
 
-    folder = data.DATASETS[cfg.data.name].folder
+    folder = builtin.DATASETS[cfg.data.name].folder
     ds = getattr(torchvision.datasets, folder)(str(root), train=True, transform=torchvision.transforms.ToTensor())
     loader = endless(lambda: DataLoader(ds, batch_size=batch, shuffle=True, drop_last=True))
 
@@ -148,7 +152,7 @@ def bench_model(kind: str, accelerator, train: data.Split, root: Path, batch: in
         x, _ = next(loader)
         micro_step(accelerator, model, optimizer, x, torch.randn(batch, cfg.model.latent_dim), 1.0, "bernoulli")
 
-    flops = step_flops(model, optimizer, accelerator, data.to_float(images[:batch]), eps)
+    flops = step_flops(model, optimizer, accelerator, splits.to_float(images[:batch]), eps)
     for _ in range(5):  # warm-up
         ours()
         classic()
@@ -188,32 +192,32 @@ def bench_prepare(source: Path, workers: int) -> dict:
 
 
 def bench_reading(config: str, folder: Path, accelerator, seconds: float, rounds: int) -> dict:
-    """The training step fed from the split on disk (`MappedSplit` through `data.prefetched`, as
+    """The training step fed from the split on disk (`MappedSplit` through `splits.prefetched`, as
     training reads it) against the same split in memory, at the config's batch size, in turn over
     `rounds` rounds (medians). Also the disk path's reading alone, without a step."""
-    info = prepare.read_info(folder)
-    cfg, model, optimizer = prepared(config, accelerator, tuple(info["shape"]))
+    info = prepared.read_info(folder)
+    cfg, model, optimizer = prepared_model(config, accelerator, tuple(info["shape"]))
     batch, device = cfg.train.batch_size, accelerator.device
-    splits = {where: data.load_prepared(folder, True, in_memory=where) for where in ("always", "never")}
+    held = {where: splits.load_prepared(folder, True, in_memory=where) for where in ("always", "never")}
     eps = torch.randn(batch, cfg.model.latent_dim)
 
     def batches(split):
         def one_pass():
-            order = data.epoch_order(len(split), 0, 0)
+            order = splits.epoch_order(len(split), 0, 0)
             lists = (order[lo : lo + batch] for lo in range(0, len(split) - batch + 1, batch))
-            return data.prefetched(split, lists, device)
+            return splits.prefetched(split, lists, device)
 
         return endless(one_pass)
 
-    feeds = {where: batches(split) for where, split in splits.items()}
+    feeds = {where: batches(split) for where, split in held.items()}
 
     def step(where: str) -> Callable[[], None]:
         def run():
-            micro_step(accelerator, model, optimizer, data.to_float(next(feeds[where])), eps, 1.0, "bernoulli")
+            micro_step(accelerator, model, optimizer, splits.to_float(next(feeds[where])), eps, 1.0, "bernoulli")
 
         return run
 
-    reader = batches(splits["never"])
+    reader = batches(held["never"])
     for _ in range(3):  # warm-up: the threads start, the page cache holds the file
         step("always")()
         step("never")()
@@ -228,7 +232,7 @@ def bench_reading(config: str, folder: Path, accelerator, seconds: float, rounds
         "config": config,
         "dataset": str(folder),
         "image_shape": info["shape"],
-        "train_images": len(splits["never"]),
+        "train_images": len(held["never"]),
         "batch_size": batch,
         "memory_images_per_s": statistics.median(r[0] for r in per_round) * batch,
         "disk_images_per_s": statistics.median(r[1] for r in per_round) * batch,
@@ -246,7 +250,7 @@ def bench_data(accelerator, seconds: float, rounds: int) -> dict:
     cores = len(os.sched_getaffinity(0))
     preparing = [bench_prepare(emoji, w) for w in sorted({1, cores})]
     with tempfile.TemporaryDirectory(prefix="vae-dist-bench-") as tmp:
-        folders = {"fashion-mnist": data.prepared_built_in("fashion-mnist", download=False)}
+        folders = {"fashion-mnist": prepare.built_in("fashion-mnist", download=False)}
         folders[EMOJI] = prepare.prepare(str(emoji), Path(tmp) / "emoji").out
         reading = [bench_reading(config, folders[name], accelerator, seconds, rounds) for config, name in READING]
     return {"prepare": preparing, "reading": reading}
@@ -256,7 +260,7 @@ EVAL_K = 5000
 EVAL_IMAGES = {"linear": 20, "conv": 2}  # test images per timed estimate (about a second each)
 
 
-def bench_evaluate(kind: str, test: data.Split, rounds: int) -> dict:
+def bench_evaluate(kind: str, test: splits.Split, rounds: int) -> dict:
     """`evaluate.estimate` at K=EVAL_K on a few test images: images/s and the fraction of the mm
     throughput its counted FLOPs reach (medians over `rounds`, each next to its own mm)."""
     from vae_dist import evaluate
@@ -265,7 +269,7 @@ def bench_evaluate(kind: str, test: data.Split, rounds: int) -> dict:
     torch.manual_seed(0)
     model = evaluate.for_estimation(build_model(cfg.model, test.image_shape).eval())  # as vae-dist evaluate runs it
     n = EVAL_IMAGES[kind]
-    x, idx = data.to_float(test.images[:n]), torch.arange(n)
+    x, idx = splits.to_float(test.images[:n]), torch.arange(n)
 
     def once():
         evaluate.estimate(model, x, idx, EVAL_K, 0, "bernoulli")
@@ -292,12 +296,12 @@ def bench_evaluate(kind: str, test: data.Split, rounds: int) -> dict:
     }
 
 
-def profile_lines(accelerator, train: data.Split, batch: int, rows: int = 12) -> list[str]:
+def profile_lines(accelerator, train: splits.Split, batch: int, rows: int = 12) -> list[str]:
     """Where the linear VAE's step spends its time, by operator (self CPU time over 50 steps)."""
     from torch.profiler import ProfilerActivity, profile
 
-    cfg, model, optimizer = prepared("linear", accelerator, train.image_shape)
-    x = data.to_float(train.images[:batch])
+    cfg, model, optimizer = prepared_model("linear", accelerator, train.image_shape)
+    x = splits.to_float(train.images[:batch])
     eps = torch.randn(batch, cfg.model.latent_dim)
     for _ in range(10):
         micro_step(accelerator, model, optimizer, x, eps, 1.0, "bernoulli")
@@ -332,16 +336,16 @@ def main(
     json_path: str,
 ):
     """Benchmark start-up and the training step of both VAEs on the CPU."""
-    root = data.resolve("fashion-mnist", download=False)
+    root = builtin.resolve("fashion-mnist", download=False)
     firsts = [seconds_to_first_step() for _ in range(starts)]
     accelerator = Accelerator(cpu=True)
-    train = data.load_split("fashion-mnist", True, root)
+    train = splits.load_split("fashion-mnist", True, root)
     peak = matmul_flops_per_s()
     # The ceiling for the linear VAE: its largest layer's matmul at the batch size, alone.
     layer = matmul_flops_per_s(batch_size, 784, 400, seconds=2.0)
     rows = [bench_model(kind, accelerator, train, root, batch_size, seconds, rounds) for kind in MODELS]
     reading = bench_data(accelerator, seconds, rounds) if with_data else None
-    test = data.load_split("fashion-mnist", False, root)
+    test = splits.load_split("fashion-mnist", False, root)
     evaluating = [bench_evaluate(kind, test, min(rounds, 3)) for kind in MODELS] if with_evaluate else None
     if firsts:
         click.echo(

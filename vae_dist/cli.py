@@ -8,10 +8,12 @@ import sys
 
 import click
 
+from vae_dist.data import builtin
+
 # name -> ("module:attribute" of a click command, its line in `vae-dist --help`)
 COMMANDS = {
-    "prepare": ("vae_dist.prepare:prepare_command", "Make a dataset to train on from a folder of images."),
-    "train": ("vae_dist.train:train_command", "Train a VAE (under `accelerate launch` for several processes)."),
+    "prepare": ("vae_dist.data.prepare:prepare_command", "Make a dataset to train on from a folder of images."),
+    "train": ("vae_dist.training:train_command", "Train a VAE (under `accelerate launch` for several processes)."),
     "evaluate": (
         "vae_dist.evaluate:evaluate_command",
         "Estimate log p(x) of a trained run by importance sampling (IWAE bound).",
@@ -57,25 +59,23 @@ def main():
 
 
 @main.command("data")
-@click.option("--dataset", type=click.Choice(["fashion-mnist", "mnist"]), default="fashion-mnist", show_default=True)
+@click.option("--dataset", type=click.Choice(builtin.NAMES), default="fashion-mnist", show_default=True)
 @click.option("--root", help="Your own folder of IDX files: read in place, never copied; refused without them.")
 @click.option("--download/--no-download", default=True, show_default=True, help="Fall back to torchvision's download.")
 @click.option("--test-images", is_flag=True, help="Print the test split's IDX image file instead of the folder.")
 def data_command(dataset: str, root: str | None, download: bool, test_images: bool):
     """Find the data set (or download it) and print the folder it is read from."""
-    from vae_dist import data
-
     try:
-        found = data.resolve(dataset, root, download=download, given_as="--root")
+        found = builtin.resolve(dataset, root, download=download, given_as="--root")
         for train in (True, False):
-            split = data.load_split(dataset, train, found)
+            images = builtin.read_images(dataset, train, found)
             click.echo(
-                f"{dataset} {'train' if train else 'test'}: {len(split)} images of {split.image_shape}", err=True
+                f"{dataset} {'train' if train else 'test'}: {len(images)} images of {images.shape[1:]}", err=True
             )
-    except data.DataError as e:
+    except builtin.DataError as e:
         click.echo(f"error: {e}", err=True)
         sys.exit(2)
-    click.echo(str(data.images_file(dataset, False, found) if test_images else found))
+    click.echo(str(builtin.images_file(dataset, False, found) if test_images else found))
 
 
 if __name__ == "__main__":

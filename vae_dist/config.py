@@ -9,6 +9,7 @@ import dataclasses
 import math
 import types
 import typing
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,9 @@ from typing import Any
 import yaml
 
 from vae_dist import paths
+from vae_dist.data.builtin import NAMES as DATASET_NAMES
 from vae_dist.errors import UserError
+from vae_dist.kinds import LIKELIHOODS, MODEL_KINDS
 
 
 class ConfigError(UserError, ValueError):
@@ -25,7 +28,7 @@ class ConfigError(UserError, ValueError):
 
 @dataclass
 class ModelConfig:
-    kind: str = "linear"  # linear | conv; both share one interface and one training loop
+    kind: str = "linear"  # vae_dist.kinds.MODEL_KINDS; every kind shares one interface and one training loop
     latent_dim: int = 20  # 20 as in Kingma & Welling's MNIST experiments
     hidden_dims: list[int] = field(default_factory=lambda: [400])  # MLP widths (conv: after the convs)
     channels: list[int] = field(default_factory=lambda: [32, 64])  # conv only: one stride-2 stage each
@@ -34,7 +37,7 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    name: str = "fashion-mnist"  # fashion-mnist | mnist
+    name: str = "fashion-mnist"  # a built-in data set (vae_dist.data.builtin): fashion-mnist | mnist
     path: str | None = None  # a prepared dataset (vae-dist prepare): your own images; replaces `name`
     in_memory: str = "auto"  # auto | always | never: hold a split in memory, or read its rows from disk
     memory_limit_mb: float = 2048  # auto: a split larger than this is read from disk, batch by batch
@@ -47,7 +50,7 @@ class DataConfig:
 
 @dataclass
 class LossConfig:
-    likelihood: str = "bernoulli"  # bernoulli (BCE with logits) | gaussian (squared error)
+    likelihood: str = "bernoulli"  # vae_dist.kinds.LIKELIHOODS: bernoulli (BCE with logits) | gaussian
     beta: float = 1.0  # weight of the KL term; 1 is the true ELBO
     kl_warmup_steps: int = 0  # ramp beta linearly from 0 over this many optimizer steps
 
@@ -89,12 +92,12 @@ class Config:
 
 
 CHOICES = {
-    "model.kind": ("linear", "conv"),
+    "model.kind": tuple(MODEL_KINDS),
     "model.upsample": ("transposed", "transposed4", "nearest"),
-    "data.name": ("fashion-mnist", "mnist"),
+    "data.name": DATASET_NAMES,
     "data.binarize": ("none", "dynamic"),
     "data.in_memory": ("auto", "always", "never"),
-    "loss.likelihood": ("bernoulli", "gaussian"),
+    "loss.likelihood": tuple(LIKELIHOODS),
     "train.mixed_precision": ("no", "fp16", "bf16"),
 }
 POSITIVE = (
@@ -209,7 +212,10 @@ def _looks_like_float(raw: str) -> bool:
         return False
 
 
-def from_dict(data: dict[str, Any], overrides: list[str] | tuple[str, ...] = ()) -> Config:
+Overrides = Iterable[str] | Mapping[str, Any]  # "section.key=value" texts, or {"section.key": value}
+
+
+def from_dict(data: dict[str, Any], overrides: Overrides = ()) -> Config:
     cfg = Config()
     if not isinstance(data, dict):
         raise ConfigError(f"a config must be a mapping of sections, got {type(data).__name__}")
@@ -218,8 +224,12 @@ def from_dict(data: dict[str, Any], overrides: list[str] | tuple[str, ...] = ())
             raise ConfigError(f"{section}: expected a mapping of keys, got {values!r}")
         for name, value in values.items():
             _set(cfg, f"{section}.{name}", _yaml_float(value))
-    for text in overrides:
-        _set(cfg, *parse_override(text))
+    if isinstance(overrides, Mapping):
+        for key, value in overrides.items():
+            _set(cfg, key, value)
+    else:
+        for text in overrides:
+            _set(cfg, *parse_override(text))
     return validate(cfg)
 
 
@@ -246,7 +256,7 @@ def shipped_config_names() -> list[str]:
     return sorted(p.name[:-5] for p in files("vae_dist.configs").iterdir() if p.name.endswith(".yaml"))
 
 
-def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+def load_config(path: str | Path | None, overrides: Overrides = ()) -> Config:
     """Defaults, then the YAML file at `path` (if any), then the overrides, then validation.
 
     `path` may also name a shipped config (`linear`, `conv`) when no such file exists.

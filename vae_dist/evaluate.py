@@ -33,11 +33,14 @@ from typing import Any
 import click
 import torch
 
-from vae_dist import __version__, artifacts, data, runs
+from vae_dist import artifacts, files, runs
+from vae_dist.data import splits
 from vae_dist.errors import UserError
 from vae_dist.losses import kl_to_standard_normal, log_likelihood_samples
 from vae_dist.models import VAE
+from vae_dist.record import ModelRecord
 from vae_dist.rng import Stream, generator
+from vae_dist.version import __version__
 
 log = logging.getLogger(__name__)
 
@@ -146,7 +149,7 @@ def evaluate_split(
     model.eval()
     for lo in range(0, per, step):
         idx = share[lo : lo + step]
-        x = data.to_float(images[idx].to(device))
+        x = splits.to_float(images[idx].to(device))
         if binarize:
             x = binarized(x, idx, seed)
         e = estimate(model, x, idx, k, seed, likelihood)
@@ -172,10 +175,10 @@ def evaluate_split(
     }
 
 
-def run_binarize(run_dir: Path, meta: dict[str, Any]) -> str:
+def run_binarize(run_dir: Path, record: ModelRecord) -> str:
     """How the model's training data was binarised: its model file, else its config.yaml."""
-    if "binarize" in meta:
-        return meta["binarize"]
+    if record.binarize is not None:
+        return record.binarize
     saved = runs.read_saved_config(run_dir) if (run_dir / runs.CONFIG_FILE).is_file() else {}
     return (saved.get("data") or {}).get("binarize", "none")
 
@@ -195,24 +198,23 @@ def evaluate_run(
     from accelerate import Accelerator
 
     run_dir = runs.locate(run, output_dir)
-    model_file = run_dir / artifacts.MODEL_FILE
+    model_file = run_dir / runs.MODEL_FILE
     if not model_file.is_file():
-        raise EvaluateError(f"{run_dir} holds no {artifacts.MODEL_FILE}; train the run to its end first")
+        raise EvaluateError(f"{run_dir} holds no {runs.MODEL_FILE}; train the run to its end first")
     accelerator = Accelerator(cpu=cpu if cpu is not None else not torch.cuda.is_available())
-    model, meta = artifacts.load_model(model_file)
-    binarize = run_binarize(run_dir, meta) == "dynamic"
-    images = data.split_for_model(meta, model.image_shape, split == "train", where)
+    model, record = artifacts.load_model(model_file)
+    binarize = run_binarize(run_dir, record) == "dynamic"
+    images = splits.split_for_model(record.dataset, model.image_shape, split == "train", where)
     model = for_estimation(model).to(accelerator.device)
     started = time.perf_counter()
-    figures = evaluate_split(accelerator, model, images, k, seed, meta.get("likelihood", "bernoulli"), binarize,
-                             batch_size)
+    figures = evaluate_split(accelerator, model, images, k, seed, record.likelihood, binarize, batch_size)
     record = {
         "k": k,
         "seed": seed,
         "split": split,
-        "data": str(where) if where else meta.get("dataset"),
+        "data": str(where) if where else record.dataset,
         "binarized": binarize,
-        "likelihood": meta.get("likelihood", "bernoulli"),
+        "likelihood": record.likelihood,
         **figures,
         "processes": accelerator.num_processes,
         "seconds": time.perf_counter() - started,
@@ -228,14 +230,9 @@ def evaluate_run(
 def append_record(path: Path, record: dict[str, Any]) -> None:
     """One line appended to `path`; a failed write (a full disk) is cut back off, so the file never
     ends in a partial line."""
-    size = path.stat().st_size if path.exists() else None
     try:
-        artifacts.append_jsonl(path, record)
+        files.append_jsonl(path, record)
     except OSError as e:
-        if size is None:
-            path.unlink(missing_ok=True)
-        else:
-            os.truncate(path, size)
         raise EvaluateError(
             f"could not append to {path} ({e.strerror or e}); its earlier lines are kept. Free some space and "
             "evaluate again"

@@ -9,8 +9,9 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 
-from vae_dist import artifacts, data
+from vae_dist import artifacts
 from vae_dist.config import Config
+from vae_dist.data import splits
 from vae_dist.losses import negative_elbo
 from vae_dist.models import VAE
 from vae_dist.rng import Stream, generator
@@ -22,7 +23,7 @@ def evaluation_noise(n: int, latent_dim: int, seed: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def evaluate(accelerator: Accelerator, model: VAE, test: data.AnySplit, cfg: Config) -> dict[str, float]:
+def evaluate(accelerator: Accelerator, model: VAE, test: splits.AnySplit, cfg: Config) -> dict[str, float]:
     """-ELBO on exactly the whole test split, whatever the number of processes.
 
     Each process takes a contiguous share, padded to equal length; every row carries its image
@@ -38,7 +39,7 @@ def evaluate(accelerator: Accelerator, model: VAE, test: data.AnySplit, cfg: Con
     model.eval()
     for lo in range(0, per, cfg.train.eval_batch_size):
         idx = share[lo : lo + cfg.train.eval_batch_size]
-        x = data.to_float(test.rows(idx, accelerator.device))
+        x = splits.to_float(test.rows(idx, accelerator.device))
         logits, mu, logvar = model(x, eps[idx].to(x.device))
         t = negative_elbo(logits, x, mu, logvar, 1.0, cfg.loss.likelihood)
         index = torch.where(valid[lo : lo + len(idx)], idx, -1).to(x.device, torch.float64)
@@ -57,11 +58,13 @@ def evaluate(accelerator: Accelerator, model: VAE, test: data.AnySplit, cfg: Con
 
 
 @torch.no_grad()
-def write_grids(model: VAE, test: data.AnySplit, cfg: Config, images_dir: Path, epoch: int, device) -> dict[str, Path]:
+def write_grids(
+    model: VAE, test: splits.AnySplit, cfg: Config, images_dir: Path, epoch: int, device
+) -> dict[str, Path]:
     """Test images above their reconstructions (the decoder's mean at the posterior mean), and
     samples from the prior (the same latents every epoch); returns the two files by name."""
     model.eval()
-    x = data.to_float(test.rows(torch.arange(min(cfg.train.grid_images, len(test))), device))
+    x = splits.to_float(test.rows(torch.arange(min(cfg.train.grid_images, len(test))), device))
     mu, _ = model.encode(x)
     recon = torch.sigmoid(model.decode(mu))
     paths = {"reconstruction": images_dir / f"reconstruction_epoch{epoch:03d}.png",

@@ -10,9 +10,12 @@ launch --multi_gpu --num_processes N`.
 from __future__ import annotations
 
 import logging
+import os
 import socket
 import subprocess
 from pathlib import Path
+
+from vae_dist.errors import UserError
 
 TRAIN_SCRIPT = str(Path(__file__).with_name("train.py"))
 
@@ -46,3 +49,19 @@ def launch_training(processes: int, args: list[str], port: int | None = None) ->
     except subprocess.CalledProcessError as e:
         return e.returncode
     return 0
+
+
+def relaunch(processes: int, cpu: bool | None, options: dict[str, str | None], overrides: tuple[str, ...]) -> int:
+    """`vae-dist train --processes N` with its `options` (--config, --name, ...) and overrides:
+    refused under a launcher or with more processes than GPUs, else `launch_training`."""
+    if "TORCHELASTIC_RUN_ID" in os.environ or int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
+        raise UserError("--processes starts a launcher; under one, give the launcher the count")
+    import torch
+
+    gpus = torch.cuda.device_count() if cpu is not True else 0
+    if 0 < gpus < processes:
+        raise UserError(f"--processes {processes} but this machine has {gpus} GPU(s); use at most {gpus}, or --cpu")
+    args = [a for option, value in options.items() if value for a in (option, value)]
+    args += [a for o in overrides for a in ("--set", o)]
+    args += [] if cpu is None else ["--cpu" if cpu else "--no-cpu"]
+    return launch_training(processes, args)

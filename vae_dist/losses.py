@@ -20,7 +20,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-LIKELIHOODS = ("bernoulli", "gaussian")
+from vae_dist.kinds import LIKELIHOODS
+
 GAUSSIAN_VARIANCE = 0.5  # N(x; mean, 1/2): -log p is then the squared error plus a constant
 PROB_EPS = 1e-7  # float32 sigmoid reaches exactly 1.0 near logit 17; keeps log(1 - p) finite
 
@@ -44,7 +45,7 @@ def reconstruction_nll(logits: torch.Tensor, x: torch.Tensor, likelihood: str) -
     elif likelihood == "gaussian":
         nll = _gaussian_nll(torch.sigmoid(logits), x)
     else:
-        raise ValueError(f"unknown likelihood {likelihood!r}; expected one of {LIKELIHOODS}")
+        raise ValueError(f"unknown likelihood {likelihood!r}; expected one of {tuple(LIKELIHOODS)}")
     return nll.flatten(1).sum(dim=1)
 
 
@@ -59,7 +60,7 @@ def reconstruction_nll_from_mean(x_mean: torch.Tensor, x: torch.Tensor, likeliho
     elif likelihood == "gaussian":
         nll = _gaussian_nll(p, x)
     else:
-        raise ValueError(f"unknown likelihood {likelihood!r}; expected one of {LIKELIHOODS}")
+        raise ValueError(f"unknown likelihood {likelihood!r}; expected one of {tuple(LIKELIHOODS)}")
     return nll.sum(dim=1)
 
 
@@ -73,7 +74,7 @@ def log_likelihood_samples(logits: torch.Tensor, x: torch.Tensor, likelihood: st
         return torch.bmm(logits, x[:, :, None])[:, :, 0] - F.softplus(logits).sum(2)
     if likelihood == "gaussian":
         return -_gaussian_nll(torch.sigmoid(logits), x[:, None]).sum(2)
-    raise ValueError(f"unknown likelihood {likelihood!r}; expected one of {LIKELIHOODS}")
+    raise ValueError(f"unknown likelihood {likelihood!r}; expected one of {tuple(LIKELIHOODS)}")
 
 
 def _gaussian_nll(mean: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

@@ -137,7 +137,8 @@ class ConvVAE(VAE):
         return self.decoder(self.from_latent(z).view(-1, *self.feature_shape))
 
 
-MODELS: dict[str, Callable[[ModelConfig, tuple[int, int, int]], VAE]] = {
+# How each kind of vae_dist.kinds.MODEL_KINDS is built (tests/test_models.py checks there is one per kind).
+BUILDERS: dict[str, Callable[[ModelConfig, tuple[int, int, int]], VAE]] = {
     "linear": lambda cfg, shape: LinearVAE(shape, cfg.latent_dim, cfg.hidden_dims),
     "conv": lambda cfg, shape: ConvVAE(shape, cfg.latent_dim, cfg.channels, cfg.hidden_dims, cfg.upsample),
 }
@@ -145,4 +146,4 @@ MODELS: dict[str, Callable[[ModelConfig, tuple[int, int, int]], VAE]] = {
 
 def build_model(cfg: ModelConfig, image_shape: tuple[int, int, int]) -> VAE:
     """The model named by `cfg.kind`, sized for images of `image_shape` (C, H, W)."""
-    return MODELS[cfg.kind](cfg, tuple(image_shape))
+    return BUILDERS[cfg.kind](cfg, tuple(image_shape))

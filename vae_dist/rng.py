@@ -29,6 +29,7 @@ class Stream(enum.IntEnum):
     DATASET_SPLIT = 6  # prepare: which distinct images form the test split, by (--seed)
     IMPORTANCE_NOISE = 7  # evaluate: the K latents' eps of each image, by (--seed, image index, block)
     EVAL_BINARIZE = 8  # evaluate: the binarised copy of each image, by (--seed, image index)
+    API_SAMPLES = 9  # the Python API: the prior latents of Model.sample, by (seed)
 
 
 def derive_seed(*parts: int) -> int:

@@ -14,7 +14,6 @@ answer into the run folder and checkpoint a training run uses, refusing what wou
 from __future__ import annotations
 
 import json
-import os
 import pickle
 import re
 import shutil
@@ -26,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from vae_dist import artifacts, paths, ranks
+from vae_dist import files, paths, ranks
 from vae_dist.config import Config
 from vae_dist.errors import UserError
 
@@ -34,6 +33,7 @@ if TYPE_CHECKING:
     from accelerate import Accelerator
 
 CONFIG_FILE = "config.yaml"
+MODEL_FILE = "model.safetensors"  # vae_dist.artifacts writes it, vae_dist.record reads its header
 METRICS_FILE = "metrics.jsonl"
 EVAL_FILE = "eval.jsonl"  # vae-dist evaluate: one line per evaluation, appended
 ONNX_DIR = "onnx"  # vae-dist export writes the run's export here
@@ -116,7 +116,7 @@ def find_run(resume: str | None, name: str | None, output_dir: str | Path) -> Ru
     run_dir = Path(output_dir) / name
     if resume == "auto":
         checkpoints = list_checkpoints(run_dir)
-        if not checkpoints and (run_dir / artifacts.MODEL_FILE).exists():
+        if not checkpoints and (run_dir / MODEL_FILE).exists():
             # A folder that holds a trained model is never started again from scratch: that would
             # replace its model, configuration, metrics and images. (One stopped before its first
             # checkpoint holds nothing that its own configuration would not write again the same.)
@@ -147,7 +147,7 @@ def check_name(name: str) -> None:
 
 def is_finished(run_dir: Path, checkpoint: Path | None, epochs: int) -> bool:
     """The run already holds its final model for `epochs` epochs: resuming it has nothing to do."""
-    if checkpoint is None or not (run_dir / artifacts.MODEL_FILE).is_file():
+    if checkpoint is None or not (run_dir / MODEL_FILE).is_file():
         return False
     state = read_state(checkpoint)
     return state.epoch == epochs and not state.step_in_epoch
@@ -161,6 +161,8 @@ def decide_run(cfg: Config, resume: str | None) -> tuple[Path, Path | None]:
     """The run folder and checkpoint for training `cfg`, after refusing anything that would
     overwrite a run or continue it with another configuration. Runs on the main process."""
     target = find_run(resume, cfg.run.name, cfg.run.output_dir)
+    if target.run_dir is not None:  # a checkpoint a kill left aside while it was being replaced
+        files.restore_all_moved_aside(target.run_dir / CHECKPOINTS_DIR)
     run_dir = target.run_dir or Path(cfg.run.output_dir) / auto_name(cfg.model.kind)
     checkpoint = target.checkpoint
     if not target.resume and (run_dir / CONFIG_FILE).exists():
@@ -208,7 +210,7 @@ def config_differences(saved: dict[str, Any], current: Config) -> list[str]:
 
 
 def write_config(run_dir: Path, cfg: Config) -> None:
-    artifacts.atomic_write_text(run_dir / CONFIG_FILE, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    files.atomic_write_text(run_dir / CONFIG_FILE, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
 
 # ---------------------------------------------------------------- checkpoints
@@ -242,14 +244,10 @@ def save_checkpoint(accelerator: Accelerator, run_dir: Path, state: TrainerState
 
     def finish():
         with writing(run_dir, tmp):
-            artifacts.atomic_write_text(tmp / STATE_FILE, json.dumps(state.__dict__, indent=1))
-        replaced = None
-        if final.exists():  # the same step saved twice (e.g. epoch end after a step save)
-            replaced = final.with_name(f".old-{final.name}")
-            os.replace(final, replaced)  # never picked (no step- name) until the new one is in place
-        os.replace(tmp, final)
-        if replaced is not None:
-            remove_checkpoint(replaced)
+            files.atomic_write_text(tmp / STATE_FILE, json.dumps(state.__dict__, indent=1))
+        # The same step saved twice (e.g. an epoch's end after a step's save) replaces the first
+        # copy; the copy moved aside meanwhile has no step- name, so it is never picked.
+        files.publish(tmp, final)
         for old in list_checkpoints(run_dir)[:-keep]:
             remove_checkpoint(old)
 
@@ -261,10 +259,6 @@ def save_checkpoint(accelerator: Accelerator, run_dir: Path, state: TrainerState
         if accelerator.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)  # gives back the space a partial checkpoint took
         raise
-
-
-class WriteError(UserError):
-    """A file of the run could not be written (disk full, file too large, read-only folder)."""
 
 
 def resume_hint(run_dir: Path) -> str:
@@ -286,17 +280,17 @@ def writing(run_dir: Path, where: Path):
     """Turn a failed write under `where` into one line: which file, that nothing written before
     was lost, and how to continue. Other errors pass through unchanged."""
     try:
-        yield
-    except Exception as e:
-        reason = artifacts.write_failure(e, where if where.is_dir() else where.parent)
-        if reason is None:
-            raise
-        path = Path(e.filename) if isinstance(e, OSError) and e.filename else artifacts.newest_file(where)
-        no_room = not isinstance(e, OSError) or e.errno in artifacts.NO_ROOM
-        raise WriteError(
-            f"could not write {'into ' if path.is_dir() else ''}{path} ({reason}); "
+        with files.writing(where):
+            yield
+    except files.WriteError as e:
+        path = e.path or where
+        raise files.WriteError(
+            f"could not write {'into ' if path.is_dir() else ''}{path} ({e.reason}); "
             f"nothing the run wrote before is lost ({progress_kept(run_dir)}). "
-            f"{'Free some space' if no_room else 'Make the folder writable'}; then, {resume_hint(run_dir)}"
+            f"{'Free some space' if e.no_room else 'Make the folder writable'}; then, {resume_hint(run_dir)}",
+            path,
+            e.reason,
+            e.no_room,
         ) from None
 
 

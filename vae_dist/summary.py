@@ -11,8 +11,9 @@ from typing import Any
 
 import click
 
-from vae_dist import artifacts, runs
+from vae_dist import files, runs
 from vae_dist.errors import UserError
+from vae_dist.record import read as read_record
 
 COLUMNS = (  # (header, key in a summary, how it is shown)
     ("run", "name", str),
@@ -50,44 +51,46 @@ def _export_status(run_dir: Path) -> tuple[str, list[str]]:
 
 def summarize(run_dir: Path) -> dict[str, Any] | None:
     """What a run folder says about itself, or None when it is not a run (no config.yaml, no model)."""
-    config_path, model_path = run_dir / runs.CONFIG_FILE, run_dir / artifacts.MODEL_FILE
+    config_path, model_path = run_dir / runs.CONFIG_FILE, run_dir / runs.MODEL_FILE
     if not config_path.is_file() and not model_path.is_file():
         return None
     try:
         saved = runs.read_saved_config(run_dir) if config_path.is_file() else {}
     except UserError:
         saved = {}
-    meta: dict[str, Any] = {}
+    record = None
     if model_path.is_file():
         try:
-            meta = artifacts.read_model_metadata(model_path)
+            record = read_record(model_path)
         except UserError:
-            meta = {}
+            record = None
     model_cfg, data_cfg, train_cfg = (saved.get(k) or {} for k in ("model", "data", "train"))
     try:
-        metrics = artifacts.read_jsonl(run_dir / runs.METRICS_FILE)
+        metrics = files.read_jsonl(run_dir / runs.METRICS_FILE)
     except ValueError:
         metrics = []
     try:
-        evals = [r for r in artifacts.read_jsonl(run_dir / runs.EVAL_FILE) if isinstance(r.get("nll"), (int, float))]
+        evals = [r for r in files.read_jsonl(run_dir / runs.EVAL_FILE) if isinstance(r.get("nll"), (int, float))]
     except ValueError:
         evals = []
     best = min(evals, key=lambda r: r["nll"], default=None)
-    planned = train_cfg.get("epochs", meta.get("epochs"))
+    planned = train_cfg.get("epochs", record.epochs if record else None)
     done = len({r.get("epoch") for r in metrics})
     status, variants = _export_status(run_dir)
-    files = [p for p in (config_path, model_path, run_dir / runs.METRICS_FILE, run_dir / runs.EVAL_FILE) if p.exists()]
-    newest = max((p.stat().st_mtime for p in files), default=run_dir.stat().st_mtime)
+    present = [
+        p for p in (config_path, model_path, run_dir / runs.METRICS_FILE, run_dir / runs.EVAL_FILE) if p.exists()
+    ]
+    newest = max((p.stat().st_mtime for p in present), default=run_dir.stat().st_mtime)
     return {
         "name": run_dir.name,
         "path": str(run_dir),
-        "kind": (meta.get("model") or {}).get("kind") or model_cfg.get("kind", "?"),
-        "dataset": meta.get("dataset") or data_cfg.get("path") or data_cfg.get("name"),
-        "image_shape": meta.get("image_shape") or _shape_of(data_cfg),
+        "kind": record.kind if record else model_cfg.get("kind", "?"),
+        "dataset": (record and record.dataset) or data_cfg.get("path") or data_cfg.get("name"),
+        "image_shape": list(record.image_shape) if record else _shape_of(data_cfg),
         "epochs_done": done,
         "epochs_planned": planned,
         "epochs": f"{done}/{planned if planned is not None else '?'}",
-        "test_neg_elbo": metrics[-1].get("test_neg_elbo") if metrics else meta.get("test_neg_elbo"),
+        "test_neg_elbo": metrics[-1].get("test_neg_elbo") if metrics else record and record.test_neg_elbo,
         "best_nll": {"nll": best["nll"], "k": best.get("k"), "split": best.get("split")} if best else None,
         "export": status + (f" ({', '.join(variants)})" if variants else ""),
         "export_verified": status == "verified",
@@ -101,12 +104,12 @@ def summarize(run_dir: Path) -> dict[str, Any] | None:
 def _shape_of(data_cfg: dict[str, Any]) -> list[int] | None:
     """A run still training has no model file: the dataset.json of its prepared dataset (its
     data.path, or the built-in set prepared under the data folder) says its image shape."""
-    from vae_dist import data, prepare
+    from vae_dist.data import builtin, prepared
 
     if data_cfg.get("root"):
         return None  # a user's IDX folder, read in place: not opened for a listing
-    folder = Path(data_cfg["path"]) if data_cfg.get("path") else data.prepared_folder(str(data_cfg.get("name")))
-    info = _read_json(folder / prepare.INFO_FILE)
+    folder = Path(data_cfg["path"]) if data_cfg.get("path") else builtin.prepared_folder(str(data_cfg.get("name")))
+    info = _read_json(folder / prepared.INFO_FILE)
     return info.get("shape") if isinstance(info, dict) else None
 
 

@@ -18,7 +18,7 @@ from typing import Any
 
 from accelerate import Accelerator
 
-from vae_dist import artifacts
+from vae_dist import files
 from vae_dist.config import Config, ConfigError
 
 PROJECT = "vae-dist"  # the trackers' project name
@@ -139,4 +139,4 @@ def write_curves(run_dir: Path, records: list[dict[str, Any]]) -> None:
     left.legend()
     right.legend(handles=right.get_lines() + twin.get_lines(), loc="center right")
     fig.suptitle(f"{run_dir.name}")
-    artifacts.atomic_write(run_dir / CURVES_FILE, lambda tmp: fig.savefig(tmp, format="png"))
+    files.atomic_write(run_dir / CURVES_FILE, lambda tmp: fig.savefig(tmp, format="png"))

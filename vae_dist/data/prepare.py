@@ -1,10 +1,6 @@
-"""Prepared datasets: a folder of images (or a built-in data set) as two memory-mappable arrays.
-
-    DIR/train.npy      uint8 [N, C, H, W] in numpy's .npy format
-    DIR/test.npy       the same for the test split
-    DIR/dataset.json   what they hold and how they were made (FORMAT; the keys are in docs/data.md)
-
-Every image goes through `fit_image`, the one documented conversion (docs/data.md).
+"""`vae-dist prepare`: a folder of images (or a built-in data set) written in the prepared format
+(vae_dist.data.prepared), the one writer of it. Every image goes through `fit_image`
+(vae_dist.data.images), the one documented conversion (docs/data.md). No torch.
 """
 
 from __future__ import annotations
@@ -13,7 +9,6 @@ import hashlib
 import json
 import logging
 import os
-import shutil
 import sys
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -23,101 +18,20 @@ from typing import Any
 import click
 import numpy as np
 
-from vae_dist import __version__
+from vae_dist import files
+from vae_dist.data import builtin
+from vae_dist.data.images import FITS, GREY_MODES, Fit, fit_image
+from vae_dist.data.prepared import FORMAT, INFO_FILE, SPLITS, PrepareError, array_file, check, sha256_file
 from vae_dist.errors import UserError
 from vae_dist.rng import Stream, numpy_generator
+from vae_dist.version import __version__
 
 log = logging.getLogger(__name__)
 
-FORMAT = "vae-dist-dataset/1"
-INFO_FILE = "dataset.json"
-SPLITS = ("train", "test")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif")
-FITS = ("crop", "pad", "stretch")
-BACKGROUND = 255  # transparent pixels are composited over white, and `pad` pads with white
-GREY_MODES = ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F")  # survey: no colour in these
-BUILT_IN = ("fashion-mnist", "mnist")
-
-
-class PrepareError(UserError):
-    """The source, the options or the output folder do not allow a dataset to be prepared."""
-
-
-def array_file(split: str) -> str:
-    return f"{split}.npy"
 
 
 # ---------------------------------------------------------------- one image
-
-
-@dataclass(frozen=True)
-class Fit:
-    """How every image is made into one array row."""
-
-    height: int
-    width: int
-    channels: int  # 1 (grey) or 3 (RGB)
-    policy: str  # crop | pad | stretch
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "size": [self.height, self.width],
-            "channels": self.channels,
-            "fit": self.policy,
-            "background": BACKGROUND,
-        }
-
-
-GREY_16_BIT = ("I", "I;16", "I;16B", "I;16L")
-
-
-def _eight_bit(image):
-    """16- and 32-bit grey images scaled to 8 bits (65535 -> 255, rounded); float images clipped."""
-    from PIL import Image
-
-    if image.mode in GREY_16_BIT:
-        values = np.asarray(image, dtype=np.int64).clip(0, 65535)
-        return Image.fromarray(((values * 255 + 32767) // 65535).astype(np.uint8), "L")
-    if image.mode == "F":
-        return Image.fromarray(np.asarray(image, dtype=np.float32).clip(0, 255).round().astype(np.uint8), "L")
-    return image
-
-
-def fit_image(image, fit: Fit) -> np.ndarray:
-    """A PIL image (first frame, any mode) as uint8 [C, H, W]: EXIF orientation applied, 16-bit
-    scaled to 8, transparency composited over the background, converted to grey or RGB, then fitted
-    to the size by the policy and resized with Lanczos (antialiased)."""
-    from PIL import Image, ImageOps
-
-    image = ImageOps.exif_transpose(image)
-    image = _eight_bit(image)
-    if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
-        image = image.convert("RGBA")
-        canvas = Image.new("RGBA", image.size, (BACKGROUND,) * 3 + (255,))
-        image = Image.alpha_composite(canvas, image)
-    image = image.convert("L" if fit.channels == 1 else "RGB")
-    size = (fit.width, fit.height)
-    w, h = image.size
-    if fit.policy == "crop":  # the centred box of the target's aspect ratio, then resized
-        if w * fit.height > h * fit.width:
-            cw = max(1, round(h * fit.width / fit.height))
-            box = ((w - cw) // 2, 0, (w - cw) // 2 + cw, h)
-        else:
-            ch = max(1, round(w * fit.height / fit.width))
-            box = (0, (h - ch) // 2, w, (h - ch) // 2 + ch)
-        image = image.resize(size, Image.Resampling.LANCZOS, box=box)
-    elif fit.policy == "pad":  # resized to fit inside, centred on the background
-        scale = min(fit.width / w, fit.height / h)
-        inner = (max(1, round(w * scale)), max(1, round(h * scale)))
-        canvas = Image.new(image.mode, size, BACKGROUND if image.mode == "L" else (BACKGROUND,) * 3)
-        canvas.paste(
-            image.resize(inner, Image.Resampling.LANCZOS), ((size[0] - inner[0]) // 2, (size[1] - inner[1]) // 2)
-        )
-        image = canvas
-    else:
-        image = image.resize(size, Image.Resampling.LANCZOS)
-    pixels = np.asarray(image, dtype=np.uint8)
-    return pixels[None] if pixels.ndim == 2 else np.ascontiguousarray(pixels.transpose(2, 0, 1))
 
 
 def _decode(path: str, fit: Fit) -> tuple[np.ndarray | None, str | None]:
@@ -146,15 +60,15 @@ def _decode_chunk(args: tuple[list[str], Fit]) -> list[tuple[np.ndarray | None, 
 def find_images(source: Path) -> tuple[list[Path], list[dict[str, str]]]:
     """Candidate image files under `source` (recursive, sorted by path), and the other files.
     Hidden files and folders (names starting with '.') are left out."""
-    files = sorted(
+    found = sorted(
         (p for p in source.rglob("*") if p.is_file() and not any(part.startswith(".") for part in
                                                                    p.relative_to(source).parts)),
         key=lambda p: p.relative_to(source).as_posix(),
     )
-    images = [p for p in files if p.suffix.lower() in IMAGE_SUFFIXES]
+    images = [p for p in found if p.suffix.lower() in IMAGE_SUFFIXES]
     others = [
         {"path": p.relative_to(source).as_posix(), "reason": "not a PNG, JPEG, WebP, BMP or GIF file name"}
-        for p in files
+        for p in found
         if p.suffix.lower() not in IMAGE_SUFFIXES
     ]
     return images, others
@@ -241,14 +155,6 @@ def parse_size(text: str | None) -> tuple[int, int] | None:
     return (values[0], values[-1])
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _write_split(path: Path, source: np.ndarray, indices: np.ndarray) -> None:
     out = np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=(len(indices), *source.shape[1:]))
     for start in range(0, len(indices), 4096):
@@ -272,6 +178,7 @@ def prepare(
 ) -> Prepared:
     """Prepare `source` into `out`, written whole into a temporary folder and then renamed."""
     out = Path(out)
+    files.restore_moved_aside(out)  # a replacement killed half-way: the old dataset is what is there
     if not out.resolve().name:
         raise PrepareError(f"--out {out} is not a folder that can be written whole; name a new folder")
     if out.exists() and not force:
@@ -287,12 +194,8 @@ def prepare(
         raise PrepareError(f"--channels must be 1 (grey) or 3 (RGB), got {channels}")
     if policy not in FITS:
         raise PrepareError(f"--fit must be one of {', '.join(FITS)}, got {policy!r}")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = out.with_name(f".{out.name}.partial-{os.getpid()}")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir()
-    try:
-        if source in BUILT_IN:
+    with files.staged(out) as staging:
+        if source in builtin.NAMES:
             info = _prepare_built_in(source, staging, size, channels, test_source, download)
         else:
             info = _prepare_folder(
@@ -307,9 +210,6 @@ def prepare(
                 workers or os.cpu_count() or 1,
             )
         _publish(staging, out, info, force)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return Prepared(out, info)
 
 
@@ -319,22 +219,14 @@ def _inside(path: Path, folder: Path) -> bool:
 
 
 def _publish(staging: Path, out: Path, info: dict[str, Any], force: bool) -> None:
-    """Record each array's size and sha256 in dataset.json, then put the folder in place."""
+    """Record each array's size and sha256 in dataset.json, then put the folder in place. Without
+    `force`, a complete dataset that another process (e.g. on another machine sharing the folder)
+    published there first is kept."""
     for split in SPLITS:
         path = staging / array_file(split)
-        info["files"][array_file(split)] = {"bytes": path.stat().st_size, "sha256": _sha256(path)}
-    (staging / INFO_FILE).write_text(json.dumps(info, indent=1) + "\n")
-    if out.exists() and force:  # the old one goes only once the new one is complete
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        os.replace(out, old)
-        os.replace(staging, out)
-        shutil.rmtree(old, ignore_errors=True)
-    elif out.exists() and (out / INFO_FILE).is_file():
-        # Another process (e.g. on another machine sharing the folder) finished the same
-        # preparation first: keep its copy.
-        shutil.rmtree(staging)
-    else:
-        os.replace(staging, out)
+        info["files"][array_file(split)] = {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
+    files.atomic_write_text(staging / INFO_FILE, json.dumps(info, indent=1) + "\n")
+    files.publish(staging, out, keep_existing=None if force else lambda folder: (folder / INFO_FILE).is_file())
 
 
 def from_arrays(out: Path, train: np.ndarray, test: np.ndarray, source: str = "arrays") -> Prepared:
@@ -345,19 +237,24 @@ def from_arrays(out: Path, train: np.ndarray, test: np.ndarray, source: str = "a
         raise PrepareError(f"{out} already exists; choose another folder")
     if train.dtype != np.uint8 or test.dtype != np.uint8 or train.ndim != 4 or train.shape[1:] != test.shape[1:]:
         raise PrepareError("from_arrays needs two uint8 arrays [N, C, H, W] of one image shape")
-    staging = out.with_name(f".{out.name}.partial-{os.getpid()}")
-    staging.mkdir(parents=True)
-    try:
+    with files.staged(out) as staging:
         info = _new_info(source, train.shape[1:], None)
         info["split"] = {"how": "given"}
         for split, array in (("train", train), ("test", test)):
             _write_split(staging / array_file(split), array, np.arange(len(array)))
             info["counts"][split] = len(array)
         _publish(staging, out, info, force=False)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return Prepared(out, info)
+
+
+def built_in(name: str, download: bool = True) -> Path:
+    """The built-in data set `name` in the prepared format, made once under the data folder."""
+    folder = builtin.prepared_folder(name)
+    if not (folder / INFO_FILE).is_file():
+        builtin.resolve(name, download=download)  # says where it looked when the IDX files are missing
+        prepare(name, folder, download=download)
+        log.info("prepared %s once, into %s", builtin.DATASETS[name].pretty, folder)
+    return folder
 
 
 def _new_info(source: str, shape: tuple[int, ...], fit: Fit | None) -> dict[str, Any]:
@@ -376,15 +273,13 @@ def _new_info(source: str, shape: tuple[int, ...], fit: Fit | None) -> dict[str,
 
 
 def _prepare_built_in(name, staging, size, channels, test_source, download) -> dict[str, Any]:
-    from vae_dist import data
-
     if size is not None or channels not in (None, 1) or test_source is not None:
         raise PrepareError(
             f"{name} is prepared as it is published (1x28x28, its own test split): "
             "leave out --size, --channels and --test"
         )
-    root = data.resolve(name, download=download)
-    arrays = {split: data.load_split(name, split == "train", root).images.numpy() for split in SPLITS}
+    root = builtin.resolve(name, download=download)
+    arrays = {split: builtin.read_images(name, split == "train", root) for split in SPLITS}
     info = _new_info(name, arrays["train"].shape[1:], None)
     for split, array in arrays.items():
         np.save(staging / array_file(split), np.ascontiguousarray(array))
@@ -397,7 +292,7 @@ def _folder_images(source: str, what: str) -> tuple[Path, list[Path], list[dict[
     folder = Path(source)
     if not folder.is_dir():
         raise PrepareError(
-            f"{what} {source!r} is not a folder (nor a built-in data set: {', '.join(BUILT_IN)}); "
+            f"{what} {source!r} is not a folder (nor a built-in data set: {', '.join(builtin.NAMES)}); "
             "give a folder of images"
         )
     images, others = find_images(folder)
@@ -413,7 +308,7 @@ def _prepare_folder(source, staging, size, channels, policy, test_fraction, test
         test_folder, test_images, test_skipped = _folder_images(test_source, "--test")
         sources.append((test_folder, test_images))
         skipped += [{**s, "path": f"--test {s['path']}"} for s in test_skipped]
-    every = [p for _, files in sources for p in files]
+    every = [p for _, found in sources for p in found]
     names = [p.relative_to(folder).as_posix() for p in images]
     names += [f"--test {p.relative_to(sources[-1][0]).as_posix()}" for p in every[len(images) :]]
     sizes, colour = survey(every)
@@ -436,36 +331,8 @@ def _prepare_folder(source, staging, size, channels, policy, test_fraction, test
             + "; ".join(sorted({r for r in reasons if r})[:3])
         )
 
-    # Exact duplicates (the same pixels after fitting) are kept once: no test image is also a
-    # training image. With --test, the test folder's copy is the one kept.
-    seen: dict[bytes, int] = {}
-    order = [i for i in good if i >= len(images)] + [i for i in good if i < len(images)]
-    for i in order:
-        seen.setdefault(hashlib.sha256(rows[i].tobytes()).digest(), i)
-    unique = sorted(seen.values())
     info = _new_info(str(source), shape, fit)
-    info["duplicates"] = len(good) - len(unique)
-    if test_source is None:
-        n_test = round(len(unique) * test_fraction)
-        if n_test < 1 or n_test >= len(unique):
-            raise PrepareError(
-                f"{len(unique)} distinct images cannot be split with --test-fraction {test_fraction}: "
-                "each split needs at least one image"
-            )
-        picked = numpy_generator(seed, Stream.DATASET_SPLIT).permutation(len(unique))
-        split_rows = {
-            "test": np.sort(np.asarray(unique)[picked[:n_test]]),
-            "train": np.sort(np.asarray(unique)[picked[n_test:]]),
-        }
-        info["split"] = {"how": "random", "test_fraction": test_fraction, "seed": seed}
-    else:
-        split_rows = {
-            "train": np.asarray([i for i in unique if i < len(images)], dtype=np.int64),
-            "test": np.asarray([i for i in unique if i >= len(images)], dtype=np.int64),
-        }
-        info["split"] = {"how": "given", "test_source": str(test_source)}
-        if not len(split_rows["train"]) or not len(split_rows["test"]):
-            raise PrepareError("after duplicates are removed, a split has no image left; check SOURCE and --test")
+    split_rows = _split(rows, good, len(images), test_fraction, test_source, seed, info)
     for split in SPLITS:
         _write_split(staging / array_file(split), rows, split_rows[split])
         info["counts"][split] = len(split_rows[split])
@@ -475,69 +342,38 @@ def _prepare_folder(source, staging, size, channels, policy, test_fraction, test
     return info
 
 
-# ---------------------------------------------------------------- reading one back
 
-
-def read_info(folder: Path) -> dict[str, Any]:
-    """A prepared dataset's dataset.json, checked against its arrays' headers and sizes (cheap: no
-    array is read)."""
-    folder = Path(folder)
-    path = folder / INFO_FILE
-    if not path.is_file():
-        raise PrepareError(f"{folder} is not a prepared dataset (no {INFO_FILE}); make one with `vae-dist prepare`")
-    try:
-        info = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, ValueError) as e:
-        raise PrepareError(f"{path} cannot be read ({str(e).splitlines()[0]}); prepare the dataset again") from None
-    if not isinstance(info, dict) or info.get("format") != FORMAT or not _well_formed(info):
-        raise PrepareError(f"{path} is not a {FORMAT} description; prepare the dataset again")
-    for split in SPLITS:
-        _check_array(folder, info, split)
-    return info
-
-
-def _well_formed(info: dict[str, Any]) -> bool:
-    shape, counts, files = info.get("shape"), info.get("counts"), info.get("files")
-    return (
-        isinstance(shape, list)
-        and len(shape) == 3
-        and all(isinstance(v, int) and v > 0 for v in shape)
-        and isinstance(counts, dict)
-        and all(isinstance(counts.get(s), int) for s in SPLITS)
-        and isinstance(files, dict)
-        and all(
-            isinstance(files.get(array_file(s)), dict) and {"bytes", "sha256"} <= set(files[array_file(s)])
-            for s in SPLITS
-        )
-    )
-
-
-def _check_array(folder: Path, info: dict[str, Any], split: str) -> None:
-    path = folder / array_file(split)
-    expected = (info["counts"][split], *info["shape"])
-    try:
-        array = np.load(path, mmap_mode="r")
-    except (OSError, ValueError, EOFError) as e:
-        raise PrepareError(f"{path} cannot be read ({str(e).splitlines()[0]}); prepare the dataset again") from None
-    if array.dtype != np.uint8 or array.shape != expected:
+def _split(rows: np.ndarray, good: list[int], n_source: int, test_fraction, test_source, seed, info) -> dict:
+    """The rows of each split, recording the split and the duplicates in `info`. Exact duplicates
+    (the same pixels after fitting) are kept once: no test image is also a training image. With
+    --test (the rows from `n_source` on), the test folder's copy is the one kept."""
+    seen: dict[bytes, int] = {}
+    order = [i for i in good if i >= n_source] + [i for i in good if i < n_source]
+    for i in order:
+        seen.setdefault(hashlib.sha256(rows[i].tobytes()).digest(), i)
+    unique = sorted(seen.values())
+    info["duplicates"] = len(good) - len(unique)
+    if test_source is not None:
+        info["split"] = {"how": "given", "test_source": str(test_source)}
+        split_rows = {
+            "train": np.asarray([i for i in unique if i < n_source], dtype=np.int64),
+            "test": np.asarray([i for i in unique if i >= n_source], dtype=np.int64),
+        }
+        if not len(split_rows["train"]) or not len(split_rows["test"]):
+            raise PrepareError("after duplicates are removed, a split has no image left; check SOURCE and --test")
+        return split_rows
+    n_test = round(len(unique) * test_fraction)
+    if n_test < 1 or n_test >= len(unique):
         raise PrepareError(
-            f"{path} holds {array.dtype} {array.shape} but {INFO_FILE} says uint8 {expected}; prepare the dataset again"
+            f"{len(unique)} distinct images cannot be split with --test-fraction {test_fraction}: "
+            "each split needs at least one image"
         )
-    recorded = info["files"][array_file(split)]["bytes"]
-    if path.stat().st_size != recorded:
-        raise PrepareError(f"{path} is {path.stat().st_size} bytes, {INFO_FILE} says {recorded}; prepare it again")
-
-
-def check(folder: Path) -> dict[str, Any]:
-    """Everything `read_info` checks, and each array's sha256 (reads the whole dataset)."""
-    info = read_info(folder)
-    for split in SPLITS:
-        path = Path(folder) / array_file(split)
-        if _sha256(path) != info["files"][array_file(split)]["sha256"]:
-            raise PrepareError(
-                f"{path} does not match its sha256 in {INFO_FILE}: it changed; prepare the dataset again"
-            )
-    return info
+    picked = numpy_generator(seed, Stream.DATASET_SPLIT).permutation(len(unique))
+    info["split"] = {"how": "random", "test_fraction": test_fraction, "seed": seed}
+    return {
+        "test": np.sort(np.asarray(unique)[picked[:n_test]]),
+        "train": np.sort(np.asarray(unique)[picked[n_test:]]),
+    }
 
 
 # ---------------------------------------------------------------- command line

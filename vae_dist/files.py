@@ -1,0 +1,312 @@
+"""Writing so that no result is lost: the one mechanism every writer uses (training, prepare, export,
+the browser site). No torch.
+
+- A file is written under a temporary name and renamed over the old one (`atomic_write`): a kill
+  or a full disk leaves the old file or none, never a partial one.
+- A folder is built whole in a staging folder beside it, `.NAME.partial-PID`, and published by
+  rename (`publish`): the old folder is moved aside to `.NAME.old-PID`, the new one renamed in,
+  the old one removed. A process killed between the two renames leaves the old folder aside; the
+  next writer or reader of that place puts it back (`restore_moved_aside`), and removes what
+  dead processes left staged (`new_staging`).
+- A write that fails (no room, a quota or file size limit, a read-only folder) becomes one
+  `WriteError` naming the file (`writing`), also when the library that wrote says it its own way.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+import re
+import shutil
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from vae_dist.errors import UserError
+
+log = logging.getLogger(__name__)
+
+NO_ROOM = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})  # a full disk, quota or file size limit
+STAGING_MARK = ".partial-"  # .NAME.partial-PID: a folder being built, beside the one it becomes
+ASIDE_MARK = ".old-"  # .NAME.old-PID: the folder it replaces, between the two renames of a publish
+
+
+class WriteError(UserError):
+    """A file could not be written; nothing written before was changed."""
+
+    def __init__(self, message: str, path: Path | None = None, reason: str = "", no_room: bool = True):
+        super().__init__(message)
+        self.path, self.reason, self.no_room = path, reason, no_room
+
+
+# ---------------------------------------------------------------- files
+
+
+def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    """`write(tmp)` then rename over `path`: a kill or a full disk leaves the old file (or none),
+    never a partial one; a failed write's partial temporary file is removed."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+
+
+def append_jsonl(path: Path, record: dict[str, Any]) -> None:
+    """One JSON line appended and fsynced; a failed append is cut back off, so the file never ends
+    in a partial line (a kill during the write can still tear the last line: `read_jsonl`)."""
+    path = Path(path)
+    size = path.stat().st_size if path.exists() else None
+    try:
+        with open(path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError:
+        if size is None:
+            path.unlink(missing_ok=True)
+        else:
+            os.truncate(path, size)
+        raise
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """The records of a JSON-lines file (none if it does not exist). A last line torn by a kill
+    during its append is left out; a damaged line before it raises ValueError."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    records = []
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    for i, line in enumerate(lines):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i < len(lines) - 1:
+                raise
+    return records
+
+
+# ---------------------------------------------------------------- folders
+
+
+def _marked(target: Path, mark: str, pid: int) -> Path:
+    return target.with_name(f".{target.name}{mark}{pid}")
+
+
+def staging_name(target: Path, pid: int | None = None) -> Path:
+    """Where process `pid` (this one by default) builds the folder that becomes `target`."""
+    return _marked(Path(target), STAGING_MARK, os.getpid() if pid is None else pid)
+
+
+def aside_name(target: Path, pid: int | None = None) -> Path:
+    """Where process `pid` keeps the `target` it replaces, between the two renames."""
+    return _marked(Path(target), ASIDE_MARK, os.getpid() if pid is None else pid)
+
+
+def _left_by_dead(target: Path, mark: str) -> list[Path]:
+    prefix = f".{target.name}{mark}"
+    found = []
+    for path in target.parent.glob(f"{glob_escape(prefix)}*"):
+        pid = path.name[len(prefix) :]
+        if path.is_dir() and pid.isdigit() and not process_exists(int(pid)):
+            found.append(path)
+    return sorted(found)
+
+
+def glob_escape(text: str) -> str:
+    return re.sub(r"([*?\[])", r"[\1]", text)
+
+
+def process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def remove_stale_staging(target: Path) -> list[Path]:
+    """Remove the staging folders of `target` whose process is gone (killed mid-way); those of
+    running processes stay. Returns what was removed."""
+    removed = _left_by_dead(Path(target), STAGING_MARK)
+    for folder in removed:
+        shutil.rmtree(folder, ignore_errors=True)
+    if removed:
+        log.info("removed the files left for %s by a process that did not finish", target)
+    return removed
+
+
+def restore_moved_aside(target: Path) -> bool:
+    """Put back a `target` that a publish killed between its two renames left aside; remove such
+    copies when `target` is in place (the publish was complete). True if one was put back."""
+    target = Path(target)
+    restored = False
+    for aside in _left_by_dead(target, ASIDE_MARK):
+        if not target.exists():
+            os.replace(aside, target)
+            log.warning("put back %s, which a replacement that did not finish had moved aside", target)
+            restored = True
+        else:
+            shutil.rmtree(aside, ignore_errors=True)
+    return restored
+
+
+def restore_all_moved_aside(folder: Path) -> list[Path]:
+    """`restore_moved_aside` for every folder under `folder` that was being replaced."""
+    targets = set()
+    for aside in Path(folder).glob(f".*{ASIDE_MARK}*"):
+        name, _, pid = aside.name[1:].rpartition(ASIDE_MARK)
+        if name and pid.isdigit():
+            targets.add(aside.with_name(name))
+    return [t for t in sorted(targets) if restore_moved_aside(t)]
+
+
+def new_staging(target: Path) -> Path:
+    """An empty staging folder for `target`, beside it; what killed processes left staged for the
+    same target is removed first, and a `target` left aside by one is put back."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    restore_moved_aside(target)
+    remove_stale_staging(target)
+    staging = staging_name(target)
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    return staging
+
+
+@contextmanager
+def staged(target: Path) -> Iterator[Path]:
+    """A staging folder for `target` (`new_staging`), removed if the block fails; publish it with
+    `publish` inside the block."""
+    staging = new_staging(target)
+    try:
+        yield staging
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)  # gone already once published
+
+
+def publish(src: Path, dst: Path, keep_existing: Callable[[Path], bool] | None = None) -> bool:
+    """Move the folder `src` to `dst`, replacing it: `dst` is never a mix of old and new files,
+    stays as it was if the move fails, and is put back by the next `restore_moved_aside` if the
+    process is killed between the two renames. With `keep_existing`, a `dst` for which it answers
+    True (e.g. a complete copy another process published first) is kept and `src` removed;
+    returns False then."""
+    src, dst = Path(src), Path(dst)
+    restore_moved_aside(dst)
+    if keep_existing is not None and dst.exists() and keep_existing(dst):
+        shutil.rmtree(src, ignore_errors=True)
+        return False
+    old = None
+    if dst.exists():
+        old = aside_name(dst)
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(dst, old)
+    try:
+        os.replace(src, dst)
+    except BaseException:
+        if old is not None:
+            os.replace(old, dst)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+    return True
+
+
+# ---------------------------------------------------------------- failed writes
+
+
+def failure_reason(e: BaseException, folder: Path, room_for: int = 0) -> tuple[str, bool, OSError | None] | None:
+    """(why, whether for want of room, the OSError) if `e` is a failed write; None for anything
+    else, which stays a bug. The OSError is looked for along `e`'s causes. safetensors and torch's
+    checkpoint writer do not raise OSError, onnxruntime raises its own types or leaves a truncated
+    file: their messages are recognised, and when a step that writes about `room_for` bytes fails
+    otherwise, `folder` is asked whether that much still fits."""
+    seen: set[int] = set()
+    cause: BaseException | None = e
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
+        if isinstance(cause, OSError):
+            return cause.strerror or os.strerror(cause.errno or 0) or str(cause), cause.errno in NO_ROOM, cause
+        cause = cause.__cause__ or cause.__context__
+    text = str(e)
+    found = re.search(r"os error (\d+)", text)  # safetensors (Rust) reports the errno this way
+    if found:
+        number = int(found.group(1))
+        return os.strerror(number), number in NO_ROOM, None
+    if isinstance(e, RuntimeError) and ("unexpected pos" in text or "file write failed" in text):
+        # torch's zip writer drops the errno; say what is most likely
+        if _free_bytes(folder) < 16 * 2**20:
+            return os.strerror(errno.ENOSPC), True, None
+        return "the write was cut short (disk full or a file size limit)", True, None
+    refused = room_refused(folder, room_for) if room_for else None
+    if refused is not None:
+        return refused.strerror or os.strerror(refused.errno or 0), True, refused
+    return None
+
+
+def _free_bytes(folder: Path) -> int:
+    try:
+        return shutil.disk_usage(folder).free
+    except OSError:
+        return 1 << 62
+
+
+def room_refused(folder: Path, size: int) -> OSError | None:
+    """The error a write of `size` bytes into `folder` meets for want of room; None if it fits."""
+    if size <= 0:
+        return None
+    probe = Path(folder) / f".room-probe-{os.getpid()}"
+    block = bytes(min(size, 1 << 20))
+    try:
+        with open(probe, "wb") as f:
+            for start in range(0, size, len(block)):
+                f.write(block[: size - start])
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        return e if e.errno in NO_ROOM else None
+    finally:
+        probe.unlink(missing_ok=True)
+    return None
+
+
+def newest_file(where: Path) -> Path:
+    """The file under `where` written last (the one a failed write was writing), else `where`."""
+    if not where.is_dir():
+        return where
+    found = [p for p in where.rglob("*") if p.is_file()]
+    return max(found, key=lambda p: p.stat().st_mtime_ns) if found else where
+
+
+@contextmanager
+def writing(where: Path, room_for: int = 0) -> Iterator[None]:
+    """Turn a failed write of `where` (a file, or a folder being filled) into a WriteError naming
+    the file; other errors pass through unchanged. `room_for`: see `failure_reason`."""
+    where = Path(where)
+    try:
+        yield
+    except WriteError:
+        raise
+    except Exception as e:
+        found = failure_reason(e, where if where.is_dir() else where.parent, room_for)
+        if found is None:
+            raise
+        reason, no_room, error = found
+        if error is not None and error.filename:
+            path = Path(os.fsdecode(error.filename))
+        else:
+            path = newest_file(where)
+        raise WriteError(f"cannot write {path} ({reason})", path, reason, no_room) from e
