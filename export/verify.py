@@ -42,7 +42,7 @@ import torch
 from export.sample import session_options
 from export.spec import BATCH_AXIS, ELBO_TOL, RANDOM_OPS, SubModelSpec, identity_metadata, nats_for_image, vae_specs
 from vae_dist.data import splits
-from vae_dist.evaluation import evaluation_noise
+from vae_dist.epoch_end import evaluation_noise
 from vae_dist.losses import neg_elbo_from_mean, negative_elbo
 from vae_dist.models import VAE
 from vae_dist.record import ModelRecord

@@ -45,7 +45,7 @@ from helpers import run as run_command
 from vae_dist import artifacts, files, runs
 from vae_dist import record as record_lib
 from vae_dist.config import ModelConfig
-from vae_dist.evaluation import evaluation_noise
+from vae_dist.epoch_end import evaluation_noise
 from vae_dist.files import WriteError
 from vae_dist.losses import neg_elbo_from_mean, negative_elbo
 from vae_dist.models import build_model

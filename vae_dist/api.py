@@ -21,8 +21,8 @@ import torch
 from vae_dist import artifacts, runs, training
 from vae_dist.config import Config, from_dict, load_config
 from vae_dist.data.images import Fit, fit_image
+from vae_dist.epoch_end import evaluation_noise
 from vae_dist.errors import UserError
-from vae_dist.evaluation import evaluation_noise
 from vae_dist.losses import negative_elbo
 from vae_dist.models import VAE
 from vae_dist.record import ModelRecord

@@ -18,7 +18,7 @@ COMMANDS = {
         "vae_dist.evaluate:evaluate_command",
         "Estimate log p(x) of a trained run by importance sampling (IWAE bound).",
     ),
-    "runs": ("vae_dist.summary:runs_command", "List the runs in a folder: data, epochs, -ELBO, NLL, export."),
+    "runs": ("vae_dist.listing:runs_command", "List the runs in a folder: data, epochs, -ELBO, NLL, export."),
     "export": ("export.cli:export_command", "Export runs to ONNX, verify them with onnxruntime, make edge variants."),
     "verify": ("export.cli:verify_command", "Verify an existing export again."),
     "web": ("export.web:web_command", "Build (and serve) a static site that runs an export in the browser."),

@@ -27,8 +27,8 @@ from tqdm.auto import tqdm
 from vae_dist import artifacts, files, launch, runs, tracking
 from vae_dist.config import Config, load_config
 from vae_dist.data import splits
+from vae_dist.epoch_end import test_elbo, write_grids
 from vae_dist.errors import UserError
-from vae_dist.evaluation import evaluate, write_grids
 from vae_dist.losses import kl_weight
 from vae_dist.models import VAE
 from vae_dist.processes import make_accelerator
@@ -170,7 +170,7 @@ def end_epoch(s: Session, epoch: int, tally: EpochTally) -> dict[str, Any]:
         "epoch": epoch,
         "step": s.state.global_step,
         "train_loss": total_loss / max(tally.images, 1),
-        **evaluate(acc, s.core, s.test, cfg),
+        **test_elbo(acc, s.core, s.test, cfg),
         "seconds": seconds,
         "images_per_s": tally.images / seconds if seconds > 0 else None,
         "processes": acc.num_processes,

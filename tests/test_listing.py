@@ -9,7 +9,7 @@ from click.testing import CliRunner
 from helpers import BIN, run
 from vae_dist.config import load_config
 from vae_dist.evaluate import evaluate_run
-from vae_dist.summary import runs_command
+from vae_dist.listing import runs_command
 from vae_dist.training import train
 
 

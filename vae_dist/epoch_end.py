@@ -23,7 +23,7 @@ def evaluation_noise(n: int, latent_dim: int, seed: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def evaluate(accelerator: Accelerator, model: VAE, test: splits.AnySplit, cfg: Config) -> dict[str, float]:
+def test_elbo(accelerator: Accelerator, model: VAE, test: splits.AnySplit, cfg: Config) -> dict[str, float]:
     """-ELBO on exactly the whole test split, whatever the number of processes.
 
     Each process takes a contiguous share, padded to equal length; every row carries its image
