@@ -33,7 +33,7 @@ data: setup
 	    apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1 || \
 	    { apt-get update -q >/dev/null && apt-get install -y -q dataset-fashion-mnist; } || true; \
 	  fi; }
-	$(BIN)/vae-dist data --dataset $(DATASET)
+	@folder=$$($(BIN)/vae-dist data --dataset $(DATASET)) && echo "$(DATASET) is read from $$folder/"
 
 # A real colour image set for the worked example and the tests: Twemoji's 64x64 PNGs (CC-BY 4.0)
 # from the npm package emoji-datasource-twitter (MIT), unpacked into $(EMOJI).

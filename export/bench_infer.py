@@ -44,6 +44,7 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
+from export.cli import newest_note
 from export.manifest import read_manifest
 from export.pipeline import find_latest_exports, resolve_run
 from export.spec import ONNX_DIR, SubModelSpec, vae_specs
@@ -222,35 +223,7 @@ def bench_run(
             calls.update({name: ort_call(sess, spec, inputs, io_binding) for name, sess in sessions.items()})
             with torch.inference_mode():  # entered once: its own cost is not the model's
                 timings = time_interleaved(calls, batch, seconds, warmup)
-            torch_p50 = timings[TORCH].p50_ms
-            rows.append(
-                {
-                    **base,
-                    "variant": TORCH,
-                    "runtime": "torch",
-                    "format": "torch",
-                    "status": None,
-                    "file": None,
-                    "size_bytes": param_bytes,
-                    **asdict(timings[TORCH]),
-                    "vs_torch": 1.0,
-                }
-            )
-            for f in files:
-                path, timing = onnx_dir / f["files"][spec.role], timings[f["variant"]]
-                rows.append(
-                    {
-                        **base,
-                        "variant": f["variant"],
-                        "runtime": "onnxruntime",
-                        "format": f["format"],
-                        "status": f["status"],
-                        "file": path.name,
-                        "size_bytes": path.stat().st_size,
-                        **asdict(timing),
-                        "vs_torch": torch_p50 / timing.p50_ms,
-                    }
-                )
+            rows += timing_rows(base, timings, files, onnx_dir, spec.role, param_bytes)
             log.info("%s %s batch %d done", kind, spec.role, batch)
     quality = {f["variant"]: {"status": f["status"], **(f["quality"] or {})} for f in files if f["variant"] != FP32}
     return {
@@ -263,6 +236,42 @@ def bench_run(
         "rows": rows,
         "quality": quality,
     }
+
+
+def timing_rows(
+    base: dict[str, Any], timings: dict, files: list[dict[str, Any]], onnx_dir: Path, role: str, param_bytes: int
+) -> list[dict[str, Any]]:
+    """The rows of one sub-model at one batch size: torch eager, then every file of the export."""
+    torch_p50 = timings[TORCH].p50_ms
+    rows = [
+        {
+            **base,
+            "variant": TORCH,
+            "runtime": "torch",
+            "format": "torch",
+            "status": None,
+            "file": None,
+            "size_bytes": param_bytes,
+            **asdict(timings[TORCH]),
+            "vs_torch": 1.0,
+        }
+    ]
+    for f in files:
+        path, timing = onnx_dir / f["files"][role], timings[f["variant"]]
+        rows.append(
+            {
+                **base,
+                "variant": f["variant"],
+                "runtime": "onnxruntime",
+                "format": f["format"],
+                "status": f["status"],
+                "file": path.name,
+                "size_bytes": path.stat().st_size,
+                **asdict(timing),
+                "vs_torch": torch_p50 / timing.p50_ms,
+            }
+        )
+    return rows
 
 
 # ---------------------------------------------------------------- targets
@@ -437,7 +446,10 @@ def _batch_sizes(ctx, param, value: str) -> list[int]:
 def main(runs, output_dir, threads, seconds, warmup, batch_sizes, json_path, io_binding, check):
     """Benchmark exported VAEs and their edge variants on onnxruntime CPU against PyTorch eager."""
     logging.basicConfig(format="%(asctime)s %(levelname)s %(message)s", level=logging.WARNING)
-    targets = list(runs) or list(find_latest_exports(output_dir).values())
+    latest = {} if runs else find_latest_exports(output_dir)
+    targets = list(runs) or list(latest.values())
+    if latest:
+        click.echo(newest_note("verified export", latest, output_dir), err=True)
     if not targets:
         click.echo(
             f"error: no verified export under {output_dir}/; run `vae-dist export --output-dir {output_dir}` first",
@@ -475,10 +487,21 @@ def main(runs, output_dir, threads, seconds, warmup, batch_sizes, json_path, io_
         "quality": {m["model"]["kind"]: m["quality"] for m in models},
         "targets": verdicts,
     }
-    m = result["machine"]
+    print_result(result, models, rows, verdicts)
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    json_path.write_text(json.dumps(result, indent=1) + "\n")
+    click.echo(f"written to {json_path}")
+    if check and any(t["passed"] is False for t in verdicts):
+        sys.exit(1)
+
+
+def print_result(result: dict[str, Any], models: list[dict[str, Any]], rows, verdicts) -> None:
+    """The benchmark's report: the machine, the table, the quality costs, the targets."""
+    m, settings = result["machine"], result["settings"]
     click.echo(
         f"{m['cpu']}, {m['logical_cpus']} logical CPUs; onnxruntime {ort.__version__}, torch {torch.__version__}; "
-        f"{threads} thread(s), {seconds:g} s per measurement, onnxruntime via {result['settings']['onnxruntime_call']}"
+        f"{settings['threads']} thread(s), {settings['seconds']:g} s per measurement, onnxruntime via "
+        f"{settings['onnxruntime_call']}"
     )
     for line in table_lines(rows):
         click.echo(line)
@@ -489,11 +512,6 @@ def main(runs, output_dir, threads, seconds, warmup, batch_sizes, json_path, io_
     for t in verdicts:
         verdict = {True: "PASS", False: "MISS", None: "n/a "}[t["passed"]]
         click.echo(f"  {verdict} {t['name']}: {t['detail']}")
-    json_path.parent.mkdir(parents=True, exist_ok=True)
-    json_path.write_text(json.dumps(result, indent=1) + "\n")
-    click.echo(f"written to {json_path}")
-    if check and any(t["passed"] is False for t in verdicts):
-        sys.exit(1)
 
 
 if __name__ == "__main__":

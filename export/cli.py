@@ -14,7 +14,7 @@ from pathlib import Path
 
 import click
 
-from export.spec import DEFAULT_OPSET, ELBO_TOL
+from export.spec import DEFAULT_OPSET, ELBO_TOL, nats_for_image
 from export.variants import QUALITY_BUDGET, VARIANTS, parse_names
 from vae_dist import paths
 from vae_dist.errors import UserError
@@ -33,6 +33,12 @@ def setup_logging() -> None:
         logging.getLogger(name).setLevel(logging.INFO)
 
 
+def newest_note(what: str, found: dict[str, Path], output_dir: Path) -> str:
+    """The line a command without RUN prints: which runs it took, and how to choose another."""
+    names = ", ".join(f"{run.name} ({kind})" for kind, run in found.items())
+    return f"no RUN given: using the newest {what} of each model kind under {output_dir}/: {names}; give RUN to choose"
+
+
 def _print_report(title: str, report, manifest: dict | None = None) -> None:
     for line in report.summary_lines():
         click.echo(f"  {line}")
@@ -40,7 +46,9 @@ def _print_report(title: str, report, manifest: dict | None = None) -> None:
         click.echo(f"  FAIL {line}")
     variants = (manifest or {}).get("variants")
     if variants:
-        click.echo(f"  variants (quality budget {manifest['quality_budget']:g} nats of test -ELBO per 784 pixels):")
+        budget, shape = manifest["quality_budget"], manifest["model"]["image_shape"]
+        applied = f"{nats_for_image(budget, shape):.4g} nats for {'x'.join(map(str, shape))} images"
+        click.echo(f"  variants (quality budget {budget:g} nats of test -ELBO per 784 pixels: {applied}):")
         for line in variant_lines(variants):
             click.echo(f"    {line}")
     # The verdict is the last line a user reads.
@@ -141,10 +149,12 @@ def export_command(run, opset, atol, elbo_tol, variant_names, quality_budget, da
     if run is not None:
         targets = [locate(run, output_dir)]
     else:
-        targets = list(find_latest_runs(output_dir).values())
-        if not targets:
+        latest = find_latest_runs(output_dir)
+        if not latest:
             click.echo(f"error: no finished run under {output_dir}/; train one first (vae-dist train)", err=True)
             sys.exit(EXIT_USAGE)
+        click.echo(newest_note("run", latest, output_dir), err=True)
+        targets = list(latest.values())
     status = 0
     for target in targets:  # one bad run does not keep the others from being exported
         try:

@@ -237,25 +237,8 @@ def verify_run(
     specs = vae_specs(model, atol)
     recorded = recorded_test_images(run_dir, record)
     report = verify_export(onnx_dir, model, record, atol, data_root, elbo_tol=elbo_tol, recorded_images=recorded)
-    try:
-        previous = manifest_lib.read_manifest(onnx_dir)
-    except manifest_lib.ManifestError as e:  # a damaged manifest is rebuilt; the verdict below is what counts
-        log.warning("%s; writing a new one", e)
-        previous = None
-    source = manifest_lib.file_record(model_path)
-    rebuilt = previous is None
-    if rebuilt:
-        opset = _opset_of(onnx_dir / specs[0].filename)
-        previous = manifest_lib.new_manifest(run_dir, model_path, record, opset, versions())
-        # The variants' records are gone with the old manifest: those whose files are here are judged
-        # again (how they were made cannot be re-derived), so no file is left unlisted.
-        found = {
-            v.name: manifest_lib.variant_entry(v)
-            for v in variants_lib.select(None, record.kind)
-            if all((onnx_dir / v.filename(role)).is_file() for role in ("encoder", "decoder"))
-        }
-        previous = manifest_lib.record_variants(previous, found, QUALITY_BUDGET, None)
-    elif previous.get("source", {}).get("sha256") != source["sha256"]:
+    previous, rebuilt = _previous_manifest(run_dir, model_path, record, onnx_dir, specs)
+    if not rebuilt and previous.get("source", {}).get("sha256") != manifest_lib.file_record(model_path)["sha256"]:
         report.checks.insert(
             0, Check("", "source", False, f"{model_path.name} changed since the export; export the run again")
         )
@@ -284,6 +267,29 @@ def verify_run(
     else:
         log.error("%s failed %d check(s)", onnx_dir, len(report.failures()))
     return report, onnx_dir
+
+
+def _previous_manifest(
+    run_dir: Path, model_path: Path, record: ModelRecord, onnx_dir: Path, specs
+) -> tuple[dict[str, Any], bool]:
+    """The export's manifest, or one rebuilt when it is missing or damaged (and whether it was)."""
+    try:
+        previous = manifest_lib.read_manifest(onnx_dir)
+    except manifest_lib.ManifestError as e:  # a damaged manifest is rebuilt; the verdict is what counts
+        log.warning("%s; writing a new one", e)
+        previous = None
+    if previous is not None:
+        return previous, False
+    opset = _opset_of(onnx_dir / specs[0].filename)
+    rebuilt = manifest_lib.new_manifest(run_dir, model_path, record, opset, versions())
+    # The variants' records are gone with the old manifest: those whose files are here are judged
+    # again (how they were made cannot be re-derived), so no file is left unlisted.
+    found = {
+        v.name: manifest_lib.variant_entry(v)
+        for v in variants_lib.select(None, record.kind)
+        if all((onnx_dir / v.filename(role)).is_file() for role in ("encoder", "decoder"))
+    }
+    return manifest_lib.record_variants(rebuilt, found, QUALITY_BUDGET, None), True
 
 
 def _opset_of(path: Path) -> int | None:

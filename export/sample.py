@@ -303,7 +303,8 @@ def load_models(args: argparse.Namespace, roles: tuple[str, ...]) -> dict[str, M
         folder = args.model_dir
         if folder is None:
             folder = find_default_model_dir(args.runs)
-            print(f"using {folder}", file=sys.stderr)
+            newest = f"the newest verified export under {args.runs}/"
+            print(f"no --model-dir given: using {folder}, {newest}", file=sys.stderr)
         if not folder.is_dir():
             raise SampleError(f"{folder}: no such folder")
         if not (folder / "encoder.onnx").exists() and (folder / ONNX_DIR).is_dir():

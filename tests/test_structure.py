@@ -177,6 +177,21 @@ def test_the_import_graph_has_no_cycle_and_points_one_way():
     assert edges["export.sample"] == set()
 
 
+def test_no_function_is_longer_than_a_screen():
+    """Each function does one thing: at most 60 lines from `def` to its end (decorators, such as
+    click's option blocks, do not count). The one-file sampler's argument parser is a table."""
+    import ast
+
+    allowed = {("export.sample", "build_parser")}
+    long = []
+    for module, path in {**_module_names("vae_dist"), **_module_names("export")}.items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and (module, node.name) not in allowed:
+                if node.end_lineno - node.lineno + 1 > 60:
+                    long.append(f"{module}.{node.name}: {node.end_lineno - node.lineno + 1} lines")
+    assert not long
+
+
 def test_the_cycle_check_sees_imports_inside_functions(tmp_path):
     """The check above is only as good as its reading of a module: a cycle hidden in a function
     body is found."""

@@ -51,8 +51,11 @@ def test_the_trackers_get_the_step_and_epoch_figures_and_the_grids(tmp_path, fas
     assert [e.value for e in reader.Scalars("train/kl_weight")] == [1.0] * 8
     grid = reader.Images("reconstruction")[-1]
     assert (grid.width, grid.height) == Image.open(result.run_dir / "images" / "reconstruction_epoch001.png").size
-    # the resolved config, as hyperparameters (Accelerate also keeps them as hparams.yml)
-    (hparams,) = [yaml.safe_load(p.read_text()) for p in result.run_dir.rglob("hparams.yml")]
+    # the resolved config, as hyperparameters of the run itself (no second run in TensorBoard's list)
+    assert reader.PluginTagToContent("hparams")  # the hyperparameters plugin finds them in this run
+    folder = result.run_dir / tracking.LOGS_DIR / tracking.PROJECT
+    assert [p for p in folder.iterdir() if p.is_dir()] == []
+    hparams = yaml.safe_load((folder / tracking.HPARAMS_FILE).read_text())
     assert hparams["model.hidden_dims"] == "[32]" and hparams["train.log_every"] == 2
 
 

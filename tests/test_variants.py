@@ -43,7 +43,8 @@ def variant_runs(tmp_path_factory) -> Path:
         make_run(runs, kind, kind, likelihood)
     result = CliRunner().invoke(cli(), ["export", "--output-dir", str(runs)])
     assert result.exit_code == 0, result.output
-    assert result.output.count("variants (quality budget 0.5 nats of test -ELBO per 784 pixels):") == 2
+    budget = "variants (quality budget 0.5 nats of test -ELBO per 784 pixels: 0.5 nats for 1x28x28 images):"
+    assert result.output.count(budget) == 2
     return runs
 
 

@@ -357,36 +357,13 @@ def main(
         f"torch.mm {batch_size}x784x400 (the linear VAE's largest layer) alone: "
         f"{layer / 1e9:.1f} GFLOP/s = {layer / peak:.0%}"
     )
-    click.echo(
-        f"{'model':<7} {'batch':>5} {'MFLOP/step':>10} {'ms/step':>8} {'images/s':>9} {'of mm':>6} | "
-        f"{'classic images/s':>16} {'of mm':>6}"
-    )
-    for r in rows:
-        click.echo(
-            f"{r['model']:<7} {r['batch_size']:>5} {r['step_flops'] / 1e6:>10.1f} {r['ms_per_step']:>8.2f} "
-            f"{r['images_per_s']:>9.0f} {r['fraction_of_matmul']:>6.0%} | "
-            f"{r['classic_images_per_s']:>16.0f} {r['classic_fraction_of_matmul']:>6.0%}"
-        )
+    print_steps(rows)
     if profile:
         click.echo("\nlinear VAE step, 50 steps, by operator:")
         for line in profile_lines(accelerator, train, batch_size):
             click.echo(line)
     if reading:
-        for r in reading["prepare"]:
-            click.echo(
-                f"vae-dist prepare, {r['files']} PNG files of 64x64, {r['workers']} worker(s): "
-                f"{r['images_per_s']:.0f} images/s ({r['seconds']:.2f} s)"
-            )
-        click.echo(
-            f"{'config':<7} {'data set':<17} {'batch':>5} {'in memory':>9} {'from disk':>9} {'ratio':>6} | "
-            f"{'reading alone':>13}  (images/s)"
-        )
-        for r in reading["reading"]:
-            click.echo(
-                f"{r['config']:<7} {Path(r['dataset']).name:<17} {r['batch_size']:>5} "
-                f"{r['memory_images_per_s']:>9.0f} {r['disk_images_per_s']:>9.0f} {r['disk_of_memory']:>6.0%} | "
-                f"{r['read_only_images_per_s']:>13.0f}"
-            )
+        print_reading(reading)
     for r in evaluating or []:
         click.echo(
             f"evaluate {r['model']:<6} K={r['k']}: {r['images_per_s']:.2f} images/s, "
@@ -397,6 +374,39 @@ def main(
     Path(json_path).parent.mkdir(parents=True, exist_ok=True)
     Path(json_path).write_text(json.dumps(result, indent=1))
     click.echo(f"written to {json_path}")
+
+
+def print_steps(rows: list[dict]) -> None:
+    """The step's table: our step and the classic loop's, against the mm throughput."""
+    click.echo(
+        f"{'model':<7} {'batch':>5} {'MFLOP/step':>10} {'ms/step':>8} {'images/s':>9} {'of mm':>6} | "
+        f"{'classic images/s':>16} {'of mm':>6}"
+    )
+    for r in rows:
+        click.echo(
+            f"{r['model']:<7} {r['batch_size']:>5} {r['step_flops'] / 1e6:>10.1f} {r['ms_per_step']:>8.2f} "
+            f"{r['images_per_s']:>9.0f} {r['fraction_of_matmul']:>6.0%} | "
+            f"{r['classic_images_per_s']:>16.0f} {r['classic_fraction_of_matmul']:>6.0%}"
+        )
+
+
+def print_reading(reading: dict) -> None:
+    """prepare's speed, and training from disk against training from memory."""
+    for r in reading["prepare"]:
+        click.echo(
+            f"vae-dist prepare, {r['files']} PNG files of 64x64, {r['workers']} worker(s): "
+            f"{r['images_per_s']:.0f} images/s ({r['seconds']:.2f} s)"
+        )
+    click.echo(
+        f"{'config':<7} {'data set':<17} {'batch':>5} {'in memory':>9} {'from disk':>9} {'ratio':>6} | "
+        f"{'reading alone':>13}  (images/s)"
+    )
+    for r in reading["reading"]:
+        click.echo(
+            f"{r['config']:<7} {Path(r['dataset']).name:<17} {r['batch_size']:>5} "
+            f"{r['memory_images_per_s']:>9.0f} {r['disk_images_per_s']:>9.0f} {r['disk_of_memory']:>6.0%} | "
+            f"{r['read_only_images_per_s']:>13.0f}"
+        )
 
 
 if __name__ == "__main__":

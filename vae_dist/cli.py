@@ -13,7 +13,7 @@ from vae_dist.data import builtin
 # name -> ("module:attribute" of a click command, its line in `vae-dist --help`)
 COMMANDS = {
     "prepare": ("vae_dist.data.prepare:prepare_command", "Make a dataset to train on from a folder of images."),
-    "train": ("vae_dist.training:train_command", "Train a VAE (under `accelerate launch` for several processes)."),
+    "train": ("vae_dist.train_command:train_command", "Train a VAE (under `accelerate launch` for several processes)."),
     "evaluate": (
         "vae_dist.evaluate:evaluate_command",
         "Estimate log p(x) of a trained run by importance sampling (IWAE bound).",
@@ -45,7 +45,7 @@ class LazyGroup(click.Group):
 
     def format_commands(self, ctx, formatter):
         rows = [
-            (name, COMMANDS[name][1] if name in COMMANDS else self.get_command(ctx, name).get_short_help_str())
+            (name, COMMANDS[name][1] if name in COMMANDS else self.get_command(ctx, name).get_short_help_str(limit=200))
             for name in self.list_commands(ctx)
         ]
         with formatter.section("Commands"):

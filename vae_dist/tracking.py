@@ -25,6 +25,7 @@ PROJECT = "vae-dist"  # the trackers' project name
 LOGS_DIR = "logs"  # under the run folder: <run>/logs/vae-dist/ holds the TensorBoard event files
 EVENT_FILE_PREFIX = "events.out.tfevents."  # then the second it was created, host, pid, a counter
 CURVES_FILE = "curves.png"
+HPARAMS_FILE = "hparams.yml"  # the resolved config, flat, beside the TensorBoard event files
 
 
 def check_trackers(names: list[str]) -> None:
@@ -67,7 +68,27 @@ def start(accelerator: Accelerator, cfg: Config, run_dir: Path, resumed_at: int 
         else:
             trackers.append(kind(PROJECT))
     accelerator.log_with = trackers
-    accelerator.init_trackers(PROJECT, config=hyperparameters(cfg))
+    accelerator.init_trackers(PROJECT)
+    values = hyperparameters(cfg)
+    for tracker in accelerator.trackers:
+        if tracker.name == "tensorboard":
+            store_hyperparameters(tracker, values)
+        else:
+            tracker.store_init_configuration(values)
+
+
+def store_hyperparameters(tracker, values: dict[str, Any]) -> None:
+    """The run's configuration in its own TensorBoard run, and as HPARAMS_FILE beside its event
+    files. (Accelerate's own `store_init_configuration` writes them into a second run named by the
+    time, so TensorBoard listed every run twice.)"""
+    import yaml
+    from torch.utils.tensorboard.summary import hparams
+
+    writer = tracker.writer
+    for summary in hparams(values, metric_dict={}):
+        writer._get_file_writer().add_summary(summary)
+    writer.flush()
+    files.atomic_write_text(Path(tracker.logging_dir) / HPARAMS_FILE, yaml.safe_dump(values))
 
 
 def after_earlier_event_files(folder: Path) -> None:
