@@ -41,6 +41,7 @@ import onnxruntime as ort
 import torch
 
 from export.spec import DEFAULT_ATOL, VARIANT_KEY
+from vae_dist import files
 from vae_dist.data import splits
 from vae_dist.kinds import MODEL_KINDS
 from vae_dist.models import VAE
@@ -190,8 +191,7 @@ def write_required_operators(ort_files: list[Path], path: Path) -> Path:
     # The tool logs the path it wrote at INFO on a logger of its own set to DEBUG: a temporary
     # path, of no use to the user.
     logging.getLogger("ort_format_model.utils").setLevel(logging.WARNING)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
+    def write(tmp: Path) -> None:
         create_config_from_models([f.resolve() for f in ort_files], tmp, False)
         # The tool lists the models by absolute path; keep only their names, which stay true when
         # the export folder is moved.
@@ -199,9 +199,8 @@ def write_required_operators(ort_files: list[Path], path: Path) -> Path:
             f"# - {Path(line[4:]).name}" if line.startswith("# - ") else line for line in tmp.read_text().splitlines()
         ]
         tmp.write_text("\n".join(lines) + "\n")
-        os.replace(tmp, path)  # `vae-dist verify` rewrites it in a live export folder
-    finally:
-        tmp.unlink(missing_ok=True)
+
+    files.atomic_write(path, write)  # `vae-dist verify` rewrites it in a live export folder
     return path
 
 

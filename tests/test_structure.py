@@ -121,6 +121,49 @@ def test_shipped_configs_and_data_folder_work_in_a_regular_install(tmp_path):
     assert proc.stdout.split() == ["conv", str(tmp_path / "d"), str(tmp_path / "r")], proc.stderr
 
 
+def readme_python_example() -> str:
+    """The first Python block of the README's "Python API" section."""
+    text = (ROOT / "README.md").read_text()
+    section = text[text.index("## Python API") :]
+    start = section.index("```python\n") + len("```python\n")
+    return section[start : section.index("```\n", start)]
+
+
+@pytest.mark.slow
+def test_the_readme_example_runs_in_a_fresh_venv_with_the_package_installed(tmp_path):
+    """A notebook's view: a new virtual environment, the package installed into it (not editable),
+    the README's example run as written from another folder, where the data and runs folders are
+    the ones the environment names."""
+    import venv
+
+    env_dir = tmp_path / "venv"
+    venv.create(env_dir, with_pip=False)
+    python = env_dir / "bin" / "python"
+    site = subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    deps = subprocess.run([sys.executable, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    # The dependencies (torch and the rest) come from the test environment's site-packages, added
+    # as a plain path: its .pth files, the editable install's finder among them, are not run.
+    (Path(site) / "dependencies.pth").write_text(deps + "\n")
+    pip = [python, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", str(ROOT)]
+    proc = subprocess.run(pip, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    work = tmp_path / "notebook"
+    work.mkdir()
+    environment = {"PATH": "/usr/bin:/bin", "VAE_DIST_DATA": str(ROOT / "data"), "VAE_DIST_RUNS": str(work / "runs"),
+                   "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    check = "import vae_dist; print(vae_dist.__file__)\n"
+    proc = subprocess.run([python, "-c", check + readme_python_example()], cwd=work, capture_output=True, text=True,
+                          env=environment, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    where, printed = proc.stdout.strip().splitlines()[0], proc.stdout.strip().splitlines()[-1]
+    assert where.startswith(site), where  # the installed copy, not the checkout
+    name, *rest = printed.split(" ", 1)
+    assert (work / "runs" / name / "model.safetensors").is_file()
+    assert "(16, 1, 28, 28) (8, 1, 28, 28)" in rest[0] and float(rest[0].split()[-1]) > 0
+
+
 def _module_names(package: str) -> dict[str, Path]:
     """Every module of `package` (sub-packages included) by dotted name."""
     found = {}

@@ -20,6 +20,7 @@ import logging
 import os
 import re
 import shutil
+import socket
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -47,9 +48,10 @@ class WriteError(UserError):
 
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     """`write(tmp)` then rename over `path`: a kill or a full disk leaves the old file (or none),
-    never a partial one; a failed write's partial temporary file is removed."""
+    never a partial one; a failed write's partial temporary file is removed. The temporary name is
+    the writing process's own, so processes writing the same file at once never mix their bytes."""
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f".{path.name}.{socket.gethostname()}-{os.getpid()}.tmp")
     try:
         write(tmp)
         os.replace(tmp, path)

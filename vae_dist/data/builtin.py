@@ -11,16 +11,14 @@ from __future__ import annotations
 import gzip
 import logging
 import math
-import os
 import shutil
-import socket
 import struct
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from vae_dist import paths
+from vae_dist import files, paths
 from vae_dist.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -137,25 +135,26 @@ def _locate(directory: Path, info: DatasetInfo) -> dict[str, Path] | None:
     return found
 
 
-def _in_raw_layout(files: dict[str, Path], directory: Path, info: DatasetInfo) -> bool:
+def _in_raw_layout(found: dict[str, Path], directory: Path, info: DatasetInfo) -> bool:
     raw = directory / info.folder / "raw"
-    return all(p.parent == raw and p.suffix != ".gz" for p in files.values())
+    return all(p.parent == raw and p.suffix != ".gz" for p in found.values())
 
 
-def _materialise(files: dict[str, Path], info: DatasetInfo, data_dir: Path) -> None:
+def _copy(src: Path, dst: Path) -> None:
+    with _open(src) as fin, open(dst, "wb") as fout:
+        shutil.copyfileobj(fin, fout)
+
+
+def _materialise(found: dict[str, Path], info: DatasetInfo, data_dir: Path) -> None:
     """Copy (and gunzip) the files into `data_dir/<Folder>/raw/`, where they are read from."""
     raw = data_dir / info.folder / "raw"
     raw.mkdir(parents=True, exist_ok=True)
-    for name, src in files.items():
+    for name, src in found.items():
         dst = raw / name
-        if not dst.is_file():
-            # Per-process name: several processes of one machine may copy at once.
-            tmp = dst.with_name(f"{dst.name}.partial-{socket.gethostname()}-{os.getpid()}")
-            with _open(src) as fin, open(tmp, "wb") as fout:
-                shutil.copyfileobj(fin, fout)
-            tmp.replace(dst)  # a half-written file is never left under the real name
+        if not dst.is_file():  # several processes of one machine may copy at once: each writes its own copy
+            files.atomic_write(dst, lambda tmp, src=src: _copy(src, tmp))
         check_idx(dst)
-    log.info("copied %s into %s", files[ALL_FILES[0]].parent, raw)
+    log.info("copied %s into %s", found[ALL_FILES[0]].parent, raw)
 
 
 def resolve(
@@ -176,28 +175,28 @@ def resolve(
     data_dir = Path(data_dir or paths.data_dir())
     if root:
         root = Path(root)
-        files = _locate(root, info)
-        if files is None:
+        found = _locate(root, info)
+        if found is None:
             raise DataError(
                 f"{given_as} {root} does not hold the {info.pretty} IDX files ({', '.join(ALL_FILES)}, plain or "
                 f".gz, flat or under {info.folder}/raw/); point {given_as} at them, or leave it unset to use {data_dir}"
             )
-        for path in files.values():
+        for path in found.values():
             check_idx(path)
         return root
     system_dirs = info.system_dirs if system_dirs is None else system_dirs
     tried = []
     for directory in [data_dir, *system_dirs]:
-        files = _locate(directory, info)
-        if files is None:
+        found = _locate(directory, info)
+        if found is None:
             tried.append(f"{directory} (no {info.pretty} IDX files)")
             continue
-        for path in files.values():
+        for path in found.values():
             check_idx(path)
-        if directory == data_dir or _in_raw_layout(files, directory, info):
+        if directory == data_dir or _in_raw_layout(found, directory, info):
             return directory
         try:
-            _materialise(files, info, data_dir)
+            _materialise(found, info, data_dir)
         except OSError as e:
             raise DataError(
                 f"cannot copy {info.pretty} into {data_dir} ({e}); make it writable or set data.root"
@@ -217,9 +216,9 @@ def resolve(
 def images_file(name: str, train: bool, root: Path) -> Path:
     """The IDX image file of one split in a folder returned by `resolve`."""
     info = DATASETS[name]
-    files = _locate(Path(root), info)
+    found = _locate(Path(root), info)
     wanted = FILES["train" if train else "test"][0]
-    return files[wanted] if files else Path(root) / info.folder / "raw" / wanted
+    return found[wanted] if found else Path(root) / info.folder / "raw" / wanted
 
 
 def read_images(name: str, train: bool, root: Path, subset: int = 0) -> np.ndarray:
