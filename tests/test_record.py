@@ -7,6 +7,7 @@ import dataclasses
 import json
 
 import pytest
+import torch
 from safetensors.torch import load_file, save_file
 
 from helpers import make_run, python_without
@@ -80,3 +81,26 @@ def test_equal_records_give_equal_metadata():
     a = record.ModelRecord(cfg, (1, 4, 4), "fashion-mnist", versions={"b": "1", "a": "2"})
     b = dataclasses.replace(a, versions={"a": "2", "b": "1"})
     assert list(a.to_metadata().items()) == list(b.to_metadata().items())
+
+
+def test_a_model_file_is_a_function_of_its_weights_and_record(tmp_path):
+    """Two saves, and two identical trainings, give the same bytes; safetensors reads them back."""
+    import hashlib
+
+    from vae_dist.config import load_config
+    from vae_dist.training import train
+
+    model, got = artifacts.load_model(make_run(tmp_path, "r", "conv") / MODEL_FILE)
+    digests = set()
+    for i in range(2):
+        artifacts.save_model(tmp_path / f"{i}.safetensors", model, got)
+        digests.add(hashlib.sha256((tmp_path / f"{i}.safetensors").read_bytes()).hexdigest())
+    assert len(digests) == 1
+    state = load_file(str(tmp_path / "0.safetensors"))
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+    runs = []
+    for name in ("a", "b"):
+        tiny = ["data.train_subset=256", "data.test_subset=64", "train.epochs=1", "train.batch_size=64"]
+        cfg = load_config("linear", [*tiny, f"run.output_dir={tmp_path / 'runs'}", f"run.name={name}"])
+        runs.append(train(cfg, cpu=True).run_dir / MODEL_FILE)
+    assert runs[0].read_bytes() == runs[1].read_bytes()

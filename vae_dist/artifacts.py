@@ -3,8 +3,11 @@ the image grids."""
 
 from __future__ import annotations
 
+import json
 import math
+import struct
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -22,13 +25,30 @@ MIN_CELL_PIXELS = 84  # grids are upscaled (nearest neighbour) until each image 
 
 
 def save_model(path: Path, model: VAE, record: ModelRecord) -> None:
-    """Weights in safetensors; in its header, the record that rebuilds the model. The same weights
-    and record always give the same bytes (tensors and metadata keys sorted)."""
-    from safetensors.torch import save_file
-
+    """Weights in safetensors; in its header, the record that rebuilds the model. The bytes are a
+    function of the weights and the record alone (see `safetensors_bytes`)."""
     state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in model.state_dict().items()}
-    tensors, metadata = dict(sorted(state.items())), record.to_metadata()
-    files.atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+    blob = safetensors_bytes(state, record.to_metadata())
+    files.atomic_write(path, lambda tmp: tmp.write_bytes(blob))
+
+
+def safetensors_bytes(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> bytes:
+    """The safetensors encoding of float32 `tensors` with `metadata`, every key of its header in
+    sorted order. (The safetensors library writes the metadata in its hash map's order, which
+    changes from one process to the next, so equal models got different bytes.) The format: the
+    header's length (8 bytes, little-endian), the header as JSON padded with spaces to a multiple
+    of 8 bytes, then each tensor's little-endian bytes at the offsets the header gives."""
+    header: dict[str, Any] = {"__metadata__": dict(sorted(metadata.items()))}
+    blobs, offset = [], 0
+    for name in sorted(tensors):
+        tensor = tensors[name].detach().to("cpu", torch.float32).contiguous()
+        blob = tensor.numpy().astype("<f4").tobytes()
+        header[name] = {"dtype": "F32", "shape": list(tensor.shape), "data_offsets": [offset, offset + len(blob)]}
+        blobs.append(blob)
+        offset += len(blob)
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    text += b" " * (-len(text) % 8)
+    return struct.pack("<Q", len(text)) + text + b"".join(blobs)
 
 
 def load_model(path: str | Path) -> tuple[VAE, ModelRecord]:
