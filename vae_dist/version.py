@@ -1,1 +1,3 @@
-__version__ = "0.1.0"  # the one place; pyproject.toml reads it
+"""The package's version, in one place: pyproject.toml and `vae-dist --version` read it."""
+
+__version__ = "0.1.0"
