@@ -49,7 +49,7 @@ from export.manifest import read_manifest
 from export.pipeline import find_latest_exports, resolve_run
 from export.spec import ONNX_DIR, SubModelSpec, vae_specs
 from export.variants import FP32, VARIANTS
-from vae_dist import artifacts, paths
+from vae_dist import artifacts, files, paths
 from vae_dist.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -446,6 +446,11 @@ def _batch_sizes(ctx, param, value: str) -> list[int]:
 def main(runs, output_dir, threads, seconds, warmup, batch_sizes, json_path, io_binding, check):
     """Benchmark exported VAEs and their edge variants on onnxruntime CPU against PyTorch eager."""
     logging.basicConfig(format="%(asctime)s %(levelname)s %(message)s", level=logging.WARNING)
+    try:
+        files.check_json_output(json_path, FORMAT)
+    except UserError as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(2)
     latest = {} if runs else find_latest_exports(output_dir)
     targets = list(runs) or list(latest.values())
     if latest:

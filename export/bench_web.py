@@ -22,10 +22,11 @@ import click
 import numpy as np
 
 from export import sample, web
-from vae_dist import paths, runs
+from vae_dist import files, paths, runs
 from vae_dist.data import builtin
 from vae_dist.errors import UserError
 
+FORMAT = "vae-dist-bench-web/1"  # the result file's "format"
 BATCHES = (1, 64)
 REDRAW_GOAL_MS = 16.0  # one frame at 60 Hz
 LINEAR_GOAL = 4.0
@@ -116,6 +117,11 @@ def main(run_names, output_dir, repeats, screenshot, json_path):
     """Decode latency in headless Chromium against native onnxruntime."""
     from playwright.sync_api import sync_playwright
 
+    try:
+        files.check_json_output(Path(json_path), FORMAT, frozenset({"chromium", "results"}))
+    except UserError as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(2)
     if run_names:
         folders = {name: runs.locate(name, output_dir) / runs.ONNX_DIR for name in run_names}
     else:
@@ -156,7 +162,8 @@ def main(run_names, output_dir, repeats, screenshot, json_path):
             mark = "met" if ratio <= LINEAR_GOAL else "NOT met"
             click.echo(f"linear batch 1, browser / native: {ratio:.2f}x (goal <= {LINEAR_GOAL:g}x: {mark})")
     Path(json_path).parent.mkdir(parents=True, exist_ok=True)
-    Path(json_path).write_text(json.dumps({"chromium": version, "results": results}, indent=1) + "\n")
+    result = {"format": FORMAT, "chromium": version, "results": results}
+    Path(json_path).write_text(json.dumps(result, indent=1) + "\n")
 
 
 if __name__ == "__main__":

@@ -134,46 +134,56 @@ def export_run(
     variant to be "verified" rather than "rejected".
     """
     run_dir, model_path = resolve_run(run)
-    model, record = artifacts.load_model(model_path)
-    specs = vae_specs(model, atol)
-    vers = versions()
-    recorded = recorded_test_images(run_dir, record)
-    final = run_dir / ONNX_DIR
-    files.restore_moved_aside(run_dir / FAILED_DIR)
-    staging = None
-    try:
-        with files.writing(run_dir):
-            staging = files.new_staging(final)  # also puts back an export a kill left aside
-        for spec in specs:
-            with files.writing(staging / spec.filename):
-                export_submodel(model, spec, staging / spec.filename, opset, onnx_metadata(spec, record, opset, vers))
-        report = verify_export(staging, model, record, atol, data_root, elbo_tol=elbo_tol, recorded_images=recorded)
-        manifest = manifest_lib.new_manifest(run_dir, model_path, record, opset, vers)
-        manifest = manifest_lib.record_verification(manifest, staging, specs, report.to_dict())
-        section, operators = {}, None
-        if report.passed:  # variants are made from verified fp32 files only
-            section = make_variants(staging, model, record, variants, quality_budget, data_root, fp32_report=report)
-            operators = write_operator_config(staging, section)
-        manifest = manifest_lib.record_variants(manifest, section, quality_budget, operators)
-        with files.writing(staging / MANIFEST_FILE):
-            manifest_lib.write_manifest(staging, manifest)
-        if not report.passed:
-            final = run_dir / FAILED_DIR
-        with files.writing(final):
-            files.publish(staging, final)
-    except BaseException as e:
-        if staging is not None:
-            shutil.rmtree(staging, ignore_errors=True)
-        found = None if isinstance(e, files.WriteError) else files.failure_reason(e, run_dir)
-        if not isinstance(e, files.WriteError) and not (found and found[1]):  # only a full disk, found anywhere
-            raise
-        raise _export_not_written(run_dir, staging or final, e) from None
-    if report.passed:
-        shutil.rmtree(run_dir / FAILED_DIR, ignore_errors=True)  # superseded by a good export
-        log.info("export of %s verified: %s", run_dir, final)
-    else:
-        log.error("export of %s failed verification; files kept in %s", run_dir, final)
-    return ExportResult(run_dir, final, report, manifest)
+    with files.one_writer(run_dir / ONNX_DIR, f"the export of {run_dir}", "wait for it to end"):
+        model, record = artifacts.load_model(model_path)
+        specs = vae_specs(model, atol)
+        vers = versions()
+        recorded = recorded_test_images(run_dir, record)
+        final = run_dir / ONNX_DIR
+        files.restore_moved_aside(run_dir / FAILED_DIR)
+        refuse_what_is_not_an_export(run_dir)
+        staging = None
+        try:
+            with files.writing(run_dir):
+                staging = files.new_staging(final)  # also puts back an export a kill left aside
+            for spec in specs:
+                metadata = onnx_metadata(spec, record, opset, vers)
+                with files.writing(staging / spec.filename):
+                    export_submodel(model, spec, staging / spec.filename, opset, metadata)
+            report = verify_export(staging, model, record, atol, data_root, elbo_tol=elbo_tol, recorded_images=recorded)
+            manifest = manifest_lib.new_manifest(run_dir, model_path, record, opset, vers)
+            manifest = manifest_lib.record_verification(manifest, staging, specs, report.to_dict())
+            section, operators = {}, None
+            if report.passed:  # variants are made from verified fp32 files only
+                section = make_variants(staging, model, record, variants, quality_budget, data_root, fp32_report=report)
+                operators = write_operator_config(staging, section)
+            manifest = manifest_lib.record_variants(manifest, section, quality_budget, operators)
+            with files.writing(staging / MANIFEST_FILE):
+                manifest_lib.write_manifest(staging, manifest)
+            if not report.passed:
+                final = run_dir / FAILED_DIR
+            with files.writing(final):
+                files.publish(staging, final)
+        except BaseException as e:
+            if staging is not None:
+                shutil.rmtree(staging, ignore_errors=True)
+            found = None if isinstance(e, files.WriteError) else files.failure_reason(e, run_dir)
+            if not isinstance(e, files.WriteError) and not (found and found[1]):  # only a full disk, found anywhere
+                raise
+            raise _export_not_written(run_dir, staging or final, e) from None
+        if report.passed:
+            shutil.rmtree(run_dir / FAILED_DIR, ignore_errors=True)  # superseded by a good export
+            log.info("export of %s verified: %s", run_dir, final)
+        else:
+            log.error("export of %s failed verification; files kept in %s", run_dir, final)
+        return ExportResult(run_dir, final, report, manifest)
+
+
+def refuse_what_is_not_an_export(run_dir: Path) -> None:
+    """RUN/onnx and RUN/onnx-failed are replaced whole: only an earlier export may be there."""
+    for folder in (run_dir / ONNX_DIR, run_dir / FAILED_DIR):
+        if folder.exists() and not (folder / MANIFEST_FILE).is_file() and not files.moved_aside(folder):
+            raise UserError(f"{folder} exists and is not an export (no {MANIFEST_FILE}); move it away first")
 
 
 def recorded_test_images(run_dir: Path, record: ModelRecord) -> int | None:
@@ -229,44 +239,45 @@ def verify_run(
     export used); their verdicts do not change the returned report.
     """
     run_dir, model_path = resolve_run(run)
-    onnx_dir = run_dir / ONNX_DIR
-    files.restore_moved_aside(onnx_dir)
-    if not onnx_dir.is_dir():
-        raise UserError(f"{onnx_dir} not found; export the run first (vae-dist export {run_dir})")
-    model, record = artifacts.load_model(model_path)
-    specs = vae_specs(model, atol)
-    recorded = recorded_test_images(run_dir, record)
-    report = verify_export(onnx_dir, model, record, atol, data_root, elbo_tol=elbo_tol, recorded_images=recorded)
-    previous, rebuilt = _previous_manifest(run_dir, model_path, record, onnx_dir, specs)
-    if not rebuilt and previous.get("source", {}).get("sha256") != manifest_lib.file_record(model_path)["sha256"]:
-        report.checks.insert(
-            0, Check("", "source", False, f"{model_path.name} changed since the export; export the run again")
-        )
-    manifest = manifest_lib.record_verification(previous, onnx_dir, specs, report.to_dict())
-    try:
-        if manifest.get("variants"):
-            budget = quality_budget if quality_budget is not None else manifest.get("quality_budget", QUALITY_BUDGET)
-            section = reverify_variants(
-                onnx_dir, model, record, manifest["variants"], budget, data_root, fp32_report=report
+    with files.one_writer(run_dir / ONNX_DIR, f"the export of {run_dir}", "wait for it to end"):
+        onnx_dir = run_dir / ONNX_DIR
+        files.restore_moved_aside(onnx_dir)
+        if not onnx_dir.is_dir():
+            raise UserError(f"{onnx_dir} not found; export the run first (vae-dist export {run_dir})")
+        model, record = artifacts.load_model(model_path)
+        specs = vae_specs(model, atol)
+        recorded = recorded_test_images(run_dir, record)
+        report = verify_export(onnx_dir, model, record, atol, data_root, elbo_tol=elbo_tol, recorded_images=recorded)
+        previous, rebuilt = _previous_manifest(run_dir, model_path, record, onnx_dir, specs)
+        if not rebuilt and previous.get("source", {}).get("sha256") != manifest_lib.file_record(model_path)["sha256"]:
+            report.checks.insert(
+                0, Check("", "source", False, f"{model_path.name} changed since the export; export the run again")
             )
-            operators = write_operator_config(onnx_dir, section) if rebuilt else manifest.get("required_operators")
-            manifest = manifest_lib.record_variants(manifest, section, budget, operators)
-        with files.writing(onnx_dir / MANIFEST_FILE):
-            manifest_lib.write_manifest(onnx_dir, manifest)
-    except files.WriteError as e:  # both files are replaced whole, so the old ones are still there
-        raise files.WriteError(
-            f"{e} while recording the verdict; {onnx_dir} is as it was; "
-            + ("free some space (or raise the quota or file size limit)" if e.no_room else "make the folder writable")
-            + " and run verify again",
-            e.path,
-            e.reason,
-            e.no_room,
-        ) from None
-    if report.passed:  # the verdict comes last, after every check including the source's
-        log.info("%s verified", onnx_dir)
-    else:
-        log.error("%s failed %d check(s)", onnx_dir, len(report.failures()))
-    return report, onnx_dir
+        manifest = manifest_lib.record_verification(previous, onnx_dir, specs, report.to_dict())
+        try:
+            if manifest.get("variants"):
+                budget = manifest.get("quality_budget", QUALITY_BUDGET) if quality_budget is None else quality_budget
+                section = reverify_variants(
+                    onnx_dir, model, record, manifest["variants"], budget, data_root, fp32_report=report
+                )
+                operators = write_operator_config(onnx_dir, section) if rebuilt else manifest.get("required_operators")
+                manifest = manifest_lib.record_variants(manifest, section, budget, operators)
+            with files.writing(onnx_dir / MANIFEST_FILE):
+                manifest_lib.write_manifest(onnx_dir, manifest)
+        except files.WriteError as e:  # both files are replaced whole, so the old ones are still there
+            raise files.WriteError(
+                f"{e} while recording the verdict; {onnx_dir} is as it was; "
+                + ("free some space (or raise the quota or file size limit)" if e.no_room else "make it writable")
+                + " and run verify again",
+                e.path,
+                e.reason,
+                e.no_room,
+            ) from None
+        if report.passed:  # the verdict comes last, after every check including the source's
+            log.info("%s verified", onnx_dir)
+        else:
+            log.error("%s failed %d check(s)", onnx_dir, len(report.failures()))
+        return report, onnx_dir
 
 
 def _previous_manifest(

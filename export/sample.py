@@ -295,6 +295,12 @@ def find_default_model_dir(runs: Path) -> Path:
     raise SampleError(f"no --model-dir given and no verified export under {runs}/; pass --model-dir RUN/onnx")
 
 
+def aside_copies(onnx_dir: Path) -> list[Path]:
+    """The copies of an export folder that vae-dist's replacement of it (vae_dist/files.py: publish)
+    leaves as .onnx.old-PID when it is killed between its two renames."""
+    return sorted(p for p in onnx_dir.parent.glob(f".{onnx_dir.name}.old-*") if p.is_dir())
+
+
 def load_models(args: argparse.Namespace, roles: tuple[str, ...]) -> dict[str, Model]:
     """The models for `roles`: --encoder/--decoder if given, else from the model folder."""
     explicit = {"encoder": args.encoder, "decoder": args.decoder}
@@ -305,10 +311,16 @@ def load_models(args: argparse.Namespace, roles: tuple[str, ...]) -> dict[str, M
             folder = find_default_model_dir(args.runs)
             newest = f"the newest verified export under {args.runs}/"
             print(f"no --model-dir given: using {folder}, {newest}", file=sys.stderr)
-        if not folder.is_dir():
-            raise SampleError(f"{folder}: no such folder")
         if not (folder / "encoder.onnx").exists() and (folder / ONNX_DIR).is_dir():
             folder = folder / ONNX_DIR  # a run directory was given
+        set_aside = aside_copies(folder if folder.name == ONNX_DIR or not folder.is_dir() else folder / ONNX_DIR)
+        if set_aside and not (folder / MANIFEST_FILE).is_file():
+            raise SampleError(
+                f"the export in {set_aside[0].parent} was left aside as {set_aside[0].name} by a replacement that did "
+                f"not finish; `vae-dist verify {set_aside[0].parent}` puts it back (or rename it to {ONNX_DIR})"
+            )
+        if not folder.is_dir():
+            raise SampleError(f"{folder}: no such folder")
         if not (folder / MANIFEST_FILE).is_file():
             raise SampleError(
                 f"{folder} holds no verified export (no {MANIFEST_FILE}); export the run first "
@@ -389,6 +401,11 @@ def read_png(path: Path, shape: tuple[int, int, int], fit: dict[str, Any] | None
     if c not in (1, 3):
         raise SampleError(f"the model takes {c}-channel images; image files can give 1 or 3 channels")
     try:
+        with open(path, "rb") as f:  # vae_dist.data.images.unsupported, repeated
+            head = f.read(26)
+        if head[:8] == PNG_SIGNATURE and head[12:16] == b"IHDR" and head[24] == 16 and head[25] == 4:
+            raise SampleError(f"{path} is a 16-bit grey PNG with transparency, which Pillow cannot read faithfully; "
+                              "save it with 8 bits")
         with Image.open(path) as img:
             img.seek(0)
             img.load()
@@ -472,6 +489,29 @@ def tile(rows: list[list[np.ndarray]], scale: int | None = None) -> np.ndarray:
     return pixels.repeat(s, axis=1).repeat(s, axis=2)
 
 
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def check_out(out: Path) -> None:
+    """`--out` may name a new file or a PNG, what the sampler writes; anything else (a model file,
+    an export's manifest, a folder) is refused before any work, so no result of another step is
+    ever replaced."""
+    if out.is_dir():
+        raise SampleError(f"--out {out} is a folder; name the PNG file to write")
+    if out.exists():
+        try:
+            with open(out, "rb") as f:
+                head = f.read(len(PNG_SIGNATURE))
+        except OSError as e:
+            raise SampleError(f"--out {out} cannot be read ({e.strerror or e}); choose another --out") from None
+        if head != PNG_SIGNATURE:
+            raise SampleError(
+                f"--out {out} exists and is not a PNG; the sampler replaces only PNG files: choose another --out"
+            )
+    if not out.parent.is_dir():
+        raise SampleError(f"cannot write {out}: folder {out.parent} does not exist")
+
+
 def save_png(pixels: np.ndarray, out: Path) -> None:
     from PIL import Image
 
@@ -544,7 +584,9 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
-def at_least(low: int):
+def at_least(low: int, high: int | None = None):
+    """An integer option from `low` to `high`: a value past either is refused with the limit."""
+
     def parse(text: str) -> int:
         try:
             value = int(text)
@@ -552,9 +594,20 @@ def at_least(low: int):
             raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
         if value < low:
             raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
+        if high is not None and value > high:
+            raise argparse.ArgumentTypeError(f"must be at most {high}, got {value}")
         return value
 
     return parse
+
+
+# Bounds that keep a command within a device's means: a grid of at most MAX_IMAGES images (a
+# 64x64 colour grid of 4096 is about 50 MB), cells at most MAX_SCALE times their size, and no more
+# threads than a machine could run.
+MAX_IMAGES = 4096
+MAX_SCALE = 16
+MAX_THREADS = 256
+MAX_SEED = 2**63 - 1
 
 
 def build_parser() -> Parser:
@@ -570,12 +623,12 @@ def build_parser() -> Parser:
     )
     common.add_argument(
         "--scale",
-        type=at_least(1),
+        type=at_least(1, MAX_SCALE),
         help=f"pixels per image pixel in the PNG [default: enough for images {MIN_CELL_PIXELS} pixels wide]",
     )
     common.add_argument("--encoder", type=Path, help="encoder file, instead of the one in --model-dir")
     common.add_argument("--decoder", type=Path, help="decoder file, instead of the one in --model-dir")
-    common.add_argument("--threads", type=at_least(1), default=1, help="onnxruntime threads [default: 1]")
+    common.add_argument("--threads", type=at_least(1, MAX_THREADS), default=1, help="onnxruntime threads [default: 1]")
     common.add_argument(
         "--variant",
         choices=[*VARIANT_INFIXES, "int8"],
@@ -598,8 +651,8 @@ def build_parser() -> Parser:
     sub = parser.add_subparsers(dest="mode", required=True, metavar="{sample,reconstruct,interpolate}")
 
     p = sub.add_parser("sample", parents=[common], help="draw N images from the prior into a grid")
-    p.add_argument("-n", "--num", type=at_least(1), default=64, help="number of samples [default: 64]")
-    p.add_argument("--seed", type=int, help="seed of the latent draws; same seed, same PNG bytes")
+    p.add_argument("-n", "--num", type=at_least(1, MAX_IMAGES), default=64, help="number of samples [default: 64]")
+    p.add_argument("--seed", type=at_least(0, MAX_SEED), help="seed of the latent draws; same seed, same PNG bytes")
     p.add_argument("--per-row", type=at_least(1), help="images per grid row [default: about sqrt(N)]")
     p.add_argument("--out", type=Path, default=Path("samples.png"), help="PNG to write [default: samples.png]")
     p.set_defaults(func=cmd_sample)
@@ -609,7 +662,9 @@ def build_parser() -> Parser:
         "images", nargs="*", help="image files (PNG, JPEG, ...): any size for a prepared dataset's model, else its size"
     )
     p.add_argument("--idx", help="IDX image file (optionally .gz), e.g. the test split")
-    p.add_argument("-n", "--num", type=at_least(1), default=8, help="images taken from --idx [default: 8]")
+    p.add_argument(
+        "-n", "--num", type=at_least(1, MAX_IMAGES), default=8, help="images taken from --idx [default: 8]"
+    )
     p.add_argument("--start", type=at_least(0), default=0, help="first image taken from --idx [default: 0]")
     p.add_argument("--per-row", type=at_least(1), default=8, help="pairs per grid row [default: 8]")
     p.add_argument(
@@ -628,7 +683,9 @@ def build_parser() -> Parser:
         metavar=("I", "J"),
         help="image indices in --idx [default: 0 1]",
     )
-    p.add_argument("--steps", type=at_least(2), default=10, help="decoded points, ends included [default: 10]")
+    p.add_argument(
+        "--steps", type=at_least(2, MAX_IMAGES), default=10, help="decoded points, ends included [default: 10]"
+    )
     p.add_argument(
         "--out", type=Path, default=Path("interpolation.png"), help="PNG to write [default: interpolation.png]"
     )
@@ -645,6 +702,7 @@ def main(argv: list[str] | None = None) -> int:
                 __import__(module)
             except ImportError:
                 raise SampleError(f"{module} is not installed (pip install onnxruntime numpy pillow)") from None
+        check_out(args.out)
         print(args.func(args))
     except SampleError as e:
         print(f"{parser.prog}: error: {e}", file=sys.stderr)

@@ -28,6 +28,7 @@ from datetime import datetime, timezone
 from functools import partial
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote
 
 import click
 import numpy as np
@@ -37,6 +38,7 @@ from export.cli import EXIT_INTERRUPTED, EXIT_USAGE, setup_logging
 from vae_dist import files, paths, runs
 from vae_dist.data import builtin, splits
 from vae_dist.errors import UserError
+from vae_dist.record import read as read_record
 
 log = logging.getLogger(__name__)
 
@@ -169,6 +171,7 @@ def find_export(run: str | None, output_dir: Path, variant: str) -> Export:
         folder = newest_export(output_dir)
     else:
         folder = runs.locate(run, output_dir)
+        files.restore_moved_aside(folder / runs.ONNX_DIR)  # an export a kill left aside mid-swap
         if (folder / runs.ONNX_DIR).is_dir() and not (folder / runs.MANIFEST_FILE).is_file():
             folder = folder / runs.ONNX_DIR
         if not folder.is_dir():
@@ -194,8 +197,17 @@ def find_export(run: str | None, output_dir: Path, variant: str) -> Export:
 
 
 def test_images(export: Export, where: str | Path | None) -> np.ndarray:
-    """The first TEST_IMAGES images of the model's test split, uint8 [n, C, H, W]."""
-    dataset = (export.manifest.get("model") or {}).get("dataset")
+    """The first TEST_IMAGES images of the model's test split, uint8 [n, C, H, W], from the data set
+    that the run's model file names: the file the export was verified from (its sha256 is in the
+    manifest), not the manifest's own copy of the name, which no hash covers."""
+    model_path = export.folder.parent / runs.MODEL_FILE
+    source = (export.manifest.get("source") or {}).get("sha256")
+    if not model_path.is_file() or sample.file_sha256(model_path) != source:
+        raise WebError(
+            f"{model_path} is missing or is not the model {export.folder} was verified from; the site takes its "
+            "test images from the data set that model names: export the run again (vae-dist export RUN)"
+        )
+    dataset = read_record(model_path).dataset
     images = splits.split_for_model(dataset, export.image_shape, False, where)
     return images[:TEST_IMAGES].numpy()
 
@@ -271,29 +283,31 @@ def build_site(export: Export, out: Path, where: str | Path | None = None) -> di
     """Write the site of `export` into `out` whole: staged beside it, then swapped in (the old site
     stays as it was if anything fails). An `out` that holds anything but an earlier site is refused."""
     out = check_out(out, export)
-    images = test_images(export, where)
-    dist = runtime_dist()
-    staging = None
-    try:
-        staging = files.new_staging(out)
-        (staging / "ort").mkdir()
-        (staging / "models").mkdir()
-        for name in PAGE_FILES:
-            shutil.copyfile(SITE_SOURCE / name, staging / name)
-        for name in RUNTIME_FILES:
-            shutil.copyfile(dist / name, staging / "ort" / name)
-        for path in export.files.values():
-            shutil.copyfile(path, staging / "models" / path.name)
-        np.ascontiguousarray(images, dtype=np.uint8).tofile(staging / TEST_IMAGES_FILE)
-        facts = site_facts(export, staging, images)
-        (staging / SITE_FILE).write_text(json.dumps(facts, indent=1) + "\n")
-        files.publish(staging, out)
-    except OSError as e:
-        raise WebError(f"cannot write the site into {out} ({e.strerror or e}); an earlier site is unchanged") from None
-    finally:
-        if staging is not None:
-            shutil.rmtree(staging, ignore_errors=True)
-    return facts
+    with files.one_writer(out, f"the site {out}", "wait for it to end"):
+        images = test_images(export, where)
+        dist = runtime_dist()
+        staging = None
+        try:
+            staging = files.new_staging(out)
+            (staging / "ort").mkdir()
+            (staging / "models").mkdir()
+            for name in PAGE_FILES:
+                shutil.copyfile(SITE_SOURCE / name, staging / name)
+            for name in RUNTIME_FILES:
+                shutil.copyfile(dist / name, staging / "ort" / name)
+            for path in export.files.values():
+                shutil.copyfile(path, staging / "models" / path.name)
+            np.ascontiguousarray(images, dtype=np.uint8).tofile(staging / TEST_IMAGES_FILE)
+            facts = site_facts(export, staging, images)
+            (staging / SITE_FILE).write_text(json.dumps(facts, indent=1) + "\n")
+            files.publish(staging, out)
+        except OSError as e:
+            reason = e.strerror or e
+            raise WebError(f"cannot write the site into {out} ({reason}); an earlier site is unchanged") from None
+        finally:
+            if staging is not None:
+                shutil.rmtree(staging, ignore_errors=True)
+        return facts
 
 
 class Handler(http.server.SimpleHTTPRequestHandler):
@@ -304,6 +318,12 @@ class Handler(http.server.SimpleHTTPRequestHandler):
     def end_headers(self):
         self.send_header("Cache-Control", "no-cache")  # a rebuilt site is picked up on reload
         super().end_headers()
+
+    def send_head(self):
+        if "\0" in unquote(self.path):  # no file has such a name; os.path would raise on it
+            self.send_error(400, "a path with a NUL character")
+            return None
+        return super().send_head()
 
     def log_message(self, format, *args):  # quiet: one line per failed request only
         if args and str(args[1] if len(args) > 1 else "").startswith(("4", "5")):
@@ -363,7 +383,8 @@ def web_command(run, variant, out, serve, port, where, output_dir):
     sizes = ", ".join(f"{Path(f['path']).name} {f['size'] / 1e6:.2f} MB" for f in facts["files"].values())
     click.echo(f"{out}: {facts['run']} ({facts['variant']}: {sizes})")
     if server is None:
-        click.echo(f"open it: python3 -m http.server -d {out} 8000, then http://127.0.0.1:8000/ (or any static host)")
+        serve = f"python3 -m http.server -d {out} --bind 127.0.0.1 8000"
+        click.echo(f"open it: {serve}, then http://127.0.0.1:8000/ (or any static host)")
         return
     server.RequestHandlerClass = partial(Handler, directory=str(out))
     click.echo(f"serving {out} at http://127.0.0.1:{server.server_address[1]}/ (Ctrl-C stops)")

@@ -1,31 +1,40 @@
 """What several test modules share: the tiny runs, the commands they launch, the harness that
-makes torch unimportable, and the constants they agree on. Fixtures live in conftest.py."""
+makes torch unimportable, the files they write or damage, and the constants they agree on.
+Fixtures live in conftest.py."""
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import gzip
+import hashlib
+import json
 import os
 import resource
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import click
+import numpy as np
 import torch
 from safetensors.torch import load_file
 
 from vae_dist import artifacts
-from vae_dist.config import ModelConfig
+from vae_dist.config import Config, ModelConfig
 from vae_dist.data import builtin
 from vae_dist.models import build_model
 from vae_dist.record import ModelRecord
-from vae_dist.runs import MODEL_FILE
+from vae_dist.runs import METRICS_FILE, MODEL_FILE
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
+VAE_DIST = str(BIN / "vae-dist")  # the installed command
 TRAIN = str(ROOT / "vae_dist" / "train.py")
 EVALUATE = str(ROOT / "vae_dist" / "evaluate.py")
 SHAPE = (1, 28, 28)  # Fashion-MNIST
@@ -81,6 +90,41 @@ def fashion_test_idx() -> Path:
     return builtin.images_file("fashion-mnist", False, builtin.resolve("fashion-mnist", download=False))
 
 
+# ---------------------------------------------------------------- tiny real runs
+
+# A real run in a few seconds: the first 256 training images in 4 steps of 64, the first 64 test images.
+TINY_RUN = {"data.train_subset": 256, "data.test_subset": 64, "train.epochs": 1, "train.batch_size": 64}
+
+
+def _config_keys() -> dict[str, str]:
+    """Each config key's name -> its `section.key`, for the names that one section alone has."""
+    keys: dict[str, list[str]] = {}
+    for section in dataclasses.fields(Config):
+        for f in dataclasses.fields(section.default_factory()):
+            keys.setdefault(f.name, []).append(f"{section.name}.{f.name}")
+    return {name: found[0] for name, found in keys.items() if len(found) == 1}
+
+
+def tiny_overrides(**changes) -> list[str]:
+    """The overrides ("section.key=value") of a tiny run: TINY_RUN, with `changes` by key name
+    (`train_subset=512`, `hidden_dims=[32]`); None leaves that key to the config's own value."""
+    keys, values = _config_keys(), dict(TINY_RUN)
+    for name, value in changes.items():
+        if name not in keys:
+            raise TypeError(f"tiny_overrides: {name!r} is not the name of one config key; append 'section.key=...'")
+        values[keys[name]] = value
+    overrides = []
+    for key, value in values.items():
+        if value is not None:
+            overrides.append(f"{key}={value if isinstance(value, str) else json.dumps(value)}")
+    return overrides
+
+
+def set_options(overrides: list[str]) -> list[str]:
+    """`overrides` as a command line gives them: `--set KEY=VALUE` each."""
+    return [arg for override in overrides for arg in ("--set", override)]
+
+
 # ---------------------------------------------------------------- launching training
 
 
@@ -90,20 +134,28 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch_cmd(nproc: int, script_args: list[str], extra: list[str] | None = None, script: str = TRAIN) -> list[str]:
-    """`accelerate launch` of `script` (the training script) on `nproc` CPU processes (real DDP over gloo)."""
+def launch_cmd(
+    nproc: int,
+    script_args: list[str],
+    extra: list[str] | None = None,
+    script: str = TRAIN,
+    machines: int = 1,
+    port: int | None = None,
+) -> list[str]:
+    """`accelerate launch` of `script` (the training script) on `nproc` CPU processes in all (real DDP
+    over gloo), on `machines` machines that meet at `port` (a free one unless given)."""
     cmd = [
         str(BIN / "accelerate"),
         "launch",
         "--num_machines",
-        "1",
+        str(machines),
         "--mixed_precision",
         "no",
         "--dynamo_backend",
         "no",
     ]
     if nproc > 1:
-        cmd += ["--multi_gpu", "--num_processes", str(nproc), "--main_process_port", str(free_port())]
+        cmd += ["--multi_gpu", "--num_processes", str(nproc), "--main_process_port", str(port or free_port())]
     else:
         cmd += ["--num_processes", "1"]
     return cmd + (extra or []) + [script, *script_args]
@@ -117,14 +169,28 @@ def env() -> dict[str, str]:
 
 
 def run(
-    cmd: list[str], timeout: float = 600, check: bool = True, cwd: Path = ROOT, preexec_fn=None
+    cmd: list[str],
+    timeout: float = 600,
+    check: bool = True,
+    cwd: Path = ROOT,
+    preexec_fn=None,
+    environ: Mapping[str, str] | None = None,
 ) -> subprocess.CompletedProcess:
+    """Run `cmd` to its end in `cwd`, with the environment `environ` (by default env()), its output
+    captured; with `check`, a non-zero exit status fails the test and shows the output's end."""
+    environ = env() if environ is None else dict(environ)
     proc = subprocess.run(
-        cmd, capture_output=True, text=True, timeout=timeout, cwd=cwd, env=env(), preexec_fn=preexec_fn
+        cmd, capture_output=True, text=True, timeout=timeout, cwd=cwd, env=environ, preexec_fn=preexec_fn
     )
     if check and proc.returncode != 0:
         raise AssertionError(f"{cmd} exited {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
     return proc
+
+
+def start(cmd: list[str], cwd: Path = ROOT, environ: Mapping[str, str] | None = None, **popen) -> subprocess.Popen:
+    """Start `cmd` as `run` would, for a test that watches it, signals it or waits for it itself;
+    `popen`: subprocess.Popen's other arguments (stdout, stderr, text, start_new_session)."""
+    return subprocess.Popen(cmd, cwd=cwd, env=env() if environ is None else dict(environ), **popen)
 
 
 def weights(path: Path) -> dict[str, torch.Tensor]:
@@ -154,13 +220,8 @@ sys.modules.update(dict.fromkeys({blocked!r}))
 
 def python_without(blocked: tuple[str, ...], code: str, cwd: Path = ROOT, timeout: float = 120, args=()):
     """Run `code` in a fresh Python where the modules `blocked` cannot be imported."""
-    return subprocess.run(
-        [sys.executable, "-c", BLOCKER.format(blocked=set(blocked)) + code, *args],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=env(),
+    return run(
+        [sys.executable, "-c", BLOCKER.format(blocked=set(blocked)) + code, *args], timeout, check=False, cwd=cwd
     )
 
 
@@ -223,8 +284,86 @@ def full_disk(folder: Path, free_bytes: int):
         folder.rmdir()
         shutil.move(aside, folder)
 
+    yield file_size_limit(free_bytes), "RLIMIT_FSIZE"
+
+
+def file_size_limit(max_bytes: int) -> Callable[[], None]:
+    """A preexec_fn: the process may write no file larger than `max_bytes`; such a write fails
+    (EFBIG, SIGXFSZ ignored) instead of killing the process."""
+
     def limit():
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-        resource.setrlimit(resource.RLIMIT_FSIZE, (free_bytes, free_bytes))
+        resource.setrlimit(resource.RLIMIT_FSIZE, (max_bytes, max_bytes))
 
-    yield limit, "RLIMIT_FSIZE"
+    return limit
+
+
+# ---------------------------------------------------------------- files written, read back or damaged
+
+
+def file_hashes(root: Path, patterns: tuple[str, ...] = ("**/*",), each_matches: bool = False) -> dict[str, str]:
+    """The sha256 of each file under `root` that one of the globs `patterns` matches, by its path
+    relative to `root`: two compare equal when no file was added, removed or changed. With
+    `each_matches`, a pattern that matches no file fails the test (its check would be empty)."""
+    found = {}
+    for pattern in patterns:
+        files = [p for p in root.glob(pattern) if p.is_file()]
+        assert files or not each_matches, f"{pattern!r} matches no file: the unchanged-check would be empty"
+        found.update({str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in files})
+    return found
+
+
+def json_lines(path: Path) -> list[dict]:
+    """Each line of a JSON-lines file, parsed; a torn line fails the test (the library's reader
+    drops it)."""
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    """A run's metrics log, one record per epoch."""
+    return json_lines(run_dir / METRICS_FILE)
+
+
+def idx_bytes(array) -> bytes:
+    """`array` (numpy or torch, of any shape) as an IDX file of unsigned bytes, as the MNIST files are."""
+    values = np.asarray(array).astype(np.uint8)
+    return bytes([0, 0, 8, values.ndim]) + struct.pack(f">{values.ndim}I", *values.shape) + values.tobytes()
+
+
+def write_idx(path: Path, array) -> Path:
+    """`array` as an IDX file at `path`, gzipped (the same bytes each time) when the name ends in .gz."""
+    blob = idx_bytes(array)
+    path.write_bytes(gzip.compress(blob, mtime=0) if path.suffix == ".gz" else blob)
+    return path
+
+
+def write_idx_set(folder: Path, train, test, gz: bool = False) -> Path:
+    """The four Fashion-MNIST IDX files, flat in `folder` (.gz with `gz`): the images `train` and
+    `test`, and labels 0 to 9 in turn."""
+    folder.mkdir(parents=True, exist_ok=True)
+    suffix = ".gz" if gz else ""
+    for prefix, images in (("train", train), ("t10k", test)):
+        write_idx(folder / f"{prefix}-images-idx3-ubyte{suffix}", images)
+        write_idx(folder / f"{prefix}-labels-idx1-ubyte{suffix}", np.arange(len(images)) % 10)
+    return folder
+
+
+def flip_byte(path: Path, at: int) -> None:
+    """Invert byte `at` (negative: from the end) of the file at `path`: the same size, other content."""
+    data = bytearray(path.read_bytes())
+    data[at] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def shift_initializer(path: Path, pick: Callable, by: float, entries: slice = slice(None)) -> None:
+    """Add `by` to `entries` of the initializer that `pick(model)` returns, in the ONNX file at
+    `path`: still a valid model, which computes something else."""
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(path))
+    tensor = pick(model)
+    values = numpy_helper.to_array(tensor).copy()
+    values[entries] += np.float32(by)
+    tensor.CopyFrom(numpy_helper.from_array(values, tensor.name))
+    onnx.save(model, str(path))

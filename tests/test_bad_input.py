@@ -10,7 +10,6 @@ docs/guarantees.md.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 import shlex
@@ -24,13 +23,26 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from helpers import BIN, env, full_disk, make_run
+from helpers import (
+    VAE_DIST,
+    env,
+    file_hashes,
+    full_disk,
+    make_run,
+    set_options,
+    shift_initializer,
+    tiny_overrides,
+    write_idx_set,
+)
+from helpers import run as run_command
 
 # A tiny real run: 4 steps of 64 images, checkpoints at steps 2 and 4, a few seconds.
-TINY = (
-    "--set data.train_subset=256 --set data.test_subset=64 --set train.epochs=1 --set train.batch_size=64 "
-    "--set model.hidden_dims=[32] --set model.latent_dim=4 --set train.checkpoint_every=2 "
-    "--set train.eval_batch_size=64 --set train.grid_images=2 --set train.grid_samples=4"
+TINY = shlex.join(
+    set_options(
+        tiny_overrides(
+            hidden_dims=[32], latent_dim=4, checkpoint_every=2, eval_batch_size=64, grid_images=2, grid_samples=4
+        )
+    )
 )
 TRAINED, EXPORTED = "runs/tiny", "runs/exp"  # where `start` puts the module's runs
 NEWEST = f"{TRAINED}/checkpoints/step-00000004"  # the trained run's latest checkpoint
@@ -128,14 +140,8 @@ def swap_roles(tmp: Path) -> None:
 
 def tamper_decoder(tmp: Path) -> None:
     """A valid decoder that computes something else: its first bias shifted by 0.5."""
-    import onnx
-    from onnx import numpy_helper
-
     path = tmp / EXPORTED / "onnx" / "decoder.onnx"
-    model = onnx.load(str(path))
-    bias = next(t for t in model.graph.initializer if len(t.dims) == 1)
-    bias.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(bias) + np.float32(0.5), bias.name))
-    onnx.save(model, str(path))
+    shift_initializer(path, lambda model: next(t for t in model.graph.initializer if len(t.dims) == 1), 0.5)
 
 
 def png(name: str, height: int, width: int) -> Callable[[Path], None]:
@@ -149,18 +155,10 @@ def png(name: str, height: int, width: int) -> Callable[[Path], None]:
 
 
 def idx_set(folder: str, train_shape=(6, 28, 28), test_shape=(4, 28, 28)) -> Callable[[Path], None]:
-    """The four Fashion-MNIST IDX files, flat in `folder`, with images of the shapes given."""
-
-    def idx(shape) -> bytes:
-        return bytes([0, 0, 8, len(shape)]) + b"".join(n.to_bytes(4, "big") for n in shape) + bytes(np.prod(shape))
+    """The four Fashion-MNIST IDX files, flat in `folder`, with black images of the shapes given."""
 
     def setup(tmp: Path) -> None:
-        root = tmp / folder
-        root.mkdir(parents=True)
-        (root / "train-images-idx3-ubyte").write_bytes(idx(train_shape))
-        (root / "t10k-images-idx3-ubyte").write_bytes(idx(test_shape))
-        (root / "train-labels-idx1-ubyte").write_bytes(idx((train_shape[0],)))
-        (root / "t10k-labels-idx1-ubyte").write_bytes(idx((test_shape[0],)))
+        write_idx_set(tmp / folder, np.zeros(train_shape, np.uint8), np.zeros(test_shape, np.uint8))
 
     return setup
 
@@ -183,6 +181,36 @@ def colour_model_and_grey_data(tmp: Path) -> None:
     """A 3x64x64 model at runs/colour, and a prepared dataset of 1x28x28 images at grey."""
     tiny_model("colour", shape=(3, 64, 64), kind="conv", dataset="emoji")(tmp)
     prepared("grey")(tmp)
+
+
+def distinct_pngs(folder: str, count: int) -> Callable[[Path], None]:
+    """`count` 4x4 grey PNGs, each of its own shade, in `folder`."""
+
+    def setup(tmp: Path) -> None:
+        from PIL import Image
+
+        (tmp / folder).mkdir(parents=True, exist_ok=True)
+        for i in range(count):
+            Image.fromarray(np.full((4, 4), 40 * i, np.uint8)).save(tmp / folder / f"{i}.png")
+
+    return setup
+
+
+def rewrite_record(path: Path, **changes) -> None:
+    """The model file's record with `changes`, written as a damaged or foreign file would hold them."""
+    from safetensors.torch import load_file, save_file
+
+    from vae_dist import record
+
+    meta = record.read(path).to_metadata()
+    save_file(load_file(str(path)), str(path), metadata={**meta, **{k: json.dumps(v) for k, v in changes.items()}})
+
+
+def edit_info(folder: Path, **changes) -> None:
+    """dataset.json with `changes`."""
+    info = json.loads((folder / "dataset.json").read_text())
+    info.update(changes)
+    (folder / "dataset.json").write_text(json.dumps(info))
 
 
 def edit_counts(folder: Path) -> None:
@@ -772,6 +800,152 @@ CASES = [
         line=ARGPARSE,
         slow=False,
     ),
+    # -- an output replaces only what its command wrote
+    Case(
+        "sample-out-over-a-model-file",
+        sh("python -m export.sample sample --model-dir runs/m --out runs/m/model.safetensors"),
+        2,
+        "--out runs/m/model.safetensors exists and is not a PNG",
+        setup=tiny_model("m"),
+        unchanged=("runs/m/**/*",),
+        line=ARGPARSE,
+        slow=False,
+    ),
+    Case(
+        "sample-out-a-folder",
+        sh("python -m export.sample sample --model-dir runs/m --out runs/m"),
+        2,
+        "--out runs/m is a folder",
+        setup=tiny_model("m"),
+        unchanged=("runs/m/**/*",),
+        line=ARGPARSE,
+        slow=False,
+    ),
+    Case(
+        "bench-json-over-a-model-file",
+        sh("python -m vae_dist.bench --starts 0 --json runs/m/model.safetensors"),
+        2,
+        "runs/m/model.safetensors exists and is not a vae-dist-bench-train/1 result",
+        setup=tiny_model("m"),
+        unchanged=("runs/m/**/*",),
+        slow=False,
+    ),
+    Case(
+        "export-over-a-folder-that-is-not-an-export",
+        sh("vae-dist export runs/m --variants none"),
+        2,
+        "runs/m/onnx exists and is not an export (no manifest.json); move it away first",
+        setup=lambda tmp: (tiny_model("m")(tmp), writes("runs/m/onnx/notes.txt", "mine\n")(tmp)),
+        unchanged=("runs/m/**/*",),
+    ),
+    # -- values that would fail late or not at all, refused before anything runs
+    Case(
+        "seed-too-large",
+        sh("vae-dist train --config linear --name x --set train.seed=4294967296"),
+        2,
+        "train.seed must be at most 4294967295, got 4294967296",
+        absent=("runs",),
+        slow=False,
+    ),
+    Case(
+        "grid-samples-too-many",
+        sh("vae-dist train --config linear --name x --set train.grid_samples=100000000"),
+        2,
+        "train.grid_samples must be at most 4096, got 100000000",
+        absent=("runs",),
+        slow=False,
+    ),
+    Case(
+        "model-file-test-images-negative",
+        sh("vae-dist export runs/m --variants none"),
+        2,
+        "has damaged metadata (test_images=-3)",
+        setup=tiny_model("m", lambda path: rewrite_record(path, test_images=-3)),
+        unchanged=("runs/m/**/*",),
+        absent=NO_EXPORT,
+    ),
+    Case(
+        "dataset-fit-size-zero",
+        sh("vae-dist train --config linear --name x --set data.path=ds"),
+        2,
+        "ds/dataset.json has a damaged fit (size [0, 0] is not two whole numbers from 1 to 65535)",
+        setup=prepared("ds", damage=lambda folder: edit_info(folder, fit={"size": [0, 0], "channels": 1,
+                                                                           "fit": "crop", "background": 255})),
+        unchanged=("ds/*",),
+        absent=("runs/x",),
+    ),
+    Case(
+        "train-array-is-dev-zero",
+        sh("vae-dist train --config linear --name x --set data.path=ds"),
+        2,
+        "ds/train.npy is not a regular file; prepare the dataset again",
+        setup=prepared("ds", damage=lambda folder: ((folder / "train.npy").unlink(),
+                                                    (folder / "train.npy").symlink_to("/dev/zero"))),
+        absent=("runs/x",),
+    ),
+    Case(
+        "train-array-outside-the-dataset",
+        sh("vae-dist train --config linear --name x --set data.path=ds"),
+        2,
+        "ds/train.npy leads outside ds",
+        setup=prepared("ds", damage=lambda folder: (
+            (folder / "train.npy").rename(folder.parent / "elsewhere.npy"),
+            (folder / "train.npy").symlink_to(folder.parent / "elsewhere.npy"),
+        )),
+        absent=("runs/x",),
+    ),
+    # -- run names
+    Case(
+        "name-too-long",
+        sh(f"vae-dist train --config linear --name {'a' * 300}"),
+        2,
+        "run name of 300 bytes is too long; use at most 200",
+        absent=("runs",),
+        slow=False,
+    ),
+    Case(
+        "name-with-a-newline",
+        ("vae-dist", "train", "--config", "linear", "--name", "a\nb"),
+        2,
+        "run name 'a\\nb' is not a plain folder name",
+        absent=("runs",),
+        slow=False,
+    ),
+    Case(
+        "name-starting-with-a-dash",
+        sh("vae-dist train --config linear --name=-x"),
+        2,
+        "run name '-x' is not a plain folder name",
+        absent=("runs",),
+        slow=False,
+    ),
+    # -- the sampler's bounds
+    *(
+        Case(
+            f"sample-{option.strip('-')}-out-of-bounds",
+            sh(f"python -m export.sample sample {option} {value} --out o.png"),
+            2,
+            says,
+            absent=("o.png",),
+            line=ARGPARSE,
+            slow=False,
+        )
+        for option, value, says in (
+            ("--seed", "-1", "argument --seed: must be at least 0, got -1"),
+            ("--scale", "100000", "argument --scale: must be at most 16, got 100000"),
+            ("-n", "1000000", "argument -n/--num: must be at most 4096, got 1000000"),
+            ("--threads", "100000", "argument --threads: must be at most 256, got 100000"),
+        )
+    ),
+    # -- a file name can not forge a line of prepare's report
+    Case(
+        "prepare-file-name-with-a-newline",
+        sh("vae-dist prepare src --out ds --test-fraction 0.25"),
+        0,
+        "prepared ds: 3 train + 1 test images",
+        setup=lambda tmp: (distinct_pngs("src", 4)(tmp), writes("src/x\nerror: forged.txt", "not an image\n")(tmp)),
+        detail="skipped 'x\\nerror: forged.txt': not a PNG",
+    ),
 ]
 
 
@@ -781,26 +955,9 @@ CASES = [
 def launch(
     argv: tuple[str, ...], cwd: Path, data_dir: Path, timeout: float = 300, preexec_fn=None
 ) -> subprocess.CompletedProcess:
-    program = {"vae-dist": str(BIN / "vae-dist"), "python": sys.executable}[argv[0]]
+    program = {"vae-dist": VAE_DIST, "python": sys.executable}[argv[0]]
     environment = {**env(), "VAE_DIST_RUNS": str(cwd / "runs"), "VAE_DIST_DATA": str(data_dir)}
-    return subprocess.run(
-        [program, *argv[1:]],
-        cwd=cwd,
-        env=environment,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        preexec_fn=preexec_fn,
-    )
-
-
-def hashes(root: Path, patterns: tuple[str, ...]) -> dict[str, str]:
-    found = {}
-    for pattern in patterns:
-        files = [p for p in root.glob(pattern) if p.is_file()]
-        assert files, f"{pattern!r} matches no file: the unchanged-check would be empty"
-        found.update({str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in files})
-    return found
+    return run_command([program, *argv[1:]], timeout, check=False, cwd=cwd, preexec_fn=preexec_fn, environ=environment)
 
 
 @pytest.fixture(scope="module")
@@ -843,7 +1000,7 @@ def test_bad_input(case: Case, tmp_path, data_dir, request):
         source = request.getfixturevalue(case.start)
         shutil.copytree(source / "runs", tmp_path / "runs")
     case.setup(tmp_path)
-    before = hashes(tmp_path, case.unchanged)
+    before = file_hashes(tmp_path, case.unchanged, each_matches=True)
     for pattern in case.absent:
         assert not list(tmp_path.glob(pattern)), f"{pattern} exists before the command"
 
@@ -868,7 +1025,7 @@ def test_bad_input(case: Case, tmp_path, data_dir, request):
         assert case.phrase in stream[-1], output
     if case.detail:
         assert sum(case.detail in line for line in lines) == 1, f"not said exactly once: {case.detail}\n{output}"
-    assert hashes(tmp_path, case.unchanged) == before, output
+    assert file_hashes(tmp_path, case.unchanged, each_matches=True) == before, output
     for pattern in case.absent:
         assert not list(tmp_path.glob(pattern)), f"{pattern} was created\n{output}"
     if case.then:

@@ -3,12 +3,11 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 
 import pytest
 
-from helpers import EMOJI_FILES, EMOJI_TRAIN, ROOT
+from helpers import EMOJI_FILES, EMOJI_TRAIN, run
 from vae_dist.bench import endless
 
 
@@ -25,9 +24,7 @@ def test_endless_starts_a_new_pass_when_one_ends():
 
 
 def test_bad_options_are_refused():
-    proc = subprocess.run(
-        [sys.executable, "-m", "vae_dist.bench", "--batch-size", "0"], cwd=ROOT, capture_output=True, text=True
-    )
+    proc = run([sys.executable, "-m", "vae_dist.bench", "--batch-size", "0"], check=False)
     assert proc.returncode == 2 and "Invalid value for '--batch-size'" in proc.stderr
     assert "Traceback" not in proc.stderr
 
@@ -37,7 +34,7 @@ def test_the_benchmark_reports_start_up_and_step_figures(tmp_path):
     out = tmp_path / "train.json"
     cmd = [sys.executable, "-m", "vae_dist.bench", "--seconds", "0.3", "--rounds", "2", "--starts", "1"]
     cmd += ["--json", str(out)]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    proc = run(cmd, check=False, environ=os.environ)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "reached its first optimizer step after" in proc.stdout
     result = json.loads(out.read_text())

@@ -4,6 +4,7 @@ its timings."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +13,7 @@ import pytest
 
 from export import bench_infer
 from export.pipeline import export_run
-from helpers import ROOT, make_run
+from helpers import make_run, run
 
 pytestmark = pytest.mark.slow  # runs the benchmark end to end, several times
 
@@ -22,9 +23,7 @@ FAST = ["--seconds", "0.02", "--warmup", "0"]
 
 
 def bench(args: list[str]) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "export.bench_infer", *args], cwd=ROOT, capture_output=True, text=True, timeout=300
-    )
+    return run([sys.executable, "-m", "export.bench_infer", *args], 300, check=False, environ=os.environ)
 
 
 @pytest.fixture(scope="module")

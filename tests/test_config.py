@@ -1,10 +1,9 @@
-import subprocess
 import sys
 
 import pytest
 from click.testing import CliRunner
 
-from helpers import ROOT
+from helpers import ROOT, run
 from vae_dist.cli import main
 from vae_dist.config import ConfigError, load_config, parse_override
 
@@ -73,9 +72,7 @@ def test_train_script_is_importable_and_runnable():
     import vae_dist.training as t
 
     assert callable(t.train)
-    out = subprocess.run(
-        [sys.executable, str(ROOT / "vae_dist/train.py"), "--help"], capture_output=True, text=True, cwd=ROOT
-    )
+    out = run([sys.executable, str(ROOT / "vae_dist/train.py"), "--help"], check=False)
     assert out.returncode == 0 and "--config" in out.stdout
 
 

@@ -1,35 +1,22 @@
 import gzip
 import os
-import struct
 
 import numpy as np
 import pytest
 import torch
 
+from helpers import file_hashes, idx_bytes, write_idx, write_idx_set
 from vae_dist.data import builtin, splits
 from vae_dist.data.builtin import DataError, check_idx, resolve
 
 
-def idx_bytes(array: torch.Tensor) -> bytes:
-    header = bytes([0, 0, 0x08, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape)
-    return header + array.to(torch.uint8).numpy().tobytes()
-
-
 def write_set(folder, n_train=6, n_test=4, gz=False, fill=None):
     """Four tiny IDX files; pixel values encode the image index so that reads can be checked."""
-    folder.mkdir(parents=True, exist_ok=True)
-    counts = {"train": n_train, "t10k": n_test}
-    for prefix, n in counts.items():
-        images = torch.arange(n).view(n, 1, 1).expand(n, 28, 28) if fill is None else torch.full((n, 28, 28), fill)
-        for name, arr in (
-            (f"{prefix}-images-idx3-ubyte", images),
-            (f"{prefix}-labels-idx1-ubyte", torch.arange(n) % 10),
-        ):
-            blob = idx_bytes(arr)
-            if gz:
-                (folder / f"{name}.gz").write_bytes(gzip.compress(blob))
-            else:
-                (folder / name).write_bytes(blob)
+
+    def images(n):
+        return torch.arange(n).view(n, 1, 1).expand(n, 28, 28) if fill is None else torch.full((n, 28, 28), fill)
+
+    write_idx_set(folder, images(n_train), images(n_test), gz=gz)
 
 
 @pytest.fixture
@@ -53,10 +40,6 @@ def test_order_data_then_system(dirs):
     assert resolve("fashion-mnist", None, dirs["data"], (dirs["system"],), download=False) == dirs["data"]
 
 
-def snapshot(folder):
-    return {p: p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()} if folder.exists() else {}
-
-
 @pytest.mark.parametrize("shared", ["empty", "filled"])
 @pytest.mark.parametrize("layout", ["flat-gz", "raw"])
 def test_explicit_root_is_read_in_place_and_never_changes_the_data_folder(dirs, shared, layout):
@@ -64,13 +47,13 @@ def test_explicit_root_is_read_in_place_and_never_changes_the_data_folder(dirs, 
     write_set(folder, gz=layout == "flat-gz", fill=1)
     if shared == "filled":
         write_set(dirs["data"] / "FashionMNIST" / "raw", fill=2)
-    before = snapshot(dirs["data"])
+    before = file_hashes(dirs["data"])
     root = resolve("fashion-mnist", dirs["root"], dirs["data"], (), download=False)
     assert root == dirs["root"]
     assert builtin.images_file("fashion-mnist", False, root).parent == folder
     split = splits.load_split("fashion-mnist", False, root)
     assert split.images.shape == (4, 1, 28, 28) and int(split.images.max()) == 1  # the root's, not data/'s
-    assert snapshot(dirs["data"]) == before  # nothing copied into the shared folder
+    assert file_hashes(dirs["data"]) == before  # nothing copied into the shared folder
 
 
 def test_explicit_root_without_the_files_is_refused(dirs):
@@ -84,14 +67,14 @@ def test_train_and_test_shapes_must_agree(dirs):
     from vae_dist.config import DataConfig
 
     write_set(dirs["root"])
-    (dirs["root"] / "t10k-images-idx3-ubyte").write_bytes(idx_bytes(torch.zeros(4, 32, 32)))
+    write_idx(dirs["root"] / "t10k-images-idx3-ubyte", torch.zeros(4, 32, 32))
     with pytest.raises(DataError, match=r"training images are \(1, 28, 28\) but the test images are \(1, 32, 32\)"):
         splits.load_splits(DataConfig(root=str(dirs["root"]), download=False))
 
 
 def test_a_one_dimensional_file_is_not_images(dirs):
     write_set(dirs["root"])
-    (dirs["root"] / "train-images-idx3-ubyte").write_bytes(idx_bytes(torch.zeros(50)))
+    write_idx(dirs["root"] / "train-images-idx3-ubyte", torch.zeros(50))
     with pytest.raises(DataError, match=r"holds an array of shape \(50,\), not images"):
         root = resolve("fashion-mnist", dirs["root"], dirs["data"], (), download=False)
         splits.load_split("fashion-mnist", True, root)

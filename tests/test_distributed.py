@@ -14,45 +14,35 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import BIN, ROOT, TRAIN, env, free_port, launch_cmd, relative_l2, run, weights
+from helpers import (
+    ROOT,
+    VAE_DIST,
+    env,
+    free_port,
+    launch_cmd,
+    metrics,
+    relative_l2,
+    run,
+    set_options,
+    start,
+    tiny_overrides,
+    weights,
+)
 from vae_dist.runs import list_checkpoints
 
 pytestmark = pytest.mark.slow  # every test here launches real training processes
 
 # 50 optimizer steps of a global batch of 64; an odd test split exercises the padding.
-PARITY = [
-    "--config",
-    "configs/linear.yaml",
-    "--set",
-    "train.epochs=1",
-    "--set",
-    "train.batch_size=64",
-    "--set",
-    "data.train_subset=3200",
-    "--set",
-    "data.test_subset=999",
-]
+PARITY_OVERRIDES = tiny_overrides(train_subset=3200, test_subset=999)
+PARITY = ["--config", "configs/linear.yaml", *set_options(PARITY_OVERRIDES)]
 # Slow enough (conv, 2 epochs of 40 steps) to be killed mid-run; checkpoints every 10 steps.
 RESUME = [
     "--config",
     "configs/conv.yaml",
-    "--set",
-    "train.epochs=2",
-    "--set",
-    "train.batch_size=64",
-    "--set",
-    "data.train_subset=2560",
-    "--set",
-    "data.test_subset=200",
-    "--set",
-    "train.checkpoint_every=10",
-    "--set",
-    "train.keep_checkpoints=3",
+    *set_options(
+        tiny_overrides(epochs=2, train_subset=2560, test_subset=200, checkpoint_every=10, keep_checkpoints=3)
+    ),
 ]
-
-
-def metrics(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +61,7 @@ def two_processes(tmp_path_factory) -> Path:
         probe,
         str(out),
         "configs/linear.yaml",
-        *[a for a in PARITY[2:] if a != "--set"],
+        *PARITY_OVERRIDES,
         f"run.output_dir={out}",
         "run.name=r",
     ]
@@ -117,13 +107,8 @@ def test_two_processes_reading_from_disk_train_the_same_model(tmp_path, one_proc
 
 
 def _start(nproc: int, args: list[str]) -> subprocess.Popen:
-    return subprocess.Popen(
-        launch_cmd(nproc, args),
-        cwd=ROOT,
-        env=env(),
-        start_new_session=True,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+    return start(
+        launch_cmd(nproc, args), start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
 
 
@@ -211,25 +196,8 @@ def test_resume_with_another_model_or_data_is_refused(tmp_path, uninterrupted):
 
     shutil.copytree(uninterrupted[1], tmp_path / "r")
     before = (tmp_path / "r" / "metrics.jsonl").read_text()
-    out = run(
-        launch_cmd(
-            1,
-            [
-                *RESUME,
-                "--output-dir",
-                str(tmp_path),
-                "--name",
-                "r",
-                "--resume",
-                "auto",
-                "--set",
-                "model.latent_dim=8",
-                "--set",
-                "data.binarize=dynamic",
-            ],
-        ),
-        check=False,
-    )
+    args = [*RESUME, "--output-dir", str(tmp_path), "--name", "r", "--resume", "auto"]
+    out = run(launch_cmd(1, [*args, *set_options(["model.latent_dim=8", "data.binarize=dynamic"])]), check=False)
     assert out.returncode != 0
     assert "model.latent_dim (20 -> 8)" in out.stderr and "data.binarize ('none' -> 'dynamic')" in out.stderr
     assert (tmp_path / "r" / "metrics.jsonl").read_text() == before  # nothing touched
@@ -252,39 +220,14 @@ def test_non_distributed_multi_process_launch_is_refused(tmp_path):
 
 
 def test_two_machines_on_loopback_match_one_process(tmp_path, one_process):
-    port = str(free_port())
+    port = free_port()
     procs = []
     for rank in (0, 1):
-        cmd = [
-            str(BIN / "accelerate"),
-            "launch",
-            "--multi_gpu",
-            "--num_machines",
-            "2",
-            "--num_processes",
-            "2",
-            "--machine_rank",
-            str(rank),
-            "--main_process_ip",
-            "127.0.0.1",
-            "--main_process_port",
-            port,
-            "--mixed_precision",
-            "no",
-            "--dynamo_backend",
-            "no",
-            "--rdzv_backend",
-            "static",
-            TRAIN,
-            *PARITY,
-            "--output-dir",
-            str(tmp_path),
-            "--name",
-            "r",
-        ]
-        procs.append(
-            subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        machine = ["--machine_rank", str(rank), "--main_process_ip", "127.0.0.1", "--rdzv_backend", "static"]
+        cmd = launch_cmd(
+            2, [*PARITY, "--output-dir", str(tmp_path), "--name", "r"], extra=machine, machines=2, port=port
         )
+        procs.append(start(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     outs = [p.communicate(timeout=600)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outs[0][-3000:] + outs[1][-3000:]
     m = metrics(tmp_path / "r")[0]
@@ -323,8 +266,8 @@ def test_a_run_folder_that_cannot_be_written_stops_every_process(tmp_path):
 
 def _vae_dist_train(nproc: int, args: list[str], stderr) -> subprocess.Popen:
     """`vae-dist train` itself (nproc 1) or through its launcher (--processes nproc)."""
-    cmd = [str(BIN / "vae-dist"), "train", *args] + (["--processes", str(nproc)] if nproc > 1 else [])
-    return subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=subprocess.DEVNULL, stderr=stderr)
+    cmd = [VAE_DIST, "train", *args] + (["--processes", str(nproc)] if nproc > 1 else [])
+    return start(cmd, stdout=subprocess.DEVNULL, stderr=stderr)
 
 
 @pytest.mark.parametrize("nproc", [1, 2])
@@ -383,7 +326,7 @@ def test_a_launched_run_reports_a_usage_error_in_one_line_and_its_exit_status(tm
     """`vae-dist train --processes 2`: the worker's one line and exit 2, none of the launcher's traceback."""
     out = run(
         [
-            str(BIN / "vae-dist"),
+            VAE_DIST,
             "train",
             "--processes",
             "2",
@@ -409,8 +352,8 @@ def test_a_process_started_by_hand_says_what_it_waits_for(tmp_path):
     port = free_port()
     e = {**env(), "WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1"}
     e["MASTER_PORT"] = str(port)
-    cmd = [str(BIN / "vae-dist"), "train", "--config", "linear", "--output-dir", str(tmp_path), "--name", "r"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=e, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    cmd = [VAE_DIST, "train", "--config", "linear", "--output-dir", str(tmp_path), "--name", "r"]
+    proc = start(cmd, environ=e, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.time() + 120
         line = ""

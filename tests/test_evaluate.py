@@ -3,14 +3,13 @@
 
 from __future__ import annotations
 
-import json
 import math
 
 import pytest
 import torch
 from torch.distributions import Normal
 
-from helpers import BIN, EVALUATE, launch_cmd, make_run, run
+from helpers import EVALUATE, VAE_DIST, file_size_limit, json_lines, launch_cmd, make_run, run
 from vae_dist import evaluate as ev
 from vae_dist.config import ModelConfig
 from vae_dist.losses import log_likelihood_samples, reconstruction_nll
@@ -113,9 +112,9 @@ def test_binarised_images_are_drawn_once_per_image():
 def test_evaluate_appends_one_line_per_evaluation(tmp_path, fashion_root):
     run_dir = make_run(tmp_path / "runs", "tiny", "linear")
     for k in (1, 20):
-        out = run([str(BIN / "vae-dist"), "evaluate", str(run_dir), "--k", str(k), "--batch-size", "500"])
+        out = run([VAE_DIST, "evaluate", str(run_dir), "--k", str(k), "--batch-size", "500"])
         assert f"NLL (K={k})" in out.stdout and "10000 test images" in out.stdout, out.stdout
-    records = [json.loads(line) for line in (run_dir / "eval.jsonl").read_text().splitlines()]
+    records = json_lines(run_dir / "eval.jsonl")
     assert [r["k"] for r in records] == [1, 20]
     for r in records:
         assert r["images"] == 10000 and r["split"] == "test" and r["processes"] == 1 and not r["binarized"]
@@ -131,7 +130,7 @@ def test_one_and_two_processes_give_the_same_figure(tmp_path, fashion_root):
     args = [str(run_dir), "--k", "64", "--batch-size", "250", "--cpu"]
     for nproc in (1, 2):
         run(launch_cmd(nproc, args, script=EVALUATE), timeout=900)
-    one, two = [json.loads(line) for line in (run_dir / "eval.jsonl").read_text().splitlines()]
+    one, two = json_lines(run_dir / "eval.jsonl")
     assert (one["processes"], two["processes"]) == (1, 2) and one["images"] == two["images"] == 10000
     for key in ("nll", "neg_elbo", "recon", "kl"):
         assert abs(one[key] - two[key]) < 1e-4, key
@@ -140,9 +139,6 @@ def test_one_and_two_processes_give_the_same_figure(tmp_path, fashion_root):
 def test_a_failed_append_leaves_no_partial_line(tmp_path):
     """A write cut short by the file-size limit (as a full disk would) is cut back off: the file
     keeps exactly its earlier lines, and the error says so in one line."""
-    import resource
-    import signal
-    import subprocess
     import sys
 
     path = tmp_path / "eval.jsonl"
@@ -156,11 +152,7 @@ def test_a_failed_append_leaves_no_partial_line(tmp_path):
         "    print(e); sys.exit(2)\n"
     )
 
-    def limit():
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-        resource.setrlimit(resource.RLIMIT_FSIZE, (len(before) + 50, len(before) + 50))
-
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, preexec_fn=limit)
+    proc = run([sys.executable, "-c", code], check=False, preexec_fn=file_size_limit(len(before) + 50))
     assert proc.returncode == 2, proc.stderr
     assert f"could not append to {path}" in proc.stdout and "its earlier lines are kept" in proc.stdout
     assert path.read_bytes() == before

@@ -9,7 +9,6 @@ import logging
 import os
 import re
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -29,16 +28,17 @@ from export.manifest import file_record
 from export.pipeline import FAILED_DIR, export_run, find_latest_runs, recorded_test_images
 from export.verify import Check, Report, check_graph, load_test_images, random_ops, torch_scores
 from helpers import (
-    BIN,
     DEAD_PID,
     LATENT,
-    ROOT,
     SHAPE,
     TINY_TEST_NEG_ELBO,
+    VAE_DIST,
     cli,
     fashion_test_idx,
+    file_hashes,
     full_disk,
     make_run,
+    shift_initializer,
     weights,
 )
 from helpers import run as run_command
@@ -171,14 +171,10 @@ def test_manifest_records_files_versions_and_verification(exported_runs, kind):
 # ---------------------------------------------------------------- verification failing
 
 
-def _shift_mu_bias(path: Path, by: float) -> None:
-    """Add `by` to the half of the encoder's last bias that produces mu (not logvar)."""
-    model = onnx.load(str(path))
+def _stats_bias(model: onnx.ModelProto) -> onnx.TensorProto:
+    """The encoder's last bias: its first LATENT entries produce mu, the others logvar."""
     (bias,) = [t for t in model.graph.initializer if t.name.endswith("to_stats.bias")]
-    values = onnx.numpy_helper.to_array(bias).copy()
-    values[:LATENT] += by
-    bias.CopyFrom(onnx.numpy_helper.from_array(values, bias.name))
-    onnx.save(model, str(path))
+    return bias
 
 
 def test_verify_passes_on_a_good_export(exported_runs, tmp_path):
@@ -197,7 +193,7 @@ def test_verify_passes_on_a_good_export(exported_runs, tmp_path):
 
 def test_verify_fails_on_a_corrupted_weight_and_names_the_output(exported_runs, tmp_path):
     run = copy_run(exported_runs, "linear", tmp_path)
-    _shift_mu_bias(run / "onnx" / "encoder.onnx", 0.5)
+    shift_initializer(run / "onnx" / "encoder.onnx", _stats_bias, 0.5, entries=slice(LATENT))  # mu only
     result = CliRunner().invoke(cli(), ["verify", str(run)])
     assert result.exit_code == 1, result.output
     fails = [line.strip() for line in result.output.splitlines() if line.strip().startswith("FAIL")]
@@ -441,13 +437,7 @@ def test_export_command_errors(tmp_path):
 
 
 def test_python_dash_m_export_runs_the_export_command(tmp_path):
-    proc = subprocess.run(
-        [sys.executable, "-m", "export", "--output-dir", str(tmp_path / "none")],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    proc = run_command([sys.executable, "-m", "export", "--output-dir", str(tmp_path / "none")], 120, check=False)
     assert proc.returncode == 2 and "no finished run under" in proc.stderr
     assert "Traceback" not in proc.stderr
 
@@ -541,10 +531,6 @@ def test_an_export_removes_the_staging_folders_of_exports_that_were_killed(tmp_p
 # ---------------------------------------------------------------- a full disk
 
 
-def _hashes(folder: Path) -> dict[str, str]:
-    return {str(p.relative_to(folder)): file_record(p)["sha256"] for p in sorted(folder.rglob("*")) if p.is_file()}
-
-
 LIMIT_BEFORE_VARIANTS = """
 import resource, signal, sys
 from export import pipeline
@@ -574,8 +560,8 @@ def test_a_full_disk_stops_the_export_in_one_line_and_the_previous_export_is_unt
 ):
     run = make_run(tmp_path, "conv-full", "conv")
     assert export_run(run, variants=[]).verified
-    before = _hashes(run)
-    command = [str(BIN / "vae-dist"), "export", str(run), "--variants", variants]
+    before = file_hashes(run)
+    command = [VAE_DIST, "export", str(run), "--variants", variants]
     with full_disk(run, free_bytes) as (preexec_fn, how):
         if phase == "variants" and how != "tmpfs":
             # A file-size limit from the start would stop the (larger) fp32 files first: the export
@@ -595,7 +581,7 @@ def test_a_full_disk_stops_the_export_in_one_line_and_the_previous_export_is_unt
         line,
     ), line
     assert ".onnx.partial" not in proc.stderr  # no temporary path shown
-    assert _hashes(run) == before  # byte for byte, and nothing added: no staging folder left
+    assert file_hashes(run) == before  # byte for byte, and nothing added: no staging folder left
     assert not list(run.glob(".onnx-*"))
 
 
@@ -617,7 +603,7 @@ def test_a_full_disk_without_a_previous_export_says_nothing_was_exported(tmp_pat
 
 def test_verify_on_a_full_disk_leaves_the_manifest_as_it_was(exported_runs, tmp_path, monkeypatch):
     run = copy_run(exported_runs, "linear", tmp_path)
-    before = _hashes(run)
+    before = file_hashes(run)
     real_write = pipeline.manifest_lib.write_manifest
 
     def no_room(*args, **kwargs):
@@ -635,7 +621,7 @@ def test_verify_on_a_full_disk_leaves_the_manifest_as_it_was(exported_runs, tmp_
         f"verdict; {run / 'onnx'} is as it was; free some space (or raise the quota or file size limit) and run "
         "verify again"
     )
-    assert _hashes(run) == before
+    assert file_hashes(run) == before
 
 
 def test_a_write_refused_for_room_is_told_apart_from_a_failing_tool(tmp_path, monkeypatch):

@@ -6,7 +6,7 @@ import json
 
 from click.testing import CliRunner
 
-from helpers import BIN, run
+from helpers import VAE_DIST, metrics, run, tiny_overrides
 from vae_dist.config import load_config
 from vae_dist.evaluate import evaluate_run
 from vae_dist.listing import runs_command
@@ -14,12 +14,8 @@ from vae_dist.training import train
 
 
 def tiny_config(runs, name, epochs):
-    return load_config(
-        "linear",
-        ["data.train_subset=256", "data.test_subset=64", "train.batch_size=64", f"train.epochs={epochs}",
-         "model.hidden_dims=[16]", "model.latent_dim=2", "train.grid_samples=4", "run.log_with=[]",
-         f"run.output_dir={runs}", f"run.name={name}"],
-    )
+    overrides = tiny_overrides(epochs=epochs, hidden_dims=[16], latent_dim=2, grid_samples=4, log_with=[])
+    return load_config("linear", [*overrides, f"run.output_dir={runs}", f"run.name={name}"])
 
 
 def test_the_runs_of_a_folder_are_listed_with_what_they_hold(tmp_path, fashion_root):
@@ -28,7 +24,7 @@ def test_the_runs_of_a_folder_are_listed_with_what_they_hold(tmp_path, fashion_r
     done = train(tiny_config(runs, "done", 2), cpu=True).run_dir
     evaluate_run(str(done), k=1)
     best = evaluate_run(str(done), k=8)
-    run([str(BIN / "vae-dist"), "export", str(done), "--variants", "fp16"])
+    run([VAE_DIST, "export", str(done), "--variants", "fp16"])
     stopped = train(tiny_config(runs, "stopped", 1), cpu=True).run_dir
     (stopped / "model.safetensors").unlink()
     config_path = stopped / "config.yaml"
@@ -42,8 +38,8 @@ def test_the_runs_of_a_folder_are_listed_with_what_they_hold(tmp_path, fashion_r
     first, second = rows
     assert first["kind"] == "linear" and first["dataset"] == "fashion-mnist" and first["image_shape"] == [1, 28, 28]
     assert (first["epochs"], first["finished"]) == ("2/2", True)
-    metrics = [json.loads(line) for line in (done / "metrics.jsonl").read_text().splitlines()]
-    assert first["test_neg_elbo"] == metrics[-1]["test_neg_elbo"]
+    records = metrics(done)
+    assert first["test_neg_elbo"] == records[-1]["test_neg_elbo"]
     assert first["best_nll"] == {"nll": best["nll"], "k": 8, "split": "test"}
     assert first["export"] == "verified (fp16)" and first["export_verified"] and first["variants"] == ["fp16"]
     assert (second["epochs"], second["finished"], second["export"], second["best_nll"]) == ("1/3", False, "-", None)
@@ -51,7 +47,7 @@ def test_the_runs_of_a_folder_are_listed_with_what_they_hold(tmp_path, fashion_r
 
     text = CliRunner().invoke(runs_command, ["--output-dir", str(runs)]).output.splitlines()
     assert text[0].split()[:3] == ["run", "model", "data"] and len(text) == 3
-    elbo = f"{metrics[-1]['test_neg_elbo']:.2f}"
+    elbo = f"{records[-1]['test_neg_elbo']:.2f}"
     assert text[1].split()[:6] == ["done", "linear", "fashion-mnist", "1x28x28", "2/2", elbo]
     assert f"{best['nll']:.2f} (8)" in text[1] and "verified (fp16)" in text[1] and text[1].split()[-3] == "yes"
     assert text[2].split()[:5] == ["stopped", "linear", "fashion-mnist", "1x28x28", "1/3"]

@@ -11,6 +11,7 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
+from helpers import flip_byte
 from vae_dist.data import prepare as prep
 from vae_dist.data.images import Fit, fit_image
 from vae_dist.data.prepare import prepare
@@ -192,9 +193,7 @@ def test_read_info_refuses_what_is_not_a_complete_prepared_dataset(tmp_path):
     with pytest.raises(PrepareError, match=r"but dataset.json says uint8 \(8, 3, 8, 9\)"):
         read_info(out)
     (out / "dataset.json").write_text(json.dumps(info))
-    flipped = bytearray(blob)
-    flipped[-1] ^= 0xFF
-    train.write_bytes(bytes(flipped))
+    flip_byte(train, -1)
     read_info(out)  # sizes and headers agree: only the checksum finds it
     with pytest.raises(PrepareError, match="does not match its sha256"):
         prep.check(out)
@@ -238,7 +237,7 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path, monkeypatch, args, m
 def test_training_and_export_on_a_prepared_colour_folder(tmp_path):
     """A folder of colour images, prepared, trained on by both models through data.path, then
     exported and verified against its own test split (found from the model file alone)."""
-    from helpers import BIN, run
+    from helpers import VAE_DIST, run
     from vae_dist.config import load_config
     from vae_dist.record import read as read_record
     from vae_dist.training import train
@@ -266,7 +265,7 @@ def test_training_and_export_on_a_prepared_colour_folder(tmp_path):
         assert record.fit == {"size": [16, 16], "channels": 3, "fit": "crop", "background": 255}
         grid = Image.open(result.run_dir / "images" / "reconstruction_epoch001.png")
         assert grid.mode == "RGB"
-    out = run([str(BIN / "vae-dist"), "export", str(tmp_path / "runs" / "conv"), "--variants", "none"])
+    out = run([VAE_DIST, "export", str(tmp_path / "runs" / "conv"), "--variants", "none"])
     assert "verified" in out.stdout.strip().splitlines()[-1]
     assert "on all 16 test images" in out.stdout, out.stdout
     # the sampler (onnxruntime alone) takes a photo of any size and fits it as prepare did
@@ -295,9 +294,9 @@ def _peak_rss_anon(cmd, cwd) -> tuple[int, int]:
     import subprocess
     import time
 
-    from helpers import env
+    from helpers import start
 
-    proc = subprocess.Popen(cmd, cwd=cwd, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = start(cmd, cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     peak = 0
     while proc.poll() is None:
         try:
@@ -315,7 +314,7 @@ def test_a_dataset_larger_than_the_memory_limit_trains_within_it(tmp_path):
     """A 300 MB training split with data.memory_limit_mb=64: it is read from disk batch by batch,
     and the process's anonymous memory stays below what the same training on a tiny dataset takes
     plus the limit; held in memory (data.in_memory=always), it does not."""
-    from helpers import BIN
+    from helpers import VAE_DIST, set_options
 
     rng = np.random.default_rng(0)
     shape = (3, 64, 64)  # 12 KiB per image
@@ -327,11 +326,10 @@ def test_a_dataset_larger_than_the_memory_limit_trains_within_it(tmp_path):
 
     def train_on(folder, name, reading, epochs=1):
         return _peak_rss_anon(
-            [str(BIN / "vae-dist"), "train", "--config", "linear", "--output-dir", str(tmp_path / "runs"),
-             "--name", name, "--set", f"data.path={folder}", "--set", "data.memory_limit_mb=64",
-             "--set", f"data.in_memory={reading}", "--set", "model.hidden_dims=[16]", "--set", "model.latent_dim=2",
-             "--set", f"train.epochs={epochs}", "--set", "train.batch_size=500", "--set", "train.eval_batch_size=500",
-             "--set", "train.grid_samples=4"],
+            [VAE_DIST, "train", "--config", "linear", "--output-dir", str(tmp_path / "runs"), "--name", name,
+             *set_options([f"data.path={folder}", "data.memory_limit_mb=64", f"data.in_memory={reading}",
+                           "model.hidden_dims=[16]", "model.latent_dim=2", f"train.epochs={epochs}",
+                           "train.batch_size=500", "train.eval_batch_size=500", "train.grid_samples=4"])],
             tmp_path,
         )[1]
 
@@ -361,23 +359,20 @@ def test_the_real_colour_set_is_prepared(tmp_path, emoji_dir):
 def test_the_shipped_colour_cnn_trains_on_the_real_colour_set(tmp_path, emoji_dir):
     """conv64.yaml on 256 emoji for one epoch, then exported and verified on its 3x64x64 test split,
     and one of its PNGs reconstructed by the sampler (onnxruntime alone)."""
-    from helpers import BIN, run, run_sampler
+    from helpers import VAE_DIST, run, run_sampler, tiny_overrides
     from vae_dist.config import load_config
     from vae_dist.training import train
 
     dataset = prepare(str(emoji_dir), tmp_path / "emoji", workers=2).out
-    cfg = load_config(
-        "conv64",
-        [f"data.path={dataset}", "data.train_subset=256", "data.test_subset=64", "train.epochs=1",
-         f"run.output_dir={tmp_path / 'runs'}", "run.name=r"],
-    )
+    overrides = [f"data.path={dataset}", *tiny_overrides(batch_size=None)]  # conv64's own batch size
+    cfg = load_config("conv64", [*overrides, f"run.output_dir={tmp_path / 'runs'}", "run.name=r"])
     result = train(cfg, cpu=True)
     assert result.model.image_shape == (3, 64, 64) and result.model.latent_dim == 128
     assert 0 < result.metrics["test_neg_elbo"] < 12288 * 0.7  # far below the 8517 nats of predicting 0.5
     grid = Image.open(result.run_dir / "images" / "reconstruction_epoch000.png")
     assert grid.mode == "RGB" and grid.width >= 8 * 64
 
-    out = run([str(BIN / "vae-dist"), "export", str(result.run_dir), "--variants", "none"])
+    out = run([VAE_DIST, "export", str(result.run_dir), "--variants", "none"])
     assert out.stdout.strip().splitlines()[-1].endswith("onnx: verified"), out.stdout
     assert "on the first 64 test images only (data.test_subset)" in out.stdout, out.stdout
     png = sorted(emoji_dir.glob("*.png"))[0]

@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import errno
-import gzip
 import json
 import os
 import shutil
-import struct
 import sys
 from pathlib import Path
 
@@ -19,7 +17,7 @@ from PIL import Image
 
 from export import sample as sampler
 from export.pipeline import export_run
-from helpers import NO_TORCH, ROOT, SHAPE, full_disk, make_run, python_without, run_sampler
+from helpers import NO_TORCH, ROOT, SHAPE, full_disk, make_run, python_without, run_sampler, write_idx
 from helpers import run as run_command
 from vae_dist import artifacts, runs
 from vae_dist.data import splits
@@ -47,13 +45,6 @@ def run(tmp_path_factory) -> Path:
 def onnx_dir(run, tmp_path) -> Path:
     """A private copy of the export folder, free to be damaged."""
     return Path(shutil.copytree(run / "onnx", tmp_path / "onnx"))
-
-
-def write_idx(path: Path, images: np.ndarray) -> Path:
-    """uint8 images [N, H, W] as an IDX file, gzipped when the name ends in .gz."""
-    blob = struct.pack(">BBBB", 0, 0, 8, 3) + struct.pack(">3I", *images.shape) + images.astype(np.uint8).tobytes()
-    path.write_bytes(gzip.compress(blob, mtime=0) if path.suffix == ".gz" else blob)
-    return path
 
 
 def write_png(path: Path, image: np.ndarray) -> Path:
@@ -345,14 +336,14 @@ def test_a_full_disk_leaves_no_partial_png_and_the_earlier_one_as_it_was(onnx_di
     folder = tmp_path / "out"
     folder.mkdir()
     out = folder / "samples.png"
-    out.write_bytes(b"an earlier result")
+    out.write_bytes(sampler.PNG_SIGNATURE + b"an earlier result")  # a PNG: the sampler may replace it
     with full_disk(folder, free_bytes=1000) as (preexec_fn, _):
         cmd = [sys.executable, "-m", "export.sample", "sample", "--model-dir", str(onnx_dir), "-n", "400"]
         proc = run_command([*cmd, "--out", str(out)], check=False, preexec_fn=preexec_fn)
     assert proc.returncode == sampler.EXIT_USAGE, proc.stderr
     reasons = (os.strerror(errno.ENOSPC), os.strerror(errno.EFBIG))
     assert proc.stderr.strip().splitlines() in ([f"sample.py: error: cannot write {out} ({r})"] for r in reasons)
-    assert out.read_bytes() == b"an earlier result"
+    assert out.read_bytes() == sampler.PNG_SIGNATURE + b"an earlier result"
     assert list(folder.iterdir()) == [out]
 
 

@@ -11,6 +11,7 @@ import yaml
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from helpers import metrics, tiny_overrides
 from vae_dist import tracking
 from vae_dist.config import ConfigError, load_config
 from vae_dist.training import train
@@ -21,12 +22,11 @@ EPOCH_TAGS = ("test/neg_elbo", "test/recon", "test/kl", "train/epoch_loss", "epo
 
 def config(tmp_path, *extra: str):
     # 512 images, batch 64: 8 steps per epoch, logged every 2, checkpoints every 3 steps (all kept)
-    return load_config(
-        "linear",
-        ["data.train_subset=512", "data.test_subset=128", "train.batch_size=64", "train.epochs=2",
-         "train.log_every=2", "train.checkpoint_every=3", "train.keep_checkpoints=20", "model.hidden_dims=[32]",
-         "train.grid_samples=4", f"run.output_dir={tmp_path / 'runs'}", "run.name=r", *extra],
+    overrides = tiny_overrides(
+        train_subset=512, test_subset=128, epochs=2, log_every=2, checkpoint_every=3, keep_checkpoints=20,
+        hidden_dims=[32], grid_samples=4,
     )
+    return load_config("linear", [*overrides, f"run.output_dir={tmp_path / 'runs'}", "run.name=r", *extra])
 
 
 def events(run_dir):
@@ -47,7 +47,7 @@ def test_the_trackers_get_the_step_and_epoch_figures_and_the_grids(tmp_path, fas
     for tag in EPOCH_TAGS:
         assert [e.step for e in reader.Scalars(tag)] == [8, 16]
     elbo = [e.value for e in reader.Scalars("test/neg_elbo")]
-    assert elbo == pytest.approx([r["test_neg_elbo"] for r in _metrics(result.run_dir)], rel=1e-6)
+    assert elbo == pytest.approx([r["test_neg_elbo"] for r in metrics(result.run_dir)], rel=1e-6)
     assert [e.value for e in reader.Scalars("train/kl_weight")] == [1.0] * 8
     grid = reader.Images("reconstruction")[-1]
     assert (grid.width, grid.height) == Image.open(result.run_dir / "images" / "reconstruction_epoch001.png").size
@@ -57,12 +57,6 @@ def test_the_trackers_get_the_step_and_epoch_figures_and_the_grids(tmp_path, fas
     assert [p for p in folder.iterdir() if p.is_dir()] == []
     hparams = yaml.safe_load((folder / tracking.HPARAMS_FILE).read_text())
     assert hparams["model.hidden_dims"] == "[32]" and hparams["train.log_every"] == 2
-
-
-def _metrics(run_dir):
-    from vae_dist.files import read_jsonl
-
-    return read_jsonl(run_dir / "metrics.jsonl")
 
 
 def test_a_resumed_run_continues_the_curves_without_a_step_twice(tmp_path, fashion_root):

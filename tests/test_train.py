@@ -1,46 +1,33 @@
 """End-to-end runs of the real training script on real Fashion-MNIST."""
 
-import json
-
 import pytest
 import torch
 import yaml
 from PIL import Image
 
-from helpers import ROOT, launch_cmd, run
+from helpers import ROOT, file_hashes, launch_cmd, metrics, run, set_options, tiny_overrides
 from vae_dist import runs
 from vae_dist.artifacts import load_model
 from vae_dist.config import load_config
 from vae_dist.record import read as read_record
 from vae_dist.training import train
 
-SMALL = ["data.train_subset=1024", "data.test_subset=300", "train.batch_size=64"]
+
+def small(**changes) -> list[str]:
+    """A tiny run on more images: 16 steps of 64 an epoch, 300 test images."""
+    return tiny_overrides(train_subset=1024, test_subset=300, **changes)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", ["linear", "conv"])
 def test_accelerate_launch_writes_the_run(tmp_path, kind):
-    out = run(
-        launch_cmd(
-            1,
-            [
-                "--config",
-                f"configs/{kind}.yaml",
-                "--output-dir",
-                str(tmp_path),
-                "--name",
-                "r",
-                "--set",
-                "train.epochs=2",
-                *sum((["--set", s] for s in SMALL), []),
-            ],
-        )
-    )
+    args = ["--config", f"configs/{kind}.yaml", "--output-dir", str(tmp_path), "--name", "r"]
+    out = run(launch_cmd(1, [*args, *set_options(small(epochs=2))]))
     run_dir = tmp_path / "r"
     assert out.stdout.strip().splitlines()[-1] == str(run_dir)
     saved = yaml.safe_load((run_dir / "config.yaml").read_text())
     assert saved["model"]["kind"] == kind and saved["train"]["epochs"] == 2
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    records = metrics(run_dir)
     assert [r["epoch"] for r in records] == [0, 1]
     for r in records:
         assert r["test_images"] == 300 and r["processes"] == 1
@@ -76,7 +63,7 @@ def test_existing_run_is_not_overwritten(tmp_path):
 
 
 def test_an_auto_named_run_records_its_name(tmp_path):
-    cfg = load_config("linear", ["train.epochs=1", *SMALL, f"run.output_dir={tmp_path}"])
+    cfg = load_config("linear", [*small(), f"run.output_dir={tmp_path}"])
     assert cfg.run.name is None
     run_dir = train(cfg, cpu=True).run_dir
     assert run_dir.parent == tmp_path and run_dir.name.startswith("linear-")
@@ -87,11 +74,11 @@ def test_an_auto_named_run_records_its_name(tmp_path):
 def test_a_bug_while_deciding_the_run_keeps_its_traceback(tmp_path, monkeypatch):
     """User mistakes become one line; a programming error must not be disguised as one."""
 
-    def broken(cfg, resume):
+    def broken(cfg, resume, hold):
         raise KeyError("a bug")
 
     monkeypatch.setattr(runs, "decide_run", broken)
-    cfg = load_config("linear", [*SMALL, f"run.output_dir={tmp_path}", "run.name=r"])
+    cfg = load_config("linear", [*small(), f"run.output_dir={tmp_path}", "run.name=r"])
     with pytest.raises(KeyError, match="a bug"):
         train(cfg, cpu=True)
     monkeypatch.undo()
@@ -154,38 +141,31 @@ def test_a_damaged_saved_config_refuses_the_resume_in_one_line(tmp_path, content
     assert "\n" not in str(e.value)
 
 
-def _snapshot(folder) -> dict:
-    import hashlib
-
-    files = [p for p in folder.rglob("*") if p.is_file()]
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
-
-
 def test_a_finished_run_resumed_is_a_no_op_and_a_run_without_checkpoints_is_never_restarted(tmp_path):
     import shutil
 
     def cfg():
-        return load_config("linear", ["train.epochs=1", *SMALL, f"run.output_dir={tmp_path}", "run.name=r"])
+        return load_config("linear", [*small(), f"run.output_dir={tmp_path}", "run.name=r"])
 
     first = train(cfg(), cpu=True)
-    before = _snapshot(first.run_dir)
+    before = file_hashes(first.run_dir)
     again = train(cfg(), resume="auto", cpu=True)  # finished: nothing to do, nothing written
-    assert _snapshot(first.run_dir) == before
+    assert file_hashes(first.run_dir) == before
     assert again.metrics["test_neg_elbo"] == first.metrics["test_neg_elbo"]
     assert all(torch.equal(a, b) for a, b in zip(first.model.state_dict().values(), again.model.state_dict().values()))
     shutil.rmtree(first.run_dir / "checkpoints")
-    before = _snapshot(first.run_dir)
-    other = load_config("conv", ["train.epochs=1", *SMALL, f"run.output_dir={tmp_path}", "run.name=r"])
+    before = file_hashes(first.run_dir)
+    other = load_config("conv", [*small(), f"run.output_dir={tmp_path}", "run.name=r"])
     with pytest.raises(runs.ResumeError, match="holds a model but no checkpoint to resume from"):
         train(other, resume="auto", cpu=True)
-    assert _snapshot(first.run_dir) == before
+    assert file_hashes(first.run_dir) == before
 
 
 def test_a_run_stopped_before_its_first_checkpoint_starts_again_only_with_its_own_config(tmp_path):
-    cfg = load_config("linear", ["train.epochs=1", *SMALL, f"run.output_dir={tmp_path}", "run.name=r"])
+    cfg = load_config("linear", [*small(), f"run.output_dir={tmp_path}", "run.name=r"])
     (tmp_path / "r").mkdir()
     runs.write_config(tmp_path / "r", cfg)  # what a run killed before its first checkpoint leaves
-    other = load_config("linear", ["train.epochs=1", *SMALL, "train.lr=0.01", f"run.output_dir={tmp_path}"])
+    other = load_config("linear", [*small(), "train.lr=0.01", f"run.output_dir={tmp_path}"])
     other.run.name = "r"
     with pytest.raises(runs.ResumeError, match=r"different configuration: train.lr \(0.001 -> 0.01\)"):
         train(other, resume="auto", cpu=True)
@@ -198,15 +178,14 @@ def test_a_full_disk_stops_training_in_one_line_and_the_run_resumes_to_the_same_
     """The disk fills while the first checkpoint is written: one line names the file and says how
     to continue; after space is freed, the run (which had no checkpoint yet) starts again with its
     own configuration and ends bitwise where an uninterrupted one does."""
-    from helpers import BIN, full_disk, weights
+    from helpers import VAE_DIST, full_disk, weights
 
-    args = ["train", "--config", "linear", "--name", "r"]
-    args += sum((["--set", s] for s in [*SMALL, "train.epochs=2", "train.checkpoint_every=8"]), [])
-    run([f"{BIN}/vae-dist", *args, "--output-dir", str(tmp_path / "whole")])
+    args = ["train", "--config", "linear", "--name", "r", *set_options(small(epochs=2, checkpoint_every=8))]
+    run([VAE_DIST, *args, "--output-dir", str(tmp_path / "whole")])
     # Room for the configuration and grids, not for the optimizer state (~5 MB).
     with full_disk(tmp_path / "small", 1_000_000) as (preexec, mechanism):
         out = run(
-            [f"{BIN}/vae-dist", *args, "--output-dir", str(tmp_path / "small")], check=False, preexec_fn=preexec
+            [VAE_DIST, *args, "--output-dir", str(tmp_path / "small")], check=False, preexec_fn=preexec
         )
     assert out.returncode == 2, (mechanism, out.stderr[-2000:])
     error = out.stderr.strip().splitlines()[-1]
@@ -216,7 +195,7 @@ def test_a_full_disk_stops_training_in_one_line_and_the_run_resumes_to_the_same_
     run_dir = tmp_path / "small" / "r"
     assert list((run_dir / "checkpoints").iterdir()) == []  # the partial checkpoint is removed
     assert not (run_dir / "model.safetensors").exists()
-    run([f"{BIN}/vae-dist", *args, "--output-dir", str(tmp_path / "small"), "--resume", "auto"])
+    run([VAE_DIST, *args, "--output-dir", str(tmp_path / "small"), "--resume", "auto"])
     a, b = weights(tmp_path / "whole" / "r" / "model.safetensors"), weights(run_dir / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
@@ -224,7 +203,7 @@ def test_a_full_disk_stops_training_in_one_line_and_the_run_resumes_to_the_same_
 @pytest.mark.parametrize("name", ["../x", "/tmp/abs", ".", "..", "a/b"])
 def test_a_run_name_is_one_plain_folder_name(tmp_path, name):
     runs_dir = tmp_path / "runs"
-    cfg = load_config("linear", [*SMALL, f"run.output_dir={runs_dir}"])
+    cfg = load_config("linear", [*small(), f"run.output_dir={runs_dir}"])
     cfg.run.name = name
     with pytest.raises(runs.ResumeError, match="not a plain folder name"):
         train(cfg, cpu=True)
@@ -236,7 +215,7 @@ def test_reading_from_disk_trains_bitwise_the_same_model_as_reading_from_memory(
     for mode in ("always", "never"):
         cfg = load_config(
             "conv",
-            ["train.epochs=1", *SMALL, f"data.in_memory={mode}", f"run.output_dir={tmp_path}", f"run.name={mode}"],
+            [*small(), f"data.in_memory={mode}", f"run.output_dir={tmp_path}", f"run.name={mode}"],
         )
         results[mode] = train(cfg, cpu=True)
     a, b = (results[m].model.state_dict() for m in ("always", "never"))

@@ -22,7 +22,7 @@ from export.manifest import file_record
 from export.pipeline import export_run
 from export.variants import QUALITY_BUDGET, VARIANTS, census
 from export.verify import ORT_FORMAT_ID
-from helpers import LATENT, cli, make_run, run_sampler
+from helpers import LATENT, cli, make_run, run_sampler, shift_initializer, write_idx
 
 KINDS = {"linear": "gaussian", "conv": "bernoulli"}  # both -ELBO forms, as in test_export.py
 EXPECTED = {
@@ -258,20 +258,18 @@ def test_an_ort_copy_of_a_failed_variant_is_not_made(tmp_path, monkeypatch):
     assert not list((run / "onnx").glob("*.int8-static.*"))
 
 
-def _shift_output_bias(path: Path, by: float) -> None:
-    """Add `by` to the bias of the layer that feeds the decoder's final Sigmoid."""
-    model = onnx.load(str(path))
+def _output_bias(model: onnx.ModelProto) -> onnx.TensorProto:
+    """The bias of the layer that feeds the decoder's final Sigmoid."""
     (sigmoid,) = [n for n in model.graph.node if n.op_type == "Sigmoid"]
     (last,) = [n for n in model.graph.node if sigmoid.input[0] in n.output]
     (bias,) = [t for t in model.graph.initializer if t.name == last.input[2]]
-    bias.CopyFrom(onnx.numpy_helper.from_array(onnx.numpy_helper.to_array(bias) + np.float32(by), bias.name))
-    onnx.save(model, str(path))
+    return bias
 
 
 def test_verify_catches_a_damaged_variant_and_int8_falls_back_to_dynamic(variant_runs, tmp_path):
     run = Path(shutil.copytree(variant_runs / "conv", tmp_path / "conv"))
     folder = run / "onnx"
-    _shift_output_bias(folder / "decoder.int8-static.onnx", 5.0)  # ConvTranspose stays float: a float bias
+    shift_initializer(folder / "decoder.int8-static.onnx", _output_bias, 5.0)  # ConvTranspose stays float: a float bias
     # Changed bytes are refused before anything else...
     proc = run_sampler(
         ["sample", "--model-dir", str(folder), "--variant", "int8-static", "--out", str(tmp_path / "a.png")]
@@ -342,9 +340,7 @@ def test_sampler_runs_each_variant_without_torch(variant_runs, tmp_path, fp32_sa
 
 
 def test_sampler_reconstructs_with_an_int8_ort_pair(variant_runs, tmp_path, float_images):
-    idx = tmp_path / "t.idx"
-    pixels = (float_images[:, 0] * 255).round().astype(np.uint8)
-    idx.write_bytes(bytes([0, 0, 8, 3]) + np.array(pixels.shape, ">u4").tobytes() + pixels.tobytes())
+    idx = write_idx(tmp_path / "t.idx", (float_images[:, 0] * 255).round().astype(np.uint8))
     out = tmp_path / "r.png"
     proc = run_sampler(
         [

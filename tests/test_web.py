@@ -4,6 +4,7 @@ against Python onnxruntime on the same files."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -17,7 +18,8 @@ from click.testing import CliRunner
 
 from export import sample, web
 from export.pipeline import export_run
-from helpers import ROOT, TINY_TEST_NEG_ELBO, make_run
+from helpers import TINY_TEST_NEG_ELBO, flip_byte, make_run
+from helpers import run as run_command
 from vae_dist.cli import main as cli_main
 from vae_dist.data import prepare
 
@@ -275,9 +277,7 @@ def _remove(folder: Path, facts: dict) -> str:
 
 def _corrupt(folder: Path, facts: dict) -> str:
     path = folder / facts["files"]["encoder"]["path"]
-    data = bytearray(path.read_bytes())
-    data[len(data) // 2] ^= 0xFF
-    path.write_bytes(bytes(data))
+    flip_byte(path, path.stat().st_size // 2)
     return path.name
 
 
@@ -300,10 +300,7 @@ def _corrupt_message(folder: Path, facts: dict) -> str:
 
 
 def _corrupt_test_images(folder: Path, facts: dict) -> str:
-    path = folder / facts["test_images"]["path"]
-    data = bytearray(path.read_bytes())
-    data[0] ^= 0xFF
-    path.write_bytes(bytes(data))
+    flip_byte(folder / facts["test_images"]["path"], 0)
     return f"Test image file {facts['test_images']['path']} is corrupt: its sha256 does not match site.json."
 
 
@@ -501,8 +498,7 @@ def test_the_browser_benchmark_reports_both_models_against_native(exports, tmp_p
     from export import bench_web
 
     def bench(*args: str) -> subprocess.CompletedProcess:  # its own process: playwright's sync API is in use here
-        command = [sys.executable, "-m", "export.bench_web", *args]
-        return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+        return run_command([sys.executable, "-m", "export.bench_web", *args], check=False, environ=os.environ)
 
     out, shot = tmp_path / "web.json", tmp_path / "page.png"
     runs_dir = exports["linear"].parent

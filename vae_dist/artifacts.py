@@ -65,6 +65,8 @@ def load_model(path: str | Path) -> tuple[VAE, ModelRecord]:
         raise ModelFileError(
             f"{path} does not hold the model its metadata describes ({reason[:200]}); train or copy it again"
         ) from None
+    if not all(bool(torch.isfinite(t).all()) for t in model.state_dict().values()):
+        raise ModelFileError(f"{path} holds weights that are not finite (its training diverged); train it again")
     return model.eval(), record
 
 

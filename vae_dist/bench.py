@@ -39,13 +39,15 @@ import torch
 from accelerate import Accelerator
 from torch.utils.flop_counter import FlopCounterMode
 
-from vae_dist import paths
+from vae_dist import files, paths
 from vae_dist.config import load_config, shipped_config
 from vae_dist.data import builtin, prepare, prepared, splits
+from vae_dist.errors import UserError
 from vae_dist.kinds import MODEL_KINDS
 from vae_dist.models import build_model
 from vae_dist.step import FIRST_STEP_MESSAGE, make_optimizer, micro_step
 
+FORMAT = "vae-dist-bench-train/1"  # the result file's "format"
 MODELS = tuple(kind.config for kind in MODEL_KINDS.values())  # the shipped config of each model kind
 EMOJI = "emoji-twitter-64"  # under the data folder: `make emoji` puts the set's PNGs there
 READING = (("linear", "fashion-mnist"), ("conv64", EMOJI))  # (shipped config, data set) for the data rows
@@ -336,6 +338,11 @@ def main(
     json_path: str,
 ):
     """Benchmark start-up and the training step of both VAEs on the CPU."""
+    try:
+        files.check_json_output(Path(json_path), FORMAT, frozenset({"seconds_to_first_step", "models"}))
+    except UserError as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(2)
     root = builtin.resolve("fashion-mnist", download=False)
     firsts = [seconds_to_first_step() for _ in range(starts)]
     accelerator = Accelerator(cpu=True)
@@ -370,7 +377,8 @@ def main(
             f"{r['flops'] / r['images'] / 1e9:.1f} GFLOP per image, {r['fraction_of_matmul']:.0%} of mm; "
             f"10,000 test images in {r['seconds_for_10000'] / 60:.0f} min"
         )
-    result = {"seconds_to_first_step": firsts, "models": rows, "data": reading, "evaluate": evaluating}
+    result = {"format": FORMAT, "seconds_to_first_step": firsts, "models": rows, "data": reading,
+              "evaluate": evaluating}
     Path(json_path).parent.mkdir(parents=True, exist_ok=True)
     Path(json_path).write_text(json.dumps(result, indent=1))
     click.echo(f"written to {json_path}")

@@ -122,6 +122,12 @@ NON_NEGATIVE = (
     "train.seed",
     "train.eval_seed",
 )
+AT_MOST = {  # largest values that work, checked before anything runs
+    "train.seed": 2**32 - 1,  # numpy's seed, which set_seed sets, is 32-bit
+    "train.eval_seed": 2**32 - 1,
+    "train.grid_images": 256,  # images a grid can hold in one PNG
+    "train.grid_samples": 4096,
+}
 
 
 def _coerce(key: str, value: Any, tp: Any) -> Any:
@@ -170,6 +176,9 @@ def validate(cfg: Config) -> Config:
     for key in NON_NEGATIVE:
         if not get(cfg, key) >= 0 or not math.isfinite(get(cfg, key)):
             raise ConfigError(f"{key} must be a finite number >= 0, got {get(cfg, key)!r}")
+    for key, most in AT_MOST.items():
+        if get(cfg, key) > most:
+            raise ConfigError(f"{key} must be at most {most}, got {get(cfg, key)!r}")
     for key in ("model.hidden_dims", "model.channels"):
         if any(v < 1 for v in get(cfg, key)):
             raise ConfigError(f"{key}: every width must be >= 1, got {get(cfg, key)!r}")

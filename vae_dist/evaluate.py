@@ -90,7 +90,9 @@ def images_per_pass(batch_size: int, pixels: int) -> int:
 
 
 @torch.no_grad()
-def estimate(model: VAE, x: torch.Tensor, indices: torch.Tensor, k: int, seed: int, likelihood: str) -> Estimate:
+def estimate(
+    model: VAE, x: torch.Tensor, indices: torch.Tensor, k: int, seed: int, likelihood: str, progress=None
+) -> Estimate:
     """NLL_K, the reconstruction term and the KL of images `x` (float [B, C, H, W] on the model's
     device) whose split indices are `indices`."""
     device = x.device
@@ -120,6 +122,8 @@ def estimate(model: VAE, x: torch.Tensor, indices: torch.Tensor, k: int, seed: i
         top = torch.maximum(best, log_w.max(1).values)
         total = total * torch.exp(best - top) + torch.exp(log_w - top[:, None]).sum(1)
         best = top
+        if progress is not None:
+            progress.done(b * eps.shape[1] / k)
     nll = -(best + torch.log(total) - math.log(k))
     kl = kl_to_standard_normal(mu.double(), logvar.double())
     return Estimate(nll=nll, recon=recon, kl=kl)
@@ -130,6 +134,46 @@ def for_estimation(model: VAE) -> VAE:
     convolutions then take oneDNN's fast path on the CPU (the decoder 1.7 times as fast here, with
     the same outputs up to float rounding). Linear layers are unchanged."""
     return model.to(memory_format=torch.channels_last)
+
+
+class Progress:
+    """How far the estimate is and how long it will take: a bar on a terminal, else a log line
+    every LOG_EVERY seconds (from the main process; each process takes an equal share)."""
+
+    LOG_EVERY = 10.0
+
+    def __init__(self, total: int, shown: bool):
+        from tqdm.auto import tqdm
+
+        self.total, self.count, self.shown = total, 0, shown
+        self.started = self.logged = time.perf_counter()
+        self.bar = tqdm(total=total, desc="images", unit="img", disable=not (shown and sys.stderr.isatty()))
+
+    def done(self, images: float) -> None:
+        """`images` more done (a fraction of an image: some of its K latents)."""
+        self.count = min(self.total, self.count + images)
+        self.bar.update(images)
+        now = time.perf_counter()
+        if self.shown and self.bar.disable and now - self.logged >= self.LOG_EVERY:
+            rate = self.count / (now - self.started)
+            left = (self.total - self.count) / rate if rate > 0 else float("inf")
+            log.info("%.0f of %d images (%.3g images/s), about %s left", self.count, self.total, rate, _duration(left))
+            self.logged = now
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def _duration(seconds: float) -> str:
+    if seconds == float("inf"):
+        return "an unknown time"
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 2 * 3600:
+        return f"{seconds / 60:.0f} min"
+    if seconds < 2 * 86400:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 86400:.0f} days"
 
 
 def evaluate_split(
@@ -147,14 +191,16 @@ def evaluate_split(
     step = images_per_pass(batch_size, images[0].numel())
     rows = []
     model.eval()
+    progress = Progress(per, accelerator.process_index == 0)
     for lo in range(0, per, step):
         idx = share[lo : lo + step]
         x = splits.to_float(images[idx].to(device))
         if binarize:
             x = binarized(x, idx, seed)
-        e = estimate(model, x, idx, k, seed, likelihood)
+        e = estimate(model, x, idx, k, seed, likelihood, progress)
         index = torch.where(valid[lo : lo + len(idx)], idx, -1).to(device, torch.float64)
         rows.append(torch.stack([index, e.nll, e.recon, e.kl], dim=1))
+    progress.close()
     local = torch.cat(rows) if rows else torch.zeros(0, 4, dtype=torch.float64, device=device)
     table = accelerator.gather(local).cpu()
     table = table[table[:, 0] >= 0]
@@ -201,6 +247,7 @@ def evaluate_run(
     model_file = run_dir / runs.MODEL_FILE
     if not model_file.is_file():
         raise EvaluateError(f"{run_dir} holds no {runs.MODEL_FILE}; train the run to its end first")
+    files.check_writable(run_dir)  # the result goes to RUN/eval.jsonl: refused now, not after hours of work
     accelerator = Accelerator(cpu=cpu if cpu is not None else not torch.cuda.is_available())
     model, record = artifacts.load_model(model_file)
     binarize = run_binarize(run_dir, record) == "dynamic"

@@ -66,12 +66,13 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 def append_jsonl(path: Path, record: dict[str, Any]) -> None:
     """One JSON line appended and fsynced; a failed append is cut back off, so the file never ends
-    in a partial line (a kill during the write can still tear the last line: `read_jsonl`)."""
+    in a partial line (a kill during the write can still tear the last line: `read_jsonl`). A
+    record holding NaN or an infinity is a bug (ValueError): no file gets a non-standard token."""
     path = Path(path)
     size = path.stat().st_size if path.exists() else None
     try:
         with open(path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+            f.write(json.dumps(record, allow_nan=False) + "\n")  # standard JSON: no NaN or Infinity token
             f.flush()
             os.fsync(f.fileno())
     except OSError:
@@ -114,6 +115,11 @@ def staging_name(target: Path, pid: int | None = None) -> Path:
 def aside_name(target: Path, pid: int | None = None) -> Path:
     """Where process `pid` keeps the `target` it replaces, between the two renames."""
     return _marked(Path(target), ASIDE_MARK, os.getpid() if pid is None else pid)
+
+
+def moved_aside(target: Path) -> list[Path]:
+    """Copies of `target` that a publish killed between its two renames left aside."""
+    return _left_by_dead(Path(target), ASIDE_MARK)
 
 
 def _left_by_dead(target: Path, mark: str) -> list[Path]:
@@ -312,3 +318,111 @@ def writing(where: Path, room_for: int = 0) -> Iterator[None]:
         else:
             path = newest_file(where)
         raise WriteError(f"cannot write {path} ({reason})", path, reason, no_room) from e
+
+
+# ---------------------------------------------------------------- one writer at a time
+
+
+class Busy(UserError):
+    """Another process is writing the same place."""
+
+
+def lock_name(target: Path) -> Path:
+    """The lock file of `target`: `.NAME.lock` beside it."""
+    return Path(target).with_name(f".{Path(target).name}.lock")
+
+
+@contextmanager
+def one_writer(target: Path, what: str, todo: str) -> Iterator[None]:
+    """Be the one process writing `target` for the block, or raise Busy naming the process that is
+    (`what` names the target in words, `todo` says what to do instead).
+
+    The lock is a POSIX record lock (`fcntl.lockf`) on `.NAME.lock` beside the target: the kernel
+    releases it when its process ends, killed or not, so none is left stuck, and a network file
+    system (NFS) hands it to its lock manager, so processes of several machines sharing the folder
+    see it too. The file is removed when the block ends; a process that locked a file removed
+    meanwhile tries again, so two processes never both hold one."""
+    import fcntl
+    import time
+
+    path = lock_name(target)
+    made = not path.parent.exists()
+    while True:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:  # checked before any work: a read-only or full folder says so at once
+            raise _cannot_write_into(path.parent, e) from None
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            holder = os.pread(fd, 300, 0).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            if e.errno not in (errno.EACCES, errno.EAGAIN):
+                raise
+            if made:
+                _remove_if_empty(path.parent)
+            raise Busy(f"{what} is being written by {holder}; {todo}") from None
+        try:
+            if os.fstat(fd).st_ino == os.stat(path).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        os.close(fd)  # the holder before removed this file: lock the new one
+    try:
+        stamp = f"process {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}"
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, stamp.encode(), 0)
+        yield
+    finally:
+        path.unlink(missing_ok=True)
+        os.close(fd)
+        if made:
+            _remove_if_empty(path.parent)
+
+
+def check_json_output(path: Path, fmt: str, earlier_keys: frozenset[str] = frozenset()) -> None:
+    """Refuse, before any work, an output `path` that exists and is not a JSON object of format
+    `fmt` (a result of the same command; `earlier_keys`: what its results held before they named
+    their format): a command replaces only what it wrote."""
+    path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{path} is a folder; name the JSON file to write")
+    if path.exists():
+        try:
+            found = json.loads(path.read_text())
+        except (OSError, ValueError):
+            found = None
+        ours = isinstance(found, dict) and (found.get("format") == fmt or (earlier_keys and earlier_keys <= set(found)))
+        if not ours:
+            raise UserError(f"{path} exists and is not a {fmt} result; it is replaced only by its own kind: "
+                            "choose another file")
+    check_writable(path.parent)
+
+
+def check_writable(folder: Path) -> None:
+    """Refuse, before any work, a folder this process cannot write into (read-only, no permission,
+    a full disk): a WriteError in one line. The folder may not exist yet: its nearest existing
+    parent is tried."""
+    folder = Path(folder)
+    while not folder.exists() and folder.parent != folder:
+        folder = folder.parent
+    probe = folder / f".write-probe-{socket.gethostname()}-{os.getpid()}"
+    try:
+        probe.touch()
+        probe.unlink()
+    except OSError as e:
+        raise _cannot_write_into(folder, e) from None
+
+
+def _cannot_write_into(folder: Path, e: OSError) -> WriteError:
+    reason, no_room = e.strerror or str(e), e.errno in NO_ROOM
+    todo = "Free some space" if no_room else "Make it writable, or choose another folder"
+    return WriteError(f"cannot write into {folder} ({reason}); nothing was changed. {todo}", folder, reason, no_room)
+
+
+def _remove_if_empty(folder: Path) -> None:
+    try:
+        folder.rmdir()
+    except OSError:
+        pass

@@ -24,7 +24,7 @@ COLUMNS = (  # (header, key in a summary, how it is shown)
     ("test -ELBO", "test_neg_elbo", lambda v: f"{v:.2f}" if v is not None else "-"),
     ("best NLL (K)", "best_nll", lambda v: f"{v['nll']:.2f} ({v['k']})" if v else "-"),
     ("export", "export", str),
-    ("finished", "finished", lambda v: "yes" if v else "no"),
+    ("finished", "state", str),
     ("last written", "time", str),
 )
 
@@ -37,10 +37,11 @@ def _read_json(path: Path) -> Any:
 
 
 def _export_status(run_dir: Path) -> tuple[str, list[str]]:
-    """"verified", "FAILED", "damaged" or "-" (none), and the variants the manifest accepted."""
+    """"verified", "FAILED", "damaged", "set aside ..." or "-" (none), and the variants the manifest
+    accepted."""
     manifest_path = run_dir / runs.ONNX_DIR / runs.MANIFEST_FILE
-    if not manifest_path.is_file():
-        return "-", []
+    if not manifest_path.is_file():  # an export a kill left aside comes back with the next verify
+        return ("set aside (vae-dist verify puts it back)" if files.moved_aside(run_dir / runs.ONNX_DIR) else "-"), []
     manifest = _read_json(manifest_path)
     if not isinstance(manifest, dict):
         return "damaged", []
@@ -58,12 +59,12 @@ def summarize(run_dir: Path) -> dict[str, Any] | None:
         saved = runs.read_saved_config(run_dir) if config_path.is_file() else {}
     except UserError:
         saved = {}
-    record = None
+    record, damaged = None, None
     if model_path.is_file():
         try:
             record = read_record(model_path)
-        except UserError:
-            record = None
+        except UserError as e:  # listed all the same, marked, with the reason in --json
+            damaged = str(e)
     model_cfg, data_cfg, train_cfg = (saved.get(k) or {} for k in ("model", "data", "train"))
     try:
         metrics = files.read_jsonl(run_dir / runs.METRICS_FILE)
@@ -77,6 +78,7 @@ def summarize(run_dir: Path) -> dict[str, Any] | None:
     planned = train_cfg.get("epochs", record.epochs if record else None)
     done = len({r.get("epoch") for r in metrics})
     status, variants = _export_status(run_dir)
+    finished = record is not None and planned is not None and done >= planned
     present = [
         p for p in (config_path, model_path, run_dir / runs.METRICS_FILE, run_dir / runs.EVAL_FILE) if p.exists()
     ]
@@ -95,7 +97,9 @@ def summarize(run_dir: Path) -> dict[str, Any] | None:
         "export": status + (f" ({', '.join(variants)})" if variants else ""),
         "export_verified": status == "verified",
         "variants": variants,
-        "finished": model_path.is_file() and planned is not None and done >= planned,
+        "finished": finished,
+        "state": "damaged" if damaged else "yes" if finished else "no",  # the table's "finished" column
+        "damaged": damaged,  # why the model file cannot be read, or None
         "time": datetime.fromtimestamp(newest).strftime("%Y-%m-%d %H:%M"),
         "mtime": newest,
     }

@@ -17,6 +17,7 @@ import json
 import pickle
 import re
 import shutil
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
@@ -139,10 +140,20 @@ def locate(run: str | Path, output_dir: str | Path | None = None) -> Path:
     return path
 
 
+MAX_NAME_BYTES = 200  # a folder name may hold 255; its lock and staging names add to it
+
+
 def check_name(name: str) -> None:
-    """A run name is one plain folder name: it can never point outside the runs folder."""
-    if name in ("", ".", "..") or "/" in name or "\\" in name or Path(name).is_absolute() or "\0" in name:
-        raise ResumeError(f"run name {name!r} is not a plain folder name; use letters, digits, '-', '_' or '.'")
+    """A run name is one plain folder name: it can never point outside the runs folder, break a
+    line of `vae-dist runs`, pass for an option, or be too long for the file system."""
+    plain = name not in ("", ".", "..") and not any(c in name for c in "/\\\0") and not Path(name).is_absolute()
+    if not plain or any(ord(c) < 32 or ord(c) == 127 for c in name) or name.startswith("-"):
+        raise ResumeError(
+            f"run name {name!r} is not a plain folder name; use letters, digits, '-', '_' or '.' "
+            "(not first: '-')"
+        )
+    if len(name.encode()) > MAX_NAME_BYTES:
+        raise ResumeError(f"run name of {len(name.encode())} bytes is too long; use at most {MAX_NAME_BYTES}")
 
 
 def is_finished(run_dir: Path, checkpoint: Path | None, epochs: int) -> bool:
@@ -157,13 +168,16 @@ def auto_name(kind: str) -> str:
     return f"{kind}-{datetime.now():%Y%m%d-%H%M%S}"
 
 
-def decide_run(cfg: Config, resume: str | None) -> tuple[Path, Path | None]:
+def decide_run(
+    cfg: Config, resume: str | None, hold: Callable[[Path], None] = lambda run_dir: None
+) -> tuple[Path, Path | None]:
     """The run folder and checkpoint for training `cfg`, after refusing anything that would
-    overwrite a run or continue it with another configuration. Runs on the main process."""
+    overwrite a run or continue it with another configuration. Runs on the main process; `hold` is
+    called with the folder before anything in it is looked at (it makes this process its writer)."""
     target = find_run(resume, cfg.run.name, cfg.run.output_dir)
-    if target.run_dir is not None:  # a checkpoint a kill left aside while it was being replaced
-        files.restore_all_moved_aside(target.run_dir / CHECKPOINTS_DIR)
     run_dir = target.run_dir or Path(cfg.run.output_dir) / auto_name(cfg.model.kind)
+    hold(run_dir)
+    files.restore_all_moved_aside(run_dir / CHECKPOINTS_DIR)  # a checkpoint a kill left aside mid-swap
     checkpoint = target.checkpoint
     if not target.resume and (run_dir / CONFIG_FILE).exists():
         raise ResumeError(

@@ -1,9 +1,10 @@
 """A training run set up: its folder decided, its data loaded, its model built and its checkpoint
-restored, as the `Session` the epoch loop (vae_dist.train) works with."""
+restored, as the `Session` the epoch loop (vae_dist.training) works with."""
 
 from __future__ import annotations
 
 import json
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -45,12 +46,19 @@ class Session:
 # ---------------------------------------------------------------- setting up
 
 
-def decide_run(accelerator: Accelerator, cfg: Config, resume: str | None) -> tuple[Path, Path | None, bool]:
-    """The main process decides the run folder and checkpoint (vae_dist.runs), and whether the run
-    is already finished; the others are told. Nothing is written yet."""
+def decide_run(
+    accelerator: Accelerator, cfg: Config, resume: str | None, writer: ExitStack
+) -> tuple[Path, Path | None, bool]:
+    """The main process becomes the run folder's one writer (for as long as `writer` lasts), then
+    decides the run folder and checkpoint (vae_dist.runs) and whether the run is already finished;
+    the others are told. Nothing is written yet but the lock."""
+
+    def hold(run_dir: Path) -> None:
+        todo = "wait for it to end, or pass another --name"
+        writer.enter_context(files.one_writer(run_dir, f"run {run_dir}", todo))
 
     def decide():
-        run_dir, checkpoint = runs.decide_run(cfg, resume)
+        run_dir, checkpoint = runs.decide_run(cfg, resume, hold)
         finished = runs.is_finished(run_dir, checkpoint, cfg.train.epochs)
         return str(run_dir), str(checkpoint) if checkpoint else None, finished
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import signal
 import sys
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ from vae_dist import artifacts, files, runs, tracking
 from vae_dist.config import Config
 from vae_dist.data import splits
 from vae_dist.epoch_end import test_elbo, write_grids
+from vae_dist.errors import UserError
 from vae_dist.losses import kl_weight
 from vae_dist.models import VAE
 from vae_dist.processes import make_accelerator
@@ -115,7 +117,10 @@ def run_steps(s: Session, epoch: int, tally: EpochTally, bar) -> None:
         after_step(s, step, tally, terms.loss.detach(), beta, bar)
         stop = s.stop.requested()
         every = cfg.train.checkpoint_every
-        if stop or (every and state.global_step % every == 0 and step + 1 < s.steps_per_epoch):
+        save = stop or (every and state.global_step % every == 0 and step + 1 < s.steps_per_epoch)
+        if save or state.global_step % cfg.train.log_every == 0:  # the same on every process
+            ensure_finite(s, epoch, tally)
+        if save:
             save_mid_epoch(s, step, tally)
         if stop:
             raise Stopped(
@@ -147,6 +152,29 @@ def log_step(acc: Accelerator, loss: torch.Tensor, beta: float, tally: EpochTall
     tally.logged_images, tally.logged_at = tally.images, time.perf_counter()
 
 
+class Diverged(UserError):
+    """The training loss or the weights stopped being finite numbers."""
+
+
+def ensure_finite(s: Session, epoch: int, tally: EpochTally) -> None:
+    """Stop the run once this epoch's loss so far or a weight is not a finite number, on any
+    process (every process takes part): nothing of it is saved, so no checkpoint, model file or
+    metrics line ever holds a NaN. Checked every train.log_every steps and before each save."""
+    acc = s.accelerator
+    finite = [torch.isfinite(tally.loss_sum).all(), *(torch.isfinite(p).all() for p in s.core.parameters())]
+    bad = (~torch.stack(finite).all()).to(torch.float32).reshape(1)
+    if acc.num_processes > 1:
+        bad = acc.reduce(bad, "sum")
+    if bad.item():
+        checkpoints = runs.list_checkpoints(s.run_dir)
+        kept = f"its last good checkpoint is {checkpoints[-1].name}" if checkpoints else "it has no checkpoint"
+        raise Diverged(
+            f"training diverged: the loss or the weights are no longer finite at step {s.state.global_step} "
+            f"(epoch {epoch}, train.lr={s.cfg.train.lr:g}); no model was written and {kept}. "
+            "Lower train.lr (or set loss.kl_warmup_steps) and train again under another --name"
+        )
+
+
 def save_mid_epoch(s: Session, step: int, tally: EpochTally) -> None:
     """A checkpoint after `step`, with the epoch's counts so far (summed over processes)."""
     state = s.state
@@ -160,6 +188,7 @@ def save_mid_epoch(s: Session, step: int, tally: EpochTally) -> None:
 def end_epoch(s: Session, epoch: int, tally: EpochTally) -> dict[str, Any]:
     """The exact test -ELBO, the grids, the metrics line, curves.png and the trackers' epoch figures."""
     acc, cfg = s.accelerator, s.cfg
+    ensure_finite(s, epoch, tally)
     seconds = time.perf_counter() - tally.started
     total_loss = acc.reduce(tally.loss_sum.clone(), "sum").item()
     metrics = {
@@ -237,7 +266,13 @@ def train(cfg: Config, resume: str | None = None, cpu: bool | None = None) -> Tr
     tracking.check_trackers(cfg.run.log_with)
     accelerator = make_accelerator(cfg, cpu)
     set_seed(cfg.train.seed)
-    run_dir, checkpoint, finished = decide_run(accelerator, cfg, resume)
+    with ExitStack() as writer:  # the main process is the run folder's one writer until the end
+        run_dir, checkpoint, finished = decide_run(accelerator, cfg, resume, writer)
+        return run(accelerator, cfg, run_dir, checkpoint, finished)
+
+
+def run(accelerator: Accelerator, cfg: Config, run_dir: Path, checkpoint: Path | None, finished: bool) -> TrainResult:
+    """The run decided: nothing to do when it is finished, else its epochs and its model file."""
     if finished:  # resuming a finished run changes nothing and writes nothing
         log.info(f"run {run_dir} is finished ({cfg.train.epochs} epochs); nothing to do", main_process_only=True)
         model, _ = artifacts.load_model(run_dir / runs.MODEL_FILE)

@@ -13,6 +13,7 @@ FITS = ("crop", "pad", "stretch")
 BACKGROUND = 255  # transparent pixels are composited over white, and `pad` pads with white
 GREY_MODES = ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F")  # a survey sees no colour in these
 GREY_16_BIT = ("I", "I;16", "I;16B", "I;16L")
+MAX_SIZE = 65535  # a PNG's own limit is far larger; no image a VAE trains on comes near this
 
 
 @dataclass(frozen=True)
@@ -34,9 +35,26 @@ class Fit:
 
     @classmethod
     def from_dict(cls, fit: dict[str, Any]) -> Fit:
-        """The `Fit` that `to_dict` wrote (dataset.json's and the model file's "fit")."""
+        """The `Fit` that `to_dict` wrote (dataset.json's and the model file's "fit"), checked:
+        ValueError (or KeyError, TypeError) names what is wrong."""
         (height, width), channels, policy = fit["size"], fit["channels"], fit["fit"]
-        return cls(int(height), int(width), int(channels), str(policy))
+        sizes = (height, width)
+        if not all(isinstance(v, int) and not isinstance(v, bool) and 0 < v <= MAX_SIZE for v in sizes):
+            raise ValueError(f"size {list(sizes)} is not two whole numbers from 1 to {MAX_SIZE}")
+        if channels not in (1, 3) or policy not in FITS:
+            raise ValueError(f"channels {channels!r} or fit {policy!r} is not one of (1, 3) and {', '.join(FITS)}")
+        return cls(height, width, channels, policy)
+
+
+def unsupported(path: str) -> str | None:
+    """Why an image file cannot be read faithfully, or None. Pillow reads a 16-bit grey PNG with
+    transparency (colour type 4, bit depth 16) as the low byte of each value, which is noise; such
+    files are refused rather than turned into it."""
+    with open(path, "rb") as f:
+        head = f.read(26)
+    if head[:8] == b"\x89PNG\r\n\x1a\n" and head[12:16] == b"IHDR" and head[24] == 16 and head[25] == 4:
+        return "a 16-bit grey PNG with transparency, which Pillow cannot read faithfully; save it with 8 bits"
+    return None
 
 
 def _eight_bit(image):

@@ -8,9 +8,10 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import multiprocessing
 import os
+import signal
 import sys
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,7 @@ import numpy as np
 
 from vae_dist import files
 from vae_dist.data import builtin
-from vae_dist.data.images import FITS, GREY_MODES, Fit, fit_image
+from vae_dist.data.images import FITS, GREY_MODES, Fit, fit_image, unsupported
 from vae_dist.data.prepared import FORMAT, INFO_FILE, SPLITS, PrepareError, array_file, check, sha256_file
 from vae_dist.errors import UserError
 from vae_dist.rng import Stream, numpy_generator
@@ -39,6 +40,9 @@ def _decode(path: str, fit: Fit) -> tuple[np.ndarray | None, str | None]:
     from PIL import Image, UnidentifiedImageError
 
     try:
+        reason = unsupported(path)
+        if reason:
+            return None, reason
         with Image.open(path) as image:
             image.seek(0)
             image.load()  # decodes the whole image: a truncated file fails here
@@ -96,6 +100,19 @@ def _grey_palette(image) -> bool:
     return bool(len(palette)) and bool((palette == palette[:, :1]).all())
 
 
+def _end_with_parent() -> None:
+    """In a decode worker: be ended by the kernel when the preparing process dies, even by SIGKILL
+    (Linux; elsewhere the workers end when the pipe to them closes)."""
+    import ctypes
+
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() == 1:  # the parent was gone before the call
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
 def decode_all(images: list[Path], fit: Fit, workers: int, rows: np.ndarray) -> list[str | None]:
     """Decode `images` into `rows` (in order) on `workers` processes; the reason for each file
     that could not be used (None where it was)."""
@@ -105,19 +122,24 @@ def decode_all(images: list[Path], fit: Fit, workers: int, rows: np.ndarray) -> 
     jobs = [([str(p) for p in images[i : i + chunk]], fit) for i in range(0, len(images), chunk)]
     reasons: list[str | None] = []
     bar = tqdm(total=len(images), desc="decoding", unit="img", disable=not sys.stderr.isatty())
-    pool = ProcessPoolExecutor(workers) if workers > 1 and len(jobs) > 1 else None
+    pool = multiprocessing.Pool(workers, initializer=_end_with_parent) if workers > 1 and len(jobs) > 1 else None
     try:
-        results = pool.map(_decode_chunk, jobs) if pool else map(_decode_chunk, jobs)
-        for part in results:
+        for part in pool.imap(_decode_chunk, jobs) if pool else map(_decode_chunk, jobs):
             for row, reason in part:
                 if row is not None:
                     rows[len(reasons)] = row
                 reasons.append(reason)
             bar.update(len(part))
+        if pool:
+            pool.close()
+    except BaseException:  # an interrupt or SIGTERM: the workers stop at once, mid-image
+        if pool:
+            pool.terminate()
+        raise
     finally:
         bar.close()
         if pool:
-            pool.shutdown(cancel_futures=True)
+            pool.join()
     return reasons
 
 
@@ -194,7 +216,7 @@ def prepare(
         raise PrepareError(f"--channels must be 1 (grey) or 3 (RGB), got {channels}")
     if policy not in FITS:
         raise PrepareError(f"--fit must be one of {', '.join(FITS)}, got {policy!r}")
-    with files.staged(out) as staging:
+    with files.one_writer(out, f"dataset {out}", "wait for it to end"), files.staged(out) as staging:
         if source in builtin.NAMES:
             info = _prepare_built_in(source, staging, size, channels, test_source, download)
         else:
@@ -237,7 +259,7 @@ def from_arrays(out: Path, train: np.ndarray, test: np.ndarray, source: str = "a
         raise PrepareError(f"{out} already exists; choose another folder")
     if train.dtype != np.uint8 or test.dtype != np.uint8 or train.ndim != 4 or train.shape[1:] != test.shape[1:]:
         raise PrepareError("from_arrays needs two uint8 arrays [N, C, H, W] of one image shape")
-    with files.staged(out) as staging:
+    with files.one_writer(out, f"dataset {out}", "wait for it to end"), files.staged(out) as staging:
         info = _new_info(source, train.shape[1:], None)
         info["split"] = {"how": "given"}
         for split, array in (("train", train), ("test", test)):
@@ -379,6 +401,14 @@ def _split(rows: np.ndarray, good: list[int], n_source: int, test_fraction, test
 # ---------------------------------------------------------------- command line
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the process is, so that the staging folder and the workers go."""
+
+
+def _terminated(signum, frame) -> None:
+    raise Terminated
+
+
 @click.command("prepare")
 @click.argument("source", required=False)
 @click.option("--out", help="Folder to write (refused if it exists, unless --force).")
@@ -401,6 +431,7 @@ def prepare_command(source, out, size, channels, fit, test_fraction, test, seed,
     """Make a dataset to train on from a folder of images (PNG, JPEG, WebP, BMP, GIF) or a built-in
     data set (fashion-mnist, mnist)."""
     logging.basicConfig(format="%(asctime)s %(levelname)s %(message)s", level=logging.INFO)
+    signal.signal(signal.SIGTERM, _terminated)
     try:
         if check_dir:
             info = check(Path(check_dir))
@@ -416,11 +447,12 @@ def prepare_command(source, out, size, channels, fit, test_fraction, test, seed,
     except UserError as e:
         click.echo(f"error: {e}", err=True)
         sys.exit(2)
-    except KeyboardInterrupt:
-        click.echo("interrupted; nothing was written", err=True)
-        sys.exit(130)
+    except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (`_terminated`): the staging folder is gone
+        stopped = isinstance(e, Terminated)
+        click.echo(f"{'stopped by SIGTERM' if stopped else 'interrupted'}; nothing was written", err=True)
+        sys.exit(128 + signal.SIGTERM if stopped else 130)
     for entry in result.info["skipped"][:5]:
-        click.echo(f"skipped {entry['path']}: {entry['reason']}", err=True)
+        click.echo(f"skipped {entry['path']!r}: {entry['reason']}", err=True)  # quoted: a name may hold a newline
     if len(result.info["skipped"]) > 5:
         click.echo(f"... and {len(result.info['skipped']) - 5} more skipped (see {result.out / INFO_FILE})", err=True)
     click.echo(result.summary())

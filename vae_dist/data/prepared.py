@@ -19,12 +19,14 @@ import numpy as np
 
 from vae_dist import files
 from vae_dist.data.builtin import DataError
+from vae_dist.data.images import Fit
 
 log = logging.getLogger(__name__)
 
 FORMAT = "vae-dist-dataset/1"
 INFO_FILE = "dataset.json"
 SPLITS = ("train", "test")
+NPY_MAGIC = b"\x93NUMPY"  # how every .npy file starts
 
 
 class PrepareError(DataError):
@@ -59,6 +61,11 @@ def read_info(folder: Path) -> dict[str, Any]:
         raise PrepareError(f"{path} cannot be read ({str(e).splitlines()[0]}); prepare the dataset again") from None
     if not isinstance(info, dict) or info.get("format") != FORMAT or not _well_formed(info):
         raise PrepareError(f"{path} is not a {FORMAT} description; prepare the dataset again")
+    if info.get("fit") is not None:
+        try:
+            Fit.from_dict(info["fit"])
+        except (TypeError, ValueError, KeyError) as e:
+            raise PrepareError(f"{path} has a damaged fit ({e}); prepare the dataset again") from None
     for split in SPLITS:
         _check_array(folder, info, split)
     return info
@@ -83,6 +90,16 @@ def _well_formed(info: dict[str, Any]) -> bool:
 def _check_array(folder: Path, info: dict[str, Any], split: str) -> None:
     path = folder / array_file(split)
     expected = (info["counts"][split], *info["shape"])
+    try:
+        with open(path, "rb") as f:
+            regular, magic = path.is_file(), f.read(len(NPY_MAGIC)) if path.is_file() else b""
+    except OSError as e:
+        raise PrepareError(f"{path} cannot be read ({e.strerror or e}); prepare the dataset again") from None
+    if not regular or magic != NPY_MAGIC:
+        what = "a regular file" if not regular else "a numpy .npy array"
+        raise PrepareError(f"{path} is not {what}; prepare the dataset again")
+    if path.resolve().parent != folder.resolve():  # a dataset is read from its own folder only
+        raise PrepareError(f"{path} leads outside {folder} (to {path.resolve()}); prepare the dataset again")
     try:
         array = np.load(path, mmap_mode="r")
     except (OSError, ValueError, EOFError) as e:
