@@ -33,7 +33,7 @@ from typing import Any
 import click
 import torch
 
-from vae_dist import artifacts, files, runs
+from vae_dist import artifacts, files, runs, threads
 from vae_dist.data import splits
 from vae_dist.errors import UserError
 from vae_dist.losses import kl_to_standard_normal, log_likelihood_samples
@@ -248,6 +248,7 @@ def evaluate_run(
     if not model_file.is_file():
         raise EvaluateError(f"{run_dir} holds no {runs.MODEL_FILE}; train the run to its end first")
     files.check_writable(run_dir)  # the result goes to RUN/eval.jsonl: refused now, not after hours of work
+    log.info(threads.apply())
     accelerator = Accelerator(cpu=cpu if cpu is not None else not torch.cuda.is_available())
     model, record = artifacts.load_model(model_file)
     binarize = run_binarize(run_dir, record) == "dynamic"

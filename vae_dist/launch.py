@@ -15,6 +15,7 @@ import socket
 import subprocess
 from pathlib import Path
 
+from vae_dist import threads
 from vae_dist.errors import UserError
 
 TRAIN_SCRIPT = str(Path(__file__).with_name("train.py"))
@@ -27,7 +28,9 @@ def _free_port() -> int:
 
 
 def launch_training(processes: int, args: list[str], port: int | None = None) -> int:
-    """Run `train.py ARGS` on `processes` processes of this machine; the exit status to report."""
+    """Run `train.py ARGS` on `processes` processes of this machine; the exit status to report.
+    Each process uses the threads the user chose (OMP_NUM_THREADS), else its share of the cores,
+    given to the launcher as a choice so that the processes keep it (vae_dist.threads)."""
     import torch.distributed.elastic.agent.server.api  # noqa: F401  (its logger, set below)
     from accelerate.commands.launch import launch_command, launch_command_parser
     from torch.distributed.elastic.multiprocessing.api import SignalException
@@ -38,6 +41,8 @@ def launch_training(processes: int, args: list[str], port: int | None = None) ->
         logging.getLogger(name).setLevel(logging.CRITICAL)
     argv = ["--num_machines", "1", "--num_processes", str(processes), "--dynamo_backend", "no"]
     argv += ["--mixed_precision", "no"]  # the training config decides; "no" here leaves it to it
+    count = threads.chosen()[0] or max(1, threads.cores() // processes)
+    argv += [threads.THREADS_OPTION, str(count)]
     argv += ["--multi_gpu", "--main_process_port", str(port or _free_port()), TRAIN_SCRIPT, *args]
     try:
         launch_command(launch_command_parser().parse_args(argv))

@@ -9,7 +9,9 @@ import os
 
 import torch
 from accelerate import Accelerator
+from accelerate.logging import get_logger
 
+from vae_dist import threads
 from vae_dist.config import Config, ConfigError
 from vae_dist.errors import UserError
 
@@ -30,6 +32,7 @@ def make_accelerator(cfg: Config, cpu: bool | None = None) -> Accelerator:
         )
     if cpu and cfg.train.mixed_precision == "fp16":
         raise ConfigError("train.mixed_precision=fp16 needs a GPU; on the CPU use bf16 or no")
+    threads_line = threads.apply()  # before any work: the launcher's default is not kept
     waiting = rendezvous()
     try:
         accelerator = Accelerator(
@@ -42,6 +45,7 @@ def make_accelerator(cfg: Config, cpu: bool | None = None) -> Accelerator:
     except torch.distributed.DistError as e:  # the peers never came
         raise LaunchError(f"{waiting or 'the rendezvous'} failed: {str(e).splitlines()[0]}; start every process") from e
     check_launch(accelerator)
+    get_logger(__name__).info(threads_line, main_process_only=True)
     world = accelerator.num_processes
     if cfg.train.batch_size % (world * cfg.train.grad_accum_steps):
         raise ConfigError(

@@ -1,0 +1,97 @@
+"""How many CPU threads each training or evaluation process uses: the cores this process may run on,
+shared equally among the processes of the machine, unless the user chose a count.
+
+What counts as the user's choice: OMP_NUM_THREADS in the environment the command was started
+with, or `--num_cpu_threads_per_process` given to `accelerate launch`. Accelerate's launcher sets
+OMP_NUM_THREADS=1 for every process by default on a machine without a GPU, which looks the same to
+the process; so under `accelerate launch` the launcher's own command line and the environment it
+was started with are read (/proc on Linux) to tell its default from a choice. Where /proc cannot
+be read, OMP_NUM_THREADS is taken as given. docs/training.md#threads says the same for users.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+THREADS_ENV = "OMP_NUM_THREADS"
+THREADS_OPTION = "--num_cpu_threads_per_process"  # accelerate launch's option
+ANCESTORS = 6  # the launcher is the parent (one process) or the parent of torch's elastic agent
+
+
+def cores() -> int:
+    """The CPUs this process may run on (its affinity, which containers and `taskset` narrow)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def local_processes() -> int:
+    """The processes of this run on this machine (torch's launchers say; else this one alone)."""
+    value = os.environ.get("LOCAL_WORLD_SIZE", "")
+    return int(value) if value.isdigit() and int(value) > 0 else 1
+
+
+def _proc(pid: int, name: str) -> bytes | None:
+    try:
+        return Path(f"/proc/{pid}/{name}").read_bytes()
+    except OSError:
+        return None
+
+
+def _is_accelerate_launch(args: list[str]) -> bool:
+    names = [Path(a).name for a in args[:4]]
+    return (
+        "accelerate-launch" in names
+        or any(a == "accelerate" and b == "launch" for a, b in zip(names, names[1:]))
+        or "accelerate.commands.launch" in args[:4]
+    )
+
+
+def accelerate_launcher() -> tuple[list[str], dict[str, str]] | None:
+    """The command line and the starting environment of the `accelerate launch` process this one
+    runs under, or None (not under one, or /proc unreadable)."""
+    pid = os.getppid()
+    for _ in range(ANCESTORS):
+        cmdline, stat = _proc(pid, "cmdline"), _proc(pid, "stat")
+        if cmdline is None or stat is None or pid <= 1:
+            return None
+        args = [a.decode(errors="replace") for a in cmdline.split(b"\0") if a]
+        if _is_accelerate_launch(args):
+            environ = _proc(pid, "environ") or b""
+            pairs = (entry.decode(errors="replace").partition("=") for entry in environ.split(b"\0") if entry)
+            return args, {key: value for key, _, value in pairs}
+        pid = int(stat.rsplit(b")", 1)[1].split()[1])  # the parent's pid, after the command's name
+    return None
+
+
+def chosen() -> tuple[int | None, str]:
+    """The user's count of threads per process and what set it; (None, "") when none was chosen."""
+    value = os.environ.get(THREADS_ENV, "")
+    count = int(value) if value.isdigit() and int(value) > 0 else None
+    if count is None:
+        return None, ""
+    launcher = accelerate_launcher()
+    if launcher is None:
+        return count, THREADS_ENV
+    args, environ = launcher
+    if any(a == THREADS_OPTION or a.startswith(THREADS_OPTION + "=") for a in args):
+        return count, THREADS_OPTION
+    if THREADS_ENV in environ:
+        return count, THREADS_ENV
+    return None, ""  # Accelerate's default, not a choice
+
+
+def per_process() -> tuple[int, str]:
+    """The threads each process of this machine uses, and why, in words."""
+    count, source = chosen()
+    if count is not None:
+        return count, f"set by {source}"
+    return max(1, cores() // local_processes()), f"{cores()} cores shared by {local_processes()} process(es)"
+
+
+def apply() -> str:
+    """Set this process's torch threads (per_process); the log line that says so."""
+    import torch
+
+    count, why = per_process()
+    torch.set_num_threads(count)
+    return f"{count} CPU thread(s) per process ({why})"
