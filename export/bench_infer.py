@@ -176,14 +176,14 @@ def export_files(onnx_dir: Path, manifest: dict[str, Any]) -> list[dict[str, Any
         spec = VARIANTS.get(name)
         if spec is None or entry.get("status") == "failed":
             continue
-        files = {r: spec.filename(r) for r in ROLES}
-        if all((onnx_dir / f).is_file() for f in files.values()):
+        exported = {r: spec.filename(r) for r in ROLES}
+        if all((onnx_dir / f).is_file() for f in exported.values()):
             entries.append(
                 {
                     "variant": name,
                     "format": spec.format,
                     "status": entry.get("status"),
-                    "files": files,
+                    "files": exported,
                     "quality": entry.get("quality"),
                 }
             )
@@ -201,7 +201,7 @@ def bench_run(
         raise UserError(f"{onnx_dir} holds no export; run `vae-dist export {run_dir}` first")
     model, record = artifacts.load_model(model_path)
     kind = record.kind
-    files = export_files(onnx_dir, manifest)
+    exported = export_files(onnx_dir, manifest)
     rng = np.random.default_rng(0)
     rows = []
     for spec in vae_specs(model):
@@ -213,7 +213,7 @@ def bench_run(
             else rng.standard_normal(shape, dtype=np.float32)
         )
         param_bytes = used_parameter_bytes(module, torch.from_numpy(pool[:1]))
-        sessions = {f["variant"]: ort_session(onnx_dir / f["files"][spec.role], threads) for f in files}
+        sessions = {f["variant"]: ort_session(onnx_dir / f["files"][spec.role], threads) for f in exported}
         for batch in batch_sizes:
             inputs = np.ascontiguousarray(pool[:batch])
             x = torch.from_numpy(inputs)
@@ -223,9 +223,9 @@ def bench_run(
             calls.update({name: ort_call(sess, spec, inputs, io_binding) for name, sess in sessions.items()})
             with torch.inference_mode():  # entered once: its own cost is not the model's
                 timings = time_interleaved(calls, batch, seconds, warmup)
-            rows += timing_rows(base, timings, files, onnx_dir, spec.role, param_bytes)
+            rows += timing_rows(base, timings, exported, onnx_dir, spec.role, param_bytes)
             log.info("%s %s batch %d done", kind, spec.role, batch)
-    quality = {f["variant"]: {"status": f["status"], **(f["quality"] or {})} for f in files if f["variant"] != FP32}
+    quality = {f["variant"]: {"status": f["status"], **(f["quality"] or {})} for f in exported if f["variant"] != FP32}
     return {
         "model": {
             "kind": kind,
@@ -239,7 +239,7 @@ def bench_run(
 
 
 def timing_rows(
-    base: dict[str, Any], timings: dict, files: list[dict[str, Any]], onnx_dir: Path, role: str, param_bytes: int
+    base: dict[str, Any], timings: dict, exported: list[dict[str, Any]], onnx_dir: Path, role: str, param_bytes: int
 ) -> list[dict[str, Any]]:
     """The rows of one sub-model at one batch size: torch eager, then every file of the export."""
     torch_p50 = timings[TORCH].p50_ms
@@ -256,7 +256,7 @@ def timing_rows(
             "vs_torch": 1.0,
         }
     ]
-    for f in files:
+    for f in exported:
         path, timing = onnx_dir / f["files"][role], timings[f["variant"]]
         rows.append(
             {
@@ -494,7 +494,7 @@ def main(runs, output_dir, threads, seconds, warmup, batch_sizes, json_path, io_
     }
     print_result(result, models, rows, verdicts)
     json_path.parent.mkdir(parents=True, exist_ok=True)
-    json_path.write_text(json.dumps(result, indent=1) + "\n")
+    files.atomic_write_text(json_path, json.dumps(result, indent=1) + "\n")
     click.echo(f"written to {json_path}")
     if check and any(t["passed"] is False for t in verdicts):
         sys.exit(1)

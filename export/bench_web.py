@@ -119,7 +119,9 @@ def main(run_names, output_dir, repeats, screenshot, json_path):
 
     try:
         files.check_json_output(Path(json_path), FORMAT, frozenset({"chromium", "results"}))
-    except UserError as e:
+        if screenshot is not None:
+            sample.check_out(screenshot)  # a PNG, or nothing yet
+    except (UserError, sample.SampleError) as e:
         click.echo(f"error: {e}", err=True)
         sys.exit(2)
     if run_names:
@@ -163,7 +165,7 @@ def main(run_names, output_dir, repeats, screenshot, json_path):
             click.echo(f"linear batch 1, browser / native: {ratio:.2f}x (goal <= {LINEAR_GOAL:g}x: {mark})")
     Path(json_path).parent.mkdir(parents=True, exist_ok=True)
     result = {"format": FORMAT, "chromium": version, "results": results}
-    Path(json_path).write_text(json.dumps(result, indent=1) + "\n")
+    files.atomic_write_text(Path(json_path), json.dumps(result, indent=1) + "\n")
 
 
 if __name__ == "__main__":

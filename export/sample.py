@@ -292,6 +292,12 @@ def find_default_model_dir(runs: Path) -> Path:
                 return manifest.parent
         except ValueError:
             continue
+    aside = sorted(runs.glob(f"*/.{ONNX_DIR}.old-*"))
+    if aside:  # vae_dist/files.py: a replacement killed between its two renames
+        raise SampleError(
+            f"no --model-dir given and no verified export under {runs}/ but one left aside as {aside[0]} by a "
+            f"replacement that did not finish; `vae-dist verify {aside[0].parent}` puts it back"
+        )
     raise SampleError(f"no --model-dir given and no verified export under {runs}/; pass --model-dir RUN/onnx")
 
 
@@ -403,7 +409,7 @@ def read_png(path: Path, shape: tuple[int, int, int], fit: dict[str, Any] | None
     try:
         with open(path, "rb") as f:  # vae_dist.data.images.unsupported, repeated
             head = f.read(26)
-        if head[:8] == PNG_SIGNATURE and head[12:16] == b"IHDR" and head[24] == 16 and head[25] == 4:
+        if len(head) == 26 and head[:8] == PNG_SIGNATURE and head[12:16] == b"IHDR" and head[24:26] == b"\x10\x04":
             raise SampleError(f"{path} is a 16-bit grey PNG with transparency, which Pillow cannot read faithfully; "
                               "save it with 8 bits")
         with Image.open(path) as img:

@@ -157,7 +157,10 @@ class Export:
 
 
 def newest_export(output_dir: Path) -> Path:
-    """The newest verified export under `output_dir` (by its manifest's modification time)."""
+    """The newest verified export under `output_dir` (by its manifest's modification time); an
+    export a kill left aside is put back first."""
+    for run_dir in output_dir.iterdir() if output_dir.is_dir() else ():
+        files.restore_moved_aside(run_dir / runs.ONNX_DIR)
     try:
         return sample.find_default_model_dir(output_dir)
     except sample.SampleError:

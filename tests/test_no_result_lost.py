@@ -99,7 +99,7 @@ def test_prepare_stopped_by_sigterm_or_sigkill_leaves_nothing_and_no_worker(tmp_
         _, err = proc.communicate(timeout=60)
         time.sleep(1)
         assert not [w for w in workers if _alive(w)], "a decode worker outlived prepare"
-        assert not out.exists()
+        assert not out.exists() and "Traceback" not in err, err[-2000:]
         if sig == signal.SIGTERM:
             assert proc.returncode == 143 and err.strip().splitlines()[-1] == "stopped by SIGTERM; nothing was written"
             assert not staging.exists()
@@ -324,3 +324,17 @@ def test_a_16_bit_grey_png_with_transparency_is_refused_not_read_as_noise(tmp_pa
     cmd = [sys.executable, "-m", "export.sample", "reconstruct", "--model-dir", str(run_dir), str(src / "deep.png")]
     proc = run([*cmd, "--out", str(tmp_path / "r.png")], check=False)
     assert proc.returncode == 2 and "is a 16-bit grey PNG with transparency" in proc.stderr, proc.stderr
+
+
+def test_a_file_cut_short_after_the_png_signature_is_skipped_not_a_crash(tmp_path):
+    from PIL import Image
+
+    from vae_dist.data.prepare import prepare
+
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(4):
+        Image.new("L", (4, 4), 50 * i).save(src / f"{i}.png")
+    (src / "cut.png").write_bytes(b"\x89PNG\r\n\x1a\n\0\0\0\rIHDR\0\0")  # 18 bytes
+    info = prepare(str(src), tmp_path / "ds", test_fraction=0.25).info
+    assert [s["path"] for s in info["skipped"]] == ["cut.png"]

@@ -104,3 +104,14 @@ def test_a_model_file_is_a_function_of_its_weights_and_record(tmp_path):
         cfg = load_config("linear", [*tiny, f"run.output_dir={tmp_path / 'runs'}", f"run.name={name}"])
         runs.append(train(cfg, cpu=True).run_dir / MODEL_FILE)
     assert runs[0].read_bytes() == runs[1].read_bytes()
+
+
+@pytest.mark.parametrize("offsets", [[], [0, "4"], [0], None])
+def test_a_header_whose_offsets_are_not_two_counts_is_refused(tmp_path, offsets):
+    import struct
+
+    header = json.dumps({"__metadata__": {}, "w": {"dtype": "F32", "shape": [1], "data_offsets": offsets}}).encode()
+    path = tmp_path / MODEL_FILE
+    path.write_bytes(struct.pack("<Q", len(header)) + header + bytes(4))
+    with pytest.raises(record.ModelFileError, match="cannot be read as a safetensors file"):
+        record.read(path)

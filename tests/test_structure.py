@@ -249,7 +249,7 @@ def test_torch_free_modules_load_without_torch():
     """What prepare, the configuration and the model record need runs where torch is missing."""
     code = (
         "import vae_dist.data.prepare, vae_dist.data.prepared, vae_dist.data.builtin, vae_dist.data.images\n"
-        "import vae_dist.files, vae_dist.kinds, vae_dist.config, vae_dist\n"
+        "import vae_dist.files, vae_dist.kinds, vae_dist.config, vae_dist.record, vae_dist.listing, vae_dist\n"
     )
     proc = python_without(("torch", "torchvision", "accelerate"), code)
     assert proc.returncode == 0, proc.stderr

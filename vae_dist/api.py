@@ -11,6 +11,7 @@ commands print; nothing here exits or prints.
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -65,7 +66,7 @@ class Model:
             raise InputError(f"n must be a count of images (an int >= 0), got {n!r}")
         if not temperature >= 0:
             raise InputError(f"temperature must be >= 0, got {temperature!r}")
-        seed = torch.seed() if seed is None else int(seed)
+        seed = secrets.randbits(63) if seed is None else int(seed)  # torch.seed() would reseed torch's own
         z = torch.randn(n, self.latent_dim, generator=generator(seed, Stream.API_SAMPLES)) * temperature
         return self._decoded(z)
 
@@ -149,8 +150,11 @@ def load(
             raise UserError(f"{path} holds no {runs.MODEL_FILE}; train the run to its end first")
         path = path / runs.MODEL_FILE
     network, record = artifacts.load_model(path)
-    device = torch.device(device if device is not None else "cuda" if torch.cuda.is_available() else "cpu")
-    return Model(network.to(device), record, path, device)
+    try:
+        device = torch.device(device if device is not None else "cuda" if torch.cuda.is_available() else "cpu")
+        return Model(network.to(device), record, path, device)
+    except (RuntimeError, AssertionError) as e:  # an unknown device, or one this machine lacks
+        raise InputError(f"device {str(device)!r} cannot be used here ({str(e).splitlines()[0]})") from None
 
 
 def train(

@@ -256,7 +256,7 @@ def evaluate_run(
     model = for_estimation(model).to(accelerator.device)
     started = time.perf_counter()
     figures = evaluate_split(accelerator, model, images, k, seed, record.likelihood, binarize, batch_size)
-    record = {
+    result = {
         "k": k,
         "seed": seed,
         "split": split,
@@ -270,9 +270,9 @@ def evaluate_run(
         "version": __version__,
     }
     if accelerator.is_main_process:
-        append_record(run_dir / runs.EVAL_FILE, record)
+        append_record(run_dir / runs.EVAL_FILE, result)
     accelerator.wait_for_everyone()
-    return record
+    return result
 
 
 def append_record(path: Path, record: dict[str, Any]) -> None:

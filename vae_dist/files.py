@@ -3,8 +3,8 @@ the browser site). No torch.
 
 - A file is written under a temporary name and renamed over the old one (`atomic_write`): a kill
   or a full disk leaves the old file or none, never a partial one.
-- A folder is built whole in a staging folder beside it, `.NAME.partial-PID`, and published by
-  rename (`publish`): the old folder is moved aside to `.NAME.old-PID`, the new one renamed in,
+- A folder is built whole in a staging folder beside it, `.NAME.partial-HOST-PID`, and published
+  by rename (`publish`): the old folder is moved aside to `.NAME.old-HOST-PID`, the new one renamed in,
   the old one removed. A process killed between the two renames leaves the old folder aside; the
   next writer or reader of that place puts it back (`restore_moved_aside`), and removes what
   dead processes left staged (`new_staging`).
@@ -31,8 +31,10 @@ from vae_dist.errors import UserError
 log = logging.getLogger(__name__)
 
 NO_ROOM = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})  # a full disk, quota or file size limit
-STAGING_MARK = ".partial-"  # .NAME.partial-PID: a folder being built, beside the one it becomes
-ASIDE_MARK = ".old-"  # .NAME.old-PID: the folder it replaces, between the two renames of a publish
+WRITE_ERRNOS = NO_ROOM | {errno.EROFS, errno.EACCES, errno.EPERM}  # what only a failed write says
+STAGING_MARK = ".partial-"  # .NAME.partial-HOST-PID: a folder being built, beside the one it becomes
+ASIDE_MARK = ".old-"  # .NAME.old-HOST-PID: the folder it replaces, between the two renames of a publish
+PROBE_BYTES = 64 * 1024  # what check_writable writes, to find a full disk before the work
 
 
 class WriteError(UserError):
@@ -103,18 +105,21 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
 # ---------------------------------------------------------------- folders
 
 
-def _marked(target: Path, mark: str, pid: int) -> Path:
-    return target.with_name(f".{target.name}{mark}{pid}")
+def _marked(target: Path, mark: str, pid: int | None) -> Path:
+    # The host too: on a folder shared by several machines, a process id means something only on
+    # the machine that made the name, so only that machine ever judges the folder left behind.
+    return target.with_name(f".{target.name}{mark}{socket.gethostname()}-{os.getpid() if pid is None else pid}")
 
 
 def staging_name(target: Path, pid: int | None = None) -> Path:
-    """Where process `pid` (this one by default) builds the folder that becomes `target`."""
-    return _marked(Path(target), STAGING_MARK, os.getpid() if pid is None else pid)
+    """Where process `pid` of this machine (this process by default) builds the folder that
+    becomes `target`."""
+    return _marked(Path(target), STAGING_MARK, pid)
 
 
 def aside_name(target: Path, pid: int | None = None) -> Path:
-    """Where process `pid` keeps the `target` it replaces, between the two renames."""
-    return _marked(Path(target), ASIDE_MARK, os.getpid() if pid is None else pid)
+    """Where process `pid` of this machine keeps the `target` it replaces, between the two renames."""
+    return _marked(Path(target), ASIDE_MARK, pid)
 
 
 def moved_aside(target: Path) -> list[Path]:
@@ -123,7 +128,8 @@ def moved_aside(target: Path) -> list[Path]:
 
 
 def _left_by_dead(target: Path, mark: str) -> list[Path]:
-    prefix = f".{target.name}{mark}"
+    """The folders `mark`ed for `target` by processes of this machine that are gone."""
+    prefix = f".{target.name}{mark}{socket.gethostname()}-"
     found = []
     for path in target.parent.glob(f"{glob_escape(prefix)}*"):
         pid = path.name[len(prefix) :]
@@ -163,12 +169,15 @@ def restore_moved_aside(target: Path) -> bool:
     target = Path(target)
     restored = False
     for aside in _left_by_dead(target, ASIDE_MARK):
-        if not target.exists():
-            os.replace(aside, target)
-            log.warning("put back %s, which a replacement that did not finish had moved aside", target)
-            restored = True
-        else:
-            shutil.rmtree(aside, ignore_errors=True)
+        try:
+            if not target.exists():
+                os.replace(aside, target)
+                log.warning("put back %s, which a replacement that did not finish had moved aside", target)
+                restored = True
+            else:
+                shutil.rmtree(aside, ignore_errors=True)
+        except FileNotFoundError:  # another process put it back first
+            pass
     return restored
 
 
@@ -176,8 +185,8 @@ def restore_all_moved_aside(folder: Path) -> list[Path]:
     """`restore_moved_aside` for every folder under `folder` that was being replaced."""
     targets = set()
     for aside in Path(folder).glob(f".*{ASIDE_MARK}*"):
-        name, _, pid = aside.name[1:].rpartition(ASIDE_MARK)
-        if name and pid.isdigit():
+        name, _, owner = aside.name[1:].rpartition(ASIDE_MARK)
+        if name and owner.rpartition("-")[2].isdigit():
             targets.add(aside.with_name(name))
     return [t for t in sorted(targets) if restore_moved_aside(t)]
 
@@ -224,6 +233,13 @@ def publish(src: Path, dst: Path, keep_existing: Callable[[Path], bool] | None =
         os.replace(dst, old)
     try:
         os.replace(src, dst)
+    except OSError as e:
+        if old is not None:
+            os.replace(old, dst)
+        elif e.errno in (errno.ENOTEMPTY, errno.EEXIST) and keep_existing is not None and keep_existing(dst):
+            shutil.rmtree(src, ignore_errors=True)  # another process published a complete one meanwhile
+            return False
+        raise
     except BaseException:
         if old is not None:
             os.replace(old, dst)
@@ -246,7 +262,9 @@ def failure_reason(e: BaseException, folder: Path, room_for: int = 0) -> tuple[s
     cause: BaseException | None = e
     while cause is not None and id(cause) not in seen:
         seen.add(id(cause))
-        if isinstance(cause, OSError):
+        # The error itself, raised inside the write, is one; along its causes, only an error that
+        # says writing failed (another OSError there may be what a bug was handling)
+        if isinstance(cause, OSError) and (cause is e or cause.errno in WRITE_ERRNOS):
             return cause.strerror or os.strerror(cause.errno or 0) or str(cause), cause.errno in NO_ROOM, cause
         cause = cause.__cause__ or cause.__context__
     text = str(e)
@@ -356,10 +374,11 @@ def one_writer(target: Path, what: str, todo: str) -> Iterator[None]:
         try:
             fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:
+            if e.errno not in (errno.EACCES, errno.EAGAIN):  # a file system without record locks
+                log.warning("cannot lock %s (%s): going on without keeping other writers out", path, e.strerror)
+                break
             holder = os.pread(fd, 300, 0).decode(errors="replace").strip() or "another process"
             os.close(fd)
-            if e.errno not in (errno.EACCES, errno.EAGAIN):
-                raise
             if made:
                 _remove_if_empty(path.parent)
             raise Busy(f"{what} is being written by {holder}; {todo}") from None
@@ -371,8 +390,11 @@ def one_writer(target: Path, what: str, todo: str) -> Iterator[None]:
         os.close(fd)  # the holder before removed this file: lock the new one
     try:
         stamp = f"process {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}"
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, stamp.encode(), 0)
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, stamp.encode(), 0)
+        except OSError as e:
+            raise _cannot_write_into(path.parent, e) from None
         yield
     finally:
         path.unlink(missing_ok=True)
@@ -409,8 +431,13 @@ def check_writable(folder: Path) -> None:
         folder = folder.parent
     probe = folder / f".write-probe-{socket.gethostname()}-{os.getpid()}"
     try:
-        probe.touch()
-        probe.unlink()
+        try:
+            with open(probe, "wb") as f:  # a few blocks, on disk: a full one says so now
+                f.write(bytes(PROBE_BYTES))
+                f.flush()
+                os.fsync(f.fileno())
+        finally:
+            probe.unlink(missing_ok=True)
     except OSError as e:
         raise _cannot_write_into(folder, e) from None
 

@@ -45,13 +45,13 @@ def make_accelerator(cfg: Config, cpu: bool | None = None) -> Accelerator:
     except torch.distributed.DistError as e:  # the peers never came
         raise LaunchError(f"{waiting or 'the rendezvous'} failed: {str(e).splitlines()[0]}; start every process") from e
     check_launch(accelerator)
-    get_logger(__name__).info(threads_line, main_process_only=True)
     world = accelerator.num_processes
     if cfg.train.batch_size % (world * cfg.train.grad_accum_steps):
         raise ConfigError(
             f"train.batch_size ({cfg.train.batch_size}) must be a multiple of processes x "
             f"train.grad_accum_steps ({world} x {cfg.train.grad_accum_steps}); it is the global batch"
         )
+    get_logger(__name__).info(threads_line, main_process_only=True)  # once the launch is known to be sound
     return accelerator
 
 

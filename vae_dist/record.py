@@ -148,12 +148,10 @@ def read_header(path: Path) -> dict[str, Any]:
             f"{path} cannot be read as a safetensors file ({str(e).splitlines()[0]}); it is damaged or truncated: "
             "copy it again, or train the run again"
         ) from None
-    ends = [
-        entry["data_offsets"][1]
-        for name, entry in (header.items() if isinstance(header, dict) else ())
-        if name != "__metadata__" and isinstance(entry, dict) and isinstance(entry.get("data_offsets"), list)
-    ]
-    if not isinstance(header, dict) or 8 + length + max(ends, default=0) != size:
+    entries = [entry for name, entry in header.items() if name != "__metadata__"] if isinstance(header, dict) else []
+    offsets = [entry.get("data_offsets") if isinstance(entry, dict) else None for entry in entries]
+    whole = all(isinstance(o, list) and len(o) == 2 and all(_count(v) for v in o) for o in offsets)
+    if not isinstance(header, dict) or not whole or 8 + length + max((o[1] for o in offsets), default=0) != size:
         raise ModelFileError(
             f"{path} cannot be read as a safetensors file (its tensors do not cover the file); it is damaged or "
             "truncated: copy it again, or train the run again"

@@ -173,11 +173,16 @@ def decide_run(
 ) -> tuple[Path, Path | None]:
     """The run folder and checkpoint for training `cfg`, after refusing anything that would
     overwrite a run or continue it with another configuration. Runs on the main process; `hold` is
-    called with the folder before anything in it is looked at (it makes this process its writer)."""
+    called with the folder as soon as it is known (it makes this process its one writer), and what
+    the folder holds is read again after that."""
     target = find_run(resume, cfg.run.name, cfg.run.output_dir)
     run_dir = target.run_dir or Path(cfg.run.output_dir) / auto_name(cfg.model.kind)
     hold(run_dir)
+    for tmp in (run_dir / CHECKPOINTS_DIR).glob(".tmp-step-*"):  # no other writer now: a killed save's
+        shutil.rmtree(tmp, ignore_errors=True)
     files.restore_all_moved_aside(run_dir / CHECKPOINTS_DIR)  # a checkpoint a kill left aside mid-swap
+    if target.run_dir is not None:
+        target = find_run(resume, cfg.run.name, cfg.run.output_dir)
     checkpoint = target.checkpoint
     if not target.resume and (run_dir / CONFIG_FILE).exists():
         raise ResumeError(

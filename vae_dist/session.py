@@ -51,7 +51,8 @@ def decide_run(
 ) -> tuple[Path, Path | None, bool]:
     """The main process becomes the run folder's one writer (for as long as `writer` lasts), then
     decides the run folder and checkpoint (vae_dist.runs) and whether the run is already finished;
-    the others are told. Nothing is written yet but the lock."""
+    the others are told. Nothing is written yet but the lock (and a checkpoint a kill left half-saved
+    or set aside is cleared or put back)."""
 
     def hold(run_dir: Path) -> None:
         todo = "wait for it to end, or pass another --name"

@@ -52,7 +52,7 @@ def unsupported(path: str) -> str | None:
     files are refused rather than turned into it."""
     with open(path, "rb") as f:
         head = f.read(26)
-    if head[:8] == b"\x89PNG\r\n\x1a\n" and head[12:16] == b"IHDR" and head[24] == 16 and head[25] == 4:
+    if len(head) == 26 and head[:8] == b"\x89PNG\r\n\x1a\n" and head[12:16] == b"IHDR" and head[24:26] == b"\x10\x04":
         return "a 16-bit grey PNG with transparency, which Pillow cannot read faithfully; save it with 8 bits"
     return None
 

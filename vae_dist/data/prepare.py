@@ -12,6 +12,7 @@ import multiprocessing
 import os
 import signal
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,7 @@ from vae_dist.version import __version__
 log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif")
+BUILT_IN_WAIT_S = 600  # how long `built_in` waits for another process preparing the same set
 
 
 # ---------------------------------------------------------------- one image
@@ -105,6 +107,8 @@ def _end_with_parent() -> None:
     (Linux; elsewhere the workers end when the pipe to them closes)."""
     import ctypes
 
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not the parent's handler: a worker just ends
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
     try:
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
     except (OSError, AttributeError):
@@ -198,15 +202,12 @@ def prepare(
     force: bool = False,
     download: bool = True,
 ) -> Prepared:
-    """Prepare `source` into `out`, written whole into a temporary folder and then renamed."""
+    """Prepare `source` into `out`, written whole into a temporary folder and then renamed; `out`
+    has one writer at a time (the checks of what is there are made again once it is ours)."""
     out = Path(out)
-    files.restore_moved_aside(out)  # a replacement killed half-way: the old dataset is what is there
     if not out.resolve().name:
         raise PrepareError(f"--out {out} is not a folder that can be written whole; name a new folder")
-    if out.exists() and not force:
-        raise PrepareError(f"{out} already exists; pass --force to replace it, or choose another --out")
-    if out.exists() and not (out / INFO_FILE).is_file():
-        raise PrepareError(f"{out} is not a prepared dataset (no {INFO_FILE}); --force replaces only those")
+    _check_out(out, force)
     for given in (source, test_source):
         if given and Path(given).exists() and _inside(Path(given), out):
             raise PrepareError(f"--out {out} holds the images given ({given}); write the dataset elsewhere")
@@ -216,7 +217,21 @@ def prepare(
         raise PrepareError(f"--channels must be 1 (grey) or 3 (RGB), got {channels}")
     if policy not in FITS:
         raise PrepareError(f"--fit must be one of {', '.join(FITS)}, got {policy!r}")
-    with files.one_writer(out, f"dataset {out}", "wait for it to end"), files.staged(out) as staging:
+    with files.one_writer(out, f"dataset {out}", "wait for it to end"):
+        files.restore_moved_aside(out)  # a replacement killed half-way: the old dataset is what is there
+        _check_out(out, force)  # another process may have written it while this one checked the rest
+        return _prepare_into(out, source, size, channels, policy, test_fraction, test_source, seed, workers, download)
+
+
+def _check_out(out: Path, force: bool) -> None:
+    if out.exists() and not force:
+        raise PrepareError(f"{out} already exists; pass --force to replace it, or choose another --out")
+    if out.exists() and not (out / INFO_FILE).is_file():
+        raise PrepareError(f"{out} is not a prepared dataset (no {INFO_FILE}); --force replaces only those")
+
+
+def _prepare_into(out, source, size, channels, policy, test_fraction, test_source, seed, workers, download):
+    with files.staged(out) as staging:
         if source in builtin.NAMES:
             info = _prepare_built_in(source, staging, size, channels, test_source, download)
         else:
@@ -231,7 +246,7 @@ def prepare(
                 seed,
                 workers or os.cpu_count() or 1,
             )
-        _publish(staging, out, info, force)
+        _publish(staging, out, info)
     return Prepared(out, info)
 
 
@@ -240,42 +255,51 @@ def _inside(path: Path, folder: Path) -> bool:
     return path == folder or folder in path.parents
 
 
-def _publish(staging: Path, out: Path, info: dict[str, Any], force: bool) -> None:
-    """Record each array's size and sha256 in dataset.json, then put the folder in place. Without
-    `force`, a complete dataset that another process (e.g. on another machine sharing the folder)
-    published there first is kept."""
+def _publish(staging: Path, out: Path, info: dict[str, Any]) -> None:
+    """Record each array's size and sha256 in dataset.json, then put the folder in place (the
+    caller holds `out`'s lock and has checked what may be replaced)."""
     for split in SPLITS:
         path = staging / array_file(split)
         info["files"][array_file(split)] = {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
     files.atomic_write_text(staging / INFO_FILE, json.dumps(info, indent=1) + "\n")
-    files.publish(staging, out, keep_existing=None if force else lambda folder: (folder / INFO_FILE).is_file())
+    files.publish(staging, out)
 
 
 def from_arrays(out: Path, train: np.ndarray, test: np.ndarray, source: str = "arrays") -> Prepared:
     """A prepared dataset made from two uint8 [N, C, H, W] arrays (e.g. memory-mapped ones), for
     images that already are rows: written whole into a temporary folder and renamed."""
     out = Path(out)
-    if out.exists():
-        raise PrepareError(f"{out} already exists; choose another folder")
     if train.dtype != np.uint8 or test.dtype != np.uint8 or train.ndim != 4 or train.shape[1:] != test.shape[1:]:
         raise PrepareError("from_arrays needs two uint8 arrays [N, C, H, W] of one image shape")
     with files.one_writer(out, f"dataset {out}", "wait for it to end"), files.staged(out) as staging:
+        if out.exists():
+            raise PrepareError(f"{out} already exists; choose another folder")
         info = _new_info(source, train.shape[1:], None)
         info["split"] = {"how": "given"}
         for split, array in (("train", train), ("test", test)):
             _write_split(staging / array_file(split), array, np.arange(len(array)))
             info["counts"][split] = len(array)
-        _publish(staging, out, info, force=False)
+        _publish(staging, out, info)
     return Prepared(out, info)
 
 
 def built_in(name: str, download: bool = True) -> Path:
     """The built-in data set `name` in the prepared format, made once under the data folder."""
     folder = builtin.prepared_folder(name)
-    if not (folder / INFO_FILE).is_file():
+    waited = 0.0
+    while not (folder / INFO_FILE).is_file():  # another process (another machine) may be making it
         builtin.resolve(name, download=download)  # says where it looked when the IDX files are missing
-        prepare(name, folder, download=download)
-        log.info("prepared %s once, into %s", builtin.DATASETS[name].pretty, folder)
+        try:
+            prepare(name, folder, download=download)
+            log.info("prepared %s once, into %s", builtin.DATASETS[name].pretty, folder)
+        except files.Busy:
+            if waited > BUILT_IN_WAIT_S:
+                raise
+            time.sleep(0.5)
+            waited += 0.5
+        except PrepareError:
+            if not (folder / INFO_FILE).is_file():
+                raise
     return folder
 
 
