@@ -37,7 +37,6 @@ only when its own status is "verified" too (or "rejected", when the user says so
 
 from __future__ import annotations
 
-import hashlib
 import json
 from datetime import datetime, timezone
 from pathlib import Path
@@ -54,11 +53,7 @@ if TYPE_CHECKING:
 
 
 def file_record(path: Path) -> dict[str, Any]:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return {"size": path.stat().st_size, "sha256": h.hexdigest()}
+    return {"size": path.stat().st_size, "sha256": files.sha256_file(path)}
 
 
 def files_section(onnx_dir: Path, specs: tuple[SubModelSpec, ...]) -> dict[str, Any]:

@@ -109,7 +109,11 @@ class Model:
         prepare` fitted the training images."""
         if hasattr(x, "convert") or (isinstance(x, (list, tuple)) and x and hasattr(x[0], "convert")):
             return self._from_pil([x] if hasattr(x, "convert") else list(x))
-        array = x if isinstance(x, torch.Tensor) else torch.from_numpy(np.array(x))  # a copy: x may be read-only
+        if isinstance(x, torch.Tensor):
+            array = x
+        else:
+            x = np.asarray(x)
+            array = torch.from_numpy(x if x.flags.writeable else x.copy())  # torch takes no read-only array
         if array.ndim == 3:
             array = array[None]
         if tuple(array.shape[1:]) != self.image_shape or array.ndim != 4:

@@ -23,7 +23,7 @@ import numpy as np
 from vae_dist import files
 from vae_dist.data import builtin
 from vae_dist.data.images import FITS, GREY_MODES, Fit, fit_image, unsupported
-from vae_dist.data.prepared import FORMAT, INFO_FILE, SPLITS, PrepareError, array_file, check, sha256_file
+from vae_dist.data.prepared import FORMAT, INFO_FILE, SPLITS, PrepareError, array_file, check
 from vae_dist.errors import UserError
 from vae_dist.rng import Stream, numpy_generator
 from vae_dist.version import __version__
@@ -260,7 +260,7 @@ def _publish(staging: Path, out: Path, info: dict[str, Any]) -> None:
     caller holds `out`'s lock and has checked what may be replaced)."""
     for split in SPLITS:
         path = staging / array_file(split)
-        info["files"][array_file(split)] = {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
+        info["files"][array_file(split)] = {"bytes": path.stat().st_size, "sha256": files.sha256_file(path)}
     files.atomic_write_text(staging / INFO_FILE, json.dumps(info, indent=1) + "\n")
     files.publish(staging, out)
 

@@ -9,7 +9,6 @@ This module reads and checks one (no torch); vae_dist.data.prepare is the writer
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from pathlib import Path
@@ -36,14 +35,6 @@ class PrepareError(DataError):
 
 def array_file(split: str) -> str:
     return f"{split}.npy"
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def read_info(folder: Path) -> dict[str, Any]:
@@ -118,7 +109,7 @@ def check(folder: Path) -> dict[str, Any]:
     info = read_info(folder)
     for split in SPLITS:
         path = Path(folder) / array_file(split)
-        if sha256_file(path) != info["files"][array_file(split)]["sha256"]:
+        if files.sha256_file(path) != info["files"][array_file(split)]["sha256"]:
             raise PrepareError(
                 f"{path} does not match its sha256 in {INFO_FILE}: it changed; prepare the dataset again"
             )
