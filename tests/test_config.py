@@ -119,3 +119,13 @@ def test_every_config_key_is_documented():
     table = table[: table.index("\n## ")]
     rows = {key for cell in re.findall(r"^\| (`[^|]+`) \|", table, re.M) for key in re.findall(r"`([a-z_.]+)`", cell)}
     assert rows == keys
+
+
+def test_yes_and_no_are_words_in_a_config_and_in_overrides(tmp_path):
+    # YAML 1.1 reads no/yes/on/off as booleans; train.mixed_precision's choices include "no".
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  mixed_precision: no\n")
+    assert load_config(path).train.mixed_precision == "no"
+    assert load_config("linear", ["train.mixed_precision=no"]).train.mixed_precision == "no"
+    assert parse_override("run.name=off") == ("run.name", "off")
+    assert parse_override("run.name=true") == ("run.name", True)  # true and false stay booleans

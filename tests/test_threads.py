@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import re
+import sys
 
 import pytest
 
@@ -65,3 +66,16 @@ def test_the_launcher_is_recognised_by_its_command_line():
     assert threads._is_accelerate_launch(["/venv/bin/accelerate-launch", "x.py"])
     assert threads._is_accelerate_launch(["python", "-m", "accelerate.commands.launch", "x.py"])
     assert not threads._is_accelerate_launch(["/venv/bin/vae-dist", "train", "--processes", "2"])
+
+
+def test_a_training_process_flushes_denormals_to_zero_in_every_thread():
+    # In a new process, as training and evaluation start: a denormal counts as zero in the
+    # threads of torch's pool too (the product is split among them), and without it it does not.
+    probe = (
+        "import sys, torch; from vae_dist import threads; torch.set_num_threads(2); "
+        "torch.ones(1 << 22).mul(2).sum(); "  # the pool exists before the setting, as it may in a process
+        "sys.argv[1] == 'apply' and threads.apply(); torch.set_num_threads(2); "
+        "print((torch.full((1 << 22,), 1e-39) * 1.0 == 0).float().mean().item())"
+    )
+    assert run([sys.executable, "-c", probe, "apply"]).stdout.split() == ["1.0"]
+    assert run([sys.executable, "-c", probe, "no"]).stdout.split() == ["0.0"]

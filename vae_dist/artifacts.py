@@ -78,9 +78,10 @@ def grid_scale(width: int) -> int:
     return max(1, math.ceil(MIN_CELL_PIXELS / width))
 
 
-def grid_pixels(rows: list[torch.Tensor]) -> np.ndarray:
+def grid_pixels(rows: list[torch.Tensor], scale: int | None = None) -> np.ndarray:
     """Rows of images [n, C, H, W] in [0, 1] laid out on black, GRID_PAD pixels apart, then
-    upscaled by `grid_scale`: uint8 [C, H', W']. export/sample.py draws the same layout."""
+    upscaled (nearest neighbour; `scale` None: by `grid_scale`): uint8 [C, H', W'].
+    export/sample.py draws the same layout."""
     c, h, w = rows[0].shape[1:]
     cols = max(r.shape[0] for r in rows)
     canvas = torch.zeros(c, GRID_PAD + len(rows) * (h + GRID_PAD), GRID_PAD + cols * (w + GRID_PAD))
@@ -89,23 +90,27 @@ def grid_pixels(rows: list[torch.Tensor]) -> np.ndarray:
             y, x = GRID_PAD + i * (h + GRID_PAD), GRID_PAD + j * (w + GRID_PAD)
             canvas[:, y : y + h, x : x + w] = img.float().cpu()
     pixels = (canvas * 255 + 0.5).clamp(0, 255).to(torch.uint8).numpy()  # round half up
-    s = grid_scale(w)
+    s = grid_scale(w) if scale is None else scale
     return pixels.repeat(s, axis=1).repeat(s, axis=2)
 
 
-def save_grid(path: Path, rows: list[torch.Tensor]) -> None:
+def save_grid(path: Path, rows: list[torch.Tensor]) -> np.ndarray:
+    """The grid of `rows` as a PNG at `path`, upscaled; returns its pixels at scale 1 (uint8 [C, H, W])."""
     from PIL import Image
 
-    pixels = grid_pixels(rows)
-    image = Image.fromarray(pixels[0] if pixels.shape[0] == 1 else np.ascontiguousarray(pixels.transpose(1, 2, 0)))
+    pixels = grid_pixels(rows, scale=1)
+    s = grid_scale(rows[0].shape[-1])
+    upscaled = pixels.repeat(s, axis=1).repeat(s, axis=2)
+    image = Image.fromarray(upscaled[0] if pixels.shape[0] == 1 else np.ascontiguousarray(upscaled.transpose(1, 2, 0)))
     files.atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))
+    return pixels
 
 
-def save_reconstruction_grid(path: Path, originals: torch.Tensor, recon: torch.Tensor) -> None:
+def save_reconstruction_grid(path: Path, originals: torch.Tensor, recon: torch.Tensor) -> np.ndarray:
     """One row of originals above one row of their reconstructions, as in the reference."""
-    save_grid(path, [originals, recon])
+    return save_grid(path, [originals, recon])
 
 
-def save_sample_grid(path: Path, samples: torch.Tensor) -> None:
+def save_sample_grid(path: Path, samples: torch.Tensor) -> np.ndarray:
     per_row = max(1, int(round(samples.shape[0] ** 0.5)))
-    save_grid(path, [samples[i : i + per_row] for i in range(0, samples.shape[0], per_row)])
+    return save_grid(path, [samples[i : i + per_row] for i in range(0, samples.shape[0], per_row)])

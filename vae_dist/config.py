@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import types
 import typing
 from collections.abc import Iterable, Mapping
@@ -199,13 +200,31 @@ def get(cfg: Config, key: str) -> Any:
     return getattr(getattr(cfg, section), name)
 
 
+class _Loader(yaml.SafeLoader):
+    """YAML as configs mean it: only true and false are booleans (as in YAML 1.2), so that
+    `train.mixed_precision: no` is the word no, not False."""
+
+
+_Loader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
+)
+
+
+def read_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)
+
+
 def parse_override(text: str) -> tuple[str, Any]:
     """'train.epochs=5' -> ('train.epochs', 5); the value is read as YAML (so 1e-3, [64, 32], null)."""
     key, sep, raw = text.partition("=")
     if not sep or not key.strip():
         raise ConfigError(f"override {text!r} is not of the form section.key=value")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = read_yaml(raw) if raw.strip() else ""
     except yaml.YAMLError:
         value = raw
     if isinstance(value, str) and _looks_like_float(raw):
@@ -281,7 +300,7 @@ def load_config(path: str | Path | None, overrides: Overrides = ()) -> Config:
                 f"({', '.join(shipped_config_names())})"
             )
         try:
-            data = yaml.safe_load(path.read_text())
+            data = read_yaml(path.read_text())
         except UnicodeDecodeError:
             raise ConfigError(f"config file {str(path)!r} is not text; pass a YAML file") from None
         except yaml.YAMLError as e:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import numpy as np
 import torch
 from accelerate import Accelerator
 
@@ -60,18 +61,18 @@ def test_elbo(accelerator: Accelerator, model: VAE, test: splits.AnySplit, cfg: 
 @torch.no_grad()
 def write_grids(
     model: VAE, test: splits.AnySplit, cfg: Config, images_dir: Path, epoch: int, device
-) -> dict[str, Path]:
+) -> dict[str, np.ndarray]:
     """Test images above their reconstructions (the decoder's mean at the posterior mean), and
-    samples from the prior (the same latents every epoch); returns the two files by name."""
+    samples from the prior (the same latents every epoch), as PNGs; returns each grid's pixels
+    (uint8 [C, H, W], not upscaled) by name, for the trackers."""
     model.eval()
     x = splits.to_float(test.rows(torch.arange(min(cfg.train.grid_images, len(test))), device))
     mu, _ = model.encode(x)
     recon = torch.sigmoid(model.decode(mu))
-    paths = {"reconstruction": images_dir / f"reconstruction_epoch{epoch:03d}.png",
-             "samples": images_dir / f"samples_epoch{epoch:03d}.png"}
-    artifacts.save_reconstruction_grid(paths["reconstruction"], x, recon)
+    grids = {"reconstruction": artifacts.save_reconstruction_grid(images_dir / f"reconstruction_epoch{epoch:03d}.png",
+                                                                  x, recon)}
     z = torch.randn(cfg.train.grid_samples, model.latent_dim, generator=generator(cfg.train.seed, Stream.GRID_NOISE))
     samples = torch.sigmoid(model.decode(z.to(device)))
-    artifacts.save_sample_grid(paths["samples"], samples)
+    grids["samples"] = artifacts.save_sample_grid(images_dir / f"samples_epoch{epoch:03d}.png", samples)
     model.train()
-    return paths
+    return grids

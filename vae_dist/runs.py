@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from vae_dist import files, paths, ranks
-from vae_dist.config import Config
+from vae_dist.config import Config, read_yaml
 from vae_dist.errors import UserError
 
 if TYPE_CHECKING:
@@ -208,7 +208,7 @@ def read_saved_config(run_dir: Path) -> dict[str, Any]:
     """The configuration a run was started with, as a mapping of sections."""
     path = run_dir / CONFIG_FILE
     try:
-        saved = yaml.safe_load(path.read_text())
+        saved = read_yaml(path.read_text())
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
         raise ResumeError(f"{path} cannot be read ({str(e).splitlines()[0]}); restore it to resume") from None
     if not isinstance(saved, dict) or not all(isinstance(v, dict) for v in saved.values()):

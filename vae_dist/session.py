@@ -12,7 +12,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.logging import get_logger
 
-from vae_dist import files, runs
+from vae_dist import files, runs, tracking
 from vae_dist.config import Config, ConfigError
 from vae_dist.data import splits
 from vae_dist.models import VAE, build_model
@@ -37,6 +37,10 @@ class Session:
     test: splits.AnySplit
     stop: StopRequest
     state: runs.TrainerState = field(default_factory=runs.TrainerState)
+    curves: tracking.Curves = field(init=False)  # when curves.png is redrawn (main process)
+
+    def __post_init__(self):
+        self.curves = tracking.Curves(self.run_dir, self.run_dir / runs.METRICS_FILE)
 
     @property
     def steps_per_epoch(self) -> int:

@@ -46,11 +46,17 @@ log = get_logger(__name__)
 def train_epochs(s: Session) -> dict[str, Any]:
     """The epoch loop, from where the state says; the last epoch's metrics."""
     metrics: dict[str, Any] = {}
-    for epoch in range(s.state.epoch, s.cfg.train.epochs):
-        metrics = train_epoch(s, epoch)
-        s.state = runs.TrainerState(epoch=epoch + 1, global_step=s.state.global_step)
-        tracking.flush(s.accelerator)  # what was logged up to the checkpoint is kept; a resume purges the rest
-        runs.save_checkpoint(s.accelerator, s.run_dir, s.state, s.cfg.train.keep_checkpoints)
+    try:
+        for epoch in range(s.state.epoch, s.cfg.train.epochs):
+            metrics = train_epoch(s, epoch)
+            s.state = runs.TrainerState(epoch=epoch + 1, global_step=s.state.global_step)
+            tracking.flush(s.accelerator)  # what was logged up to the checkpoint is kept; a resume purges the rest
+            runs.save_checkpoint(s.accelerator, s.run_dir, s.state, s.cfg.train.keep_checkpoints)
+    except Stopped:
+        if s.accelerator.is_main_process:  # a stopped run's curves.png shows every epoch it finished
+            with runs.writing(s.run_dir, s.run_dir):
+                s.curves.draw()
+        raise
     return metrics
 
 
@@ -205,7 +211,7 @@ def end_epoch(s: Session, epoch: int, tally: EpochTally) -> dict[str, Any]:
         with runs.writing(s.run_dir, s.run_dir):
             grids = write_grids(s.core, s.test, cfg, s.run_dir / runs.IMAGES_DIR, epoch, acc.device)
             files.append_jsonl(s.run_dir / runs.METRICS_FILE, metrics)
-            tracking.write_curves(s.run_dir, files.read_jsonl(s.run_dir / runs.METRICS_FILE))
+            s.curves.epoch_ended(last=epoch + 1 == cfg.train.epochs)
         epoch_values = {f"test/{k[5:]}": metrics[k] for k in ("test_neg_elbo", "test_recon", "test_kl")}
         epoch_values.update({"train/epoch_loss": metrics["train_loss"], "epoch": epoch})
         tracking.log(acc, epoch_values, s.state.global_step)
