@@ -823,7 +823,7 @@ CASES = [
     ),
     Case(
         "bench-json-over-a-model-file",
-        sh("python -m vae_dist.bench --starts 0 --json runs/m/model.safetensors"),
+        sh("python -m vae_dist.bench --runs 0 --json runs/m/model.safetensors"),
         2,
         "runs/m/model.safetensors exists and is not a vae-dist-bench-train/1 result",
         setup=tiny_model("m"),

@@ -32,13 +32,31 @@ def test_bad_options_are_refused():
 @pytest.mark.slow
 def test_the_benchmark_reports_start_up_and_step_figures(tmp_path):
     out = tmp_path / "train.json"
-    cmd = [sys.executable, "-m", "vae_dist.bench", "--seconds", "0.3", "--rounds", "2", "--starts", "1"]
-    cmd += ["--json", str(out)]
+    cmd = [sys.executable, "-m", "vae_dist.bench", "--seconds", "0.3", "--rounds", "2", "--runs", "1"]
+    cmd += ["--run-epochs", "2", "--json", str(out)]
     proc = run(cmd, check=False, environ=os.environ)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "reached its first optimizer step after" in proc.stdout
     result = json.loads(out.read_text())
-    assert len(result["seconds_to_first_step"]) == 1 and 0 < result["seconds_to_first_step"][0] < 120
+    assert set(result["matmul_flops_per_s"]) == {"float32", "bfloat16"}
+    # The loop users run: a new run through each entry point, as a user types it.
+    runs = result["runs"]["runs"]
+    assert [r["entry"] for r in runs] == ["vae-dist train", "accelerate launch"]
+    assert runs[1]["command"][1:4] == ["-m", "accelerate.commands.launch", "--num_processes"]
+    for r in runs:
+        assert r["epochs"] == 2 and len(r["epoch_images_per_s"]) == 2
+        assert 0 < r["seconds_to_first_step"] < r["seconds"] and r["images_per_s"] > 0
+    assert result["runs"]["launch_of_train"] == pytest.approx(runs[1]["images_per_s"] / runs[0]["images_per_s"])
+    # ... and its epochs phase by phase: they add up to the epoch, the steps the most of it.
+    epoch = result["epoch"]
+    assert len(epoch["per_epoch"]) == 2
+    for e in epoch["per_epoch"]:
+        phases = e["phases"]
+        assert sum(phases.values()) == pytest.approx(e["seconds"])
+        assert all(phases[p] > 0 for p in ("steps", "evaluation", "grids", "checkpoint"))
+        assert phases["steps"] == max(phases.values())
+    assert 0 < epoch["non_step_share"] < 1 and epoch["after_last_epoch"] > 0
+    assert "accelerate launch / vae-dist train, images/s:" in proc.stdout
+    assert "besides the steps:" in proc.stdout
     assert [m["model"] for m in result["models"]] == ["linear", "conv"]
     for m in result["models"]:
         assert len(m["rounds"]) == 2

@@ -95,13 +95,32 @@ def test_a_resumed_runs_event_file_is_read_after_the_earlier_ones(tmp_path):
     assert len(names) == 2 and names[0] == earlier.name
 
 
-def test_curves_png_is_drawn_after_every_epoch(tmp_path, fashion_root):
-    result = train(config(tmp_path, "train.epochs=1"), cpu=True)
+def test_curves_png_is_redrawn_at_most_every_curves_every_seconds_and_after_the_last_epoch(
+    tmp_path, fashion_root, monkeypatch
+):
+    drawn = []  # the epochs each drawing showed
+    draw = tracking.write_curves
+    monkeypatch.setattr(tracking, "write_curves", lambda d, records: drawn.append(len(records)) or draw(d, records))
+    monkeypatch.setattr(tracking, "CURVES_EVERY", 1e9)  # a short run: drawn once, after its last epoch
+    result = train(config(tmp_path, "train.epochs=2"), cpu=True)
     curves = result.run_dir / tracking.CURVES_FILE
+    assert drawn == [2] and Image.open(curves).size == (1000, 380)
     first = curves.read_bytes()
-    assert Image.open(curves).size == (1000, 380)
-    result = train(config(tmp_path, "train.epochs=2"), resume="auto", cpu=True)
-    assert curves.read_bytes() != first  # drawn again with the second epoch
+    monkeypatch.setattr(tracking, "CURVES_EVERY", 0.0)  # epochs longer than it: drawn after each
+    train(config(tmp_path, "train.epochs=4"), resume="auto", cpu=True)
+    assert drawn == [2, 3, 4] and curves.read_bytes() != first
+
+
+def test_curves_are_drawn_when_a_run_stops_early(tmp_path):
+    metrics_file = tmp_path / "metrics.jsonl"
+    curves = tracking.Curves(tmp_path, metrics_file)
+    curves.draw()  # nothing new to show: nothing drawn
+    assert not (tmp_path / tracking.CURVES_FILE).exists()
+    metrics_file.write_text('{"epoch": 0, "train_loss": 3, "test_neg_elbo": 2, "test_recon": 1.5, "test_kl": 0.5}\n')
+    curves.epoch_ended()  # within CURVES_EVERY of the start: not yet
+    assert not (tmp_path / tracking.CURVES_FILE).exists()
+    curves.draw()  # the run stops: drawn
+    assert Image.open(tmp_path / tracking.CURVES_FILE).size == (1000, 380)
 
 
 def test_no_trackers(tmp_path, fashion_root):

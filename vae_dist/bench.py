@@ -1,15 +1,18 @@
-"""Training benchmark on the CPU: start-up time and the step's share of the machine's matmul throughput.
+"""Training benchmark on the CPU: the loop users run, the step's share of the machine's matmul
+throughput, reading data, and evaluation.
 
-    python -m vae_dist.bench [--batch-size 128] [--seconds 8] [--rounds 5] [--starts 3] [--profile]
-                             [--data/--no-data] [--evaluate/--no-evaluate] [--json bench/train.json]
+    python -m vae_dist.bench [--batch-size 128] [--seconds 8] [--rounds 5] [--runs 2] [--run-epochs 3]
+                             [--profile] [--data/--no-data] [--evaluate/--no-evaluate] [--json bench/train.json]
 
-1. Start-up: `vae-dist train` (the shipped linear config) is started as a new process and timed
-   until it logs its first optimizer step, `--starts` times.
+1. The loop users run (`--runs` rounds; 0 leaves it out): new `vae-dist train` and `accelerate
+   launch` runs of the shipped linear config, taking turns, each timed to its first optimizer step,
+   its epochs' images/s and in all; then the same training in this process, each epoch's time
+   split into its phases (vae_dist.bench_runs).
 2. The step: for each shipped model, images/s of the real training step (in-memory batches,
    `train.micro_step`), the FLOPs of one step counted by FlopCounterMode, and the achieved fraction
    of a large float32 `torch.mm`, taken in turn over several rounds (medians reported). For
    contrast, the classic loop (a DataLoader over the IDX images with ToTensor, as in
-   pytorch/examples) feeds the same step.
+   pytorch/examples) feeds the same step. The bfloat16 mm is measured beside the float32 one.
    `--profile` prints where the linear VAE's step spends its time (torch.profiler).
 3. Data (`--data`, the default): `vae-dist prepare` on the emoji set's 64x64 PNGs (images/s, with
    one worker and with one per core), and the training step fed from a split read from disk
@@ -24,12 +27,9 @@ from __future__ import annotations
 
 import json
 import os
-import queue
 import statistics
-import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -39,60 +39,30 @@ import torch
 from accelerate import Accelerator
 from torch.utils.flop_counter import FlopCounterMode
 
-from vae_dist import files, paths
+from vae_dist import bench_runs, files, paths, threads
 from vae_dist.config import load_config, shipped_config
 from vae_dist.data import builtin, prepare, prepared, splits
 from vae_dist.errors import UserError
 from vae_dist.kinds import MODEL_KINDS
 from vae_dist.models import build_model
-from vae_dist.step import FIRST_STEP_MESSAGE, make_optimizer, micro_step
+from vae_dist.step import make_optimizer, micro_step
 
-FORMAT = "vae-dist-bench-train/1"  # the result file's "format"
+FORMAT = "vae-dist-bench-train/2"  # the result file's "format"
 MODELS = tuple(kind.config for kind in MODEL_KINDS.values())  # the shipped config of each model kind
 EMOJI = "emoji-twitter-64"  # under the data folder: `make emoji` puts the set's PNGs there
 READING = (("linear", "fashion-mnist"), ("conv64", EMOJI))  # (shipped config, data set) for the data rows
 
 
-def matmul_flops_per_s(m: int = 2048, k: int = 2048, n: int = 2048, seconds: float = 3.0) -> float:
-    a, b = torch.randn(m, k), torch.randn(k, n)
+def matmul_flops_per_s(
+    m: int = 2048, k: int = 2048, n: int = 2048, seconds: float = 3.0, dtype: torch.dtype = torch.float32
+) -> float:
+    a, b = torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)
     torch.mm(a, b)  # warm-up
     reps, t0 = 0, time.perf_counter()
     while time.perf_counter() - t0 < seconds:
         torch.mm(a, b)
         reps += 1
     return 2 * m * k * n * reps / (time.perf_counter() - t0)
-
-
-def seconds_to_first_step(timeout: float = 120.0) -> float:
-    """Wall time from starting `vae-dist train` to its first optimizer step, in a new process."""
-    with tempfile.TemporaryDirectory(prefix="vae-dist-bench-") as out:
-        cmd = [sys.executable, "-m", "vae_dist.cli", "train", "--config", "linear", "--output-dir", out]
-        started = time.perf_counter()
-        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        lines: queue.Queue[str | None] = queue.Queue()
-
-        def read():
-            for line in proc.stderr:
-                lines.put(line)
-            lines.put(None)
-
-        threading.Thread(target=read, daemon=True).start()
-        last = ""
-        try:
-            while (left := timeout - (time.perf_counter() - started)) > 0:
-                try:
-                    line = lines.get(timeout=left)
-                except queue.Empty:
-                    break
-                if line is None:
-                    break
-                if FIRST_STEP_MESSAGE in line:
-                    return time.perf_counter() - started
-                last = line.strip() or last
-            raise RuntimeError(f"`{' '.join(cmd)}` did not reach its first step in {timeout:g} s; last line: {last}")
-        finally:
-            proc.kill()
-            proc.wait()
 
 
 def endless(make: Callable[[], Iterable]) -> Iterator:
@@ -319,8 +289,10 @@ def profile_lines(accelerator, train: splits.Split, batch: int, rows: int = 12) 
               help="Timing window per loop and model, split over the rounds.")
 @click.option("--rounds", type=click.IntRange(min=1), default=5, show_default=True,
               help="Rounds of mm / our step / the classic step, taken in turn; medians are reported.")
-@click.option("--starts", type=click.IntRange(min=0), default=3, show_default=True,
-              help="New `vae-dist train` processes timed to their first optimizer step (0: skip).")
+@click.option("--runs", "run_rounds", type=click.IntRange(min=0), default=2, show_default=True,
+              help="Rounds of new `vae-dist train` and `accelerate launch` runs, taken in turn (0: skip them).")
+@click.option("--run-epochs", type=click.IntRange(min=1), default=3, show_default=True,
+              help="Epochs of each of those runs, and of the run whose epochs are timed phase by phase.")
 @click.option("--profile", is_flag=True, help="Also print the linear VAE step's profile by operator.")
 @click.option("--data/--no-data", "with_data", default=True, show_default=True,
               help="Also time `prepare` on the emoji PNGs and training from disk against in memory.")
@@ -331,40 +303,44 @@ def main(
     batch_size: int,
     seconds: float,
     rounds: int,
-    starts: int,
+    run_rounds: int,
+    run_epochs: int,
     profile: bool,
     with_data: bool,
     with_evaluate: bool,
     json_path: str,
 ):
-    """Benchmark start-up and the training step of both VAEs on the CPU."""
+    """Benchmark training on the CPU: the loop users run, the step of each VAE, data, evaluation."""
     try:
         files.check_json_output(Path(json_path), FORMAT, frozenset({"seconds_to_first_step", "models"}))
     except UserError as e:
         click.echo(f"error: {e}", err=True)
         sys.exit(2)
     root = builtin.resolve("fashion-mnist", download=False)
-    firsts = [seconds_to_first_step() for _ in range(starts)]
+    entry_points = bench_runs.entry_point_runs(run_rounds, run_epochs) if run_rounds else None
+    threads.apply()  # as training sets up its processes
+    phases = bench_runs.epoch_phases(run_epochs) if run_rounds else None
     accelerator = Accelerator(cpu=True)
     train = splits.load_split("fashion-mnist", True, root)
     peak = matmul_flops_per_s()
+    peak_bf16 = matmul_flops_per_s(dtype=torch.bfloat16)
     # The ceiling for the linear VAE: its largest layer's matmul at the batch size, alone.
     layer = matmul_flops_per_s(batch_size, 784, 400, seconds=2.0)
     rows = [bench_model(kind, accelerator, train, root, batch_size, seconds, rounds) for kind in MODELS]
     reading = bench_data(accelerator, seconds, rounds) if with_data else None
     test = splits.load_split("fashion-mnist", False, root)
     evaluating = [bench_evaluate(kind, test, min(rounds, 3)) for kind in MODELS] if with_evaluate else None
-    if firsts:
-        click.echo(
-            f"start-up: `vae-dist train --config linear` reached its first optimizer step after "
-            f"{statistics.median(firsts):.2f} s (median of {len(firsts)}: {', '.join(f'{t:.2f}' for t in firsts)} s)"
-        )
-    click.echo(f"torch.mm 2048x2048 float32, {torch.get_num_threads()} threads: {peak / 1e9:.1f} GFLOP/s")
+    click.echo(
+        f"torch.mm 2048x2048, {torch.get_num_threads()} threads: float32 {peak / 1e9:.1f} GFLOP/s, "
+        f"bfloat16 {peak_bf16 / 1e9:.1f} GFLOP/s ({peak_bf16 / peak:.2f}x)"
+    )
     click.echo(
         f"torch.mm {batch_size}x784x400 (the linear VAE's largest layer) alone: "
         f"{layer / 1e9:.1f} GFLOP/s = {layer / peak:.0%}"
     )
     print_steps(rows)
+    if entry_points:
+        bench_runs.print_runs(entry_points, phases, rows)
     if profile:
         click.echo("\nlinear VAE step, 50 steps, by operator:")
         for line in profile_lines(accelerator, train, batch_size):
@@ -377,8 +353,8 @@ def main(
             f"{r['flops'] / r['images'] / 1e9:.1f} GFLOP per image, {r['fraction_of_matmul']:.0%} of mm; "
             f"10,000 test images in {r['seconds_for_10000'] / 60:.0f} min"
         )
-    result = {"format": FORMAT, "seconds_to_first_step": firsts, "models": rows, "data": reading,
-              "evaluate": evaluating}
+    result = {"format": FORMAT, "matmul_flops_per_s": {"float32": peak, "bfloat16": peak_bf16},
+              "runs": entry_points, "epoch": phases, "models": rows, "data": reading, "evaluate": evaluating}
     Path(json_path).parent.mkdir(parents=True, exist_ok=True)
     files.atomic_write_text(Path(json_path), json.dumps(result, indent=1))
     click.echo(f"written to {json_path}")

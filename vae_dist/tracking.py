@@ -1,5 +1,5 @@
 """What a run shows of itself while it trains: Accelerate's experiment trackers (`run.log_with`,
-TensorBoard by default, written into the run folder) and `curves.png`, drawn after every epoch.
+TensorBoard by default, written into the run folder) and `curves.png` (`Curves`: when it is redrawn).
 
 Only the main process logs. Steps are optimizer steps. A resumed run continues the same curves:
 its TensorBoard writer purges whatever the interrupted run logged after the checkpoint it resumes
@@ -137,8 +137,8 @@ def end(accelerator: Accelerator) -> None:
 
 class Curves:
     """When curves.png is redrawn: at the end of an epoch once CURVES_EVERY seconds have passed since
-    it was last drawn (or since the training started), at the end of the run, and when the run
-    stops early. Drawing it with matplotlib takes about 0.15 s (0.4 s the first time, with the
+    it was last drawn (or since the training started), and after the last epoch or when the run
+    stops early (`draw`). Drawing it with matplotlib takes about 0.15 s (0.4 s the first time, with the
     import), which would be a tenth of a short epoch; metrics.jsonl has every epoch at once."""
 
     def __init__(self, run_dir: Path, metrics_file: Path):
@@ -146,9 +146,9 @@ class Curves:
         self.drawn_at = time.perf_counter()  # of the last drawing; the session's start before one
         self.stale = False  # metrics.jsonl has epochs curves.png does not show
 
-    def epoch_ended(self, last: bool) -> None:
+    def epoch_ended(self) -> None:
         self.stale = True
-        if last or time.perf_counter() - self.drawn_at >= CURVES_EVERY:
+        if time.perf_counter() - self.drawn_at >= CURVES_EVERY:
             self.draw()
 
     def draw(self) -> None:

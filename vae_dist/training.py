@@ -54,10 +54,15 @@ def train_epochs(s: Session) -> dict[str, Any]:
             runs.save_checkpoint(s.accelerator, s.run_dir, s.state, s.cfg.train.keep_checkpoints)
     except Stopped:
         if s.accelerator.is_main_process:  # a stopped run's curves.png shows every epoch it finished
-            with runs.writing(s.run_dir, s.run_dir):
-                s.curves.draw()
+            draw_curves(s)
         raise
+    on_main(s.accelerator, "drawing curves.png", lambda: draw_curves(s))
     return metrics
+
+
+def draw_curves(s: Session) -> None:
+    with runs.writing(s.run_dir, s.run_dir):
+        s.curves.draw()
 
 
 @dataclass
@@ -211,7 +216,7 @@ def end_epoch(s: Session, epoch: int, tally: EpochTally) -> dict[str, Any]:
         with runs.writing(s.run_dir, s.run_dir):
             grids = write_grids(s.core, s.test, cfg, s.run_dir / runs.IMAGES_DIR, epoch, acc.device)
             files.append_jsonl(s.run_dir / runs.METRICS_FILE, metrics)
-            s.curves.epoch_ended(last=epoch + 1 == cfg.train.epochs)
+            s.curves.epoch_ended()
         epoch_values = {f"test/{k[5:]}": metrics[k] for k in ("test_neg_elbo", "test_recon", "test_kl")}
         epoch_values.update({"train/epoch_loss": metrics["train_loss"], "epoch": epoch})
         tracking.log(acc, epoch_values, s.state.global_step)
