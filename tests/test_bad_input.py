@@ -825,7 +825,7 @@ CASES = [
         "bench-json-over-a-model-file",
         sh("python -m vae_dist.bench --runs 0 --json runs/m/model.safetensors"),
         2,
-        "runs/m/model.safetensors exists and is not a vae-dist-bench-train/1 result",
+        "runs/m/model.safetensors exists and is not a vae-dist-bench-train/2 result",
         setup=tiny_model("m"),
         unchanged=("runs/m/**/*",),
         slow=False,

@@ -50,8 +50,8 @@ def test_the_benchmark_reports_start_up_and_step_figures(tmp_path):
     epoch = result["epoch"]
     assert len(epoch["per_epoch"]) == 2
     for e in epoch["per_epoch"]:
-        phases = e["phases"]
-        assert sum(phases.values()) == pytest.approx(e["seconds"])
+        phases = e["phases"]  # "other": the epoch less its timed phases, so none may overlap another
+        assert all(seconds >= 0 for seconds in phases.values()) and phases["other"] < 0.5 * e["seconds"]
         assert all(phases[p] > 0 for p in ("steps", "evaluation", "grids", "checkpoint"))
         assert phases["steps"] == max(phases.values())
     assert 0 < epoch["non_step_share"] < 1 and epoch["after_last_epoch"] > 0

@@ -3,17 +3,21 @@ steps, no step twice after a resume), curves.png, and the tracker names refused 
 
 from __future__ import annotations
 
+import io
 import shutil
+import signal
 import time
 
+import numpy as np
 import pytest
 import yaml
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from helpers import metrics, tiny_overrides
-from vae_dist import tracking
+from vae_dist import artifacts, tracking
 from vae_dist.config import ConfigError, load_config
+from vae_dist.stopping import Stopped, StopRequest
 from vae_dist.training import train
 
 STEP_TAGS = ("train/loss", "train/kl_weight", "train/images_per_s")
@@ -49,8 +53,12 @@ def test_the_trackers_get_the_step_and_epoch_figures_and_the_grids(tmp_path, fas
     elbo = [e.value for e in reader.Scalars("test/neg_elbo")]
     assert elbo == pytest.approx([r["test_neg_elbo"] for r in metrics(result.run_dir)], rel=1e-6)
     assert [e.value for e in reader.Scalars("train/kl_weight")] == [1.0] * 8
-    grid = reader.Images("reconstruction")[-1]
-    assert (grid.width, grid.height) == Image.open(result.run_dir / "images" / "reconstruction_epoch001.png").size
+    grid = reader.Images("reconstruction")[-1]  # the grid as drawn, not upscaled as the PNG is
+    png = Image.open(result.run_dir / "images" / "reconstruction_epoch001.png")
+    scale = artifacts.grid_scale(28)
+    assert (grid.width * scale, grid.height * scale) == png.size
+    shown = Image.open(io.BytesIO(grid.encoded_image_string)).convert("L")
+    assert np.array_equal(np.asarray(shown).repeat(scale, 0).repeat(scale, 1), np.asarray(png))
     # the resolved config, as hyperparameters of the run itself (no second run in TensorBoard's list)
     assert reader.PluginTagToContent("hparams")  # the hyperparameters plugin finds them in this run
     folder = result.run_dir / tracking.LOGS_DIR / tracking.PROJECT
@@ -111,16 +119,18 @@ def test_curves_png_is_redrawn_at_most_every_curves_every_seconds_and_after_the_
     assert drawn == [2, 3, 4] and curves.read_bytes() != first
 
 
-def test_curves_are_drawn_when_a_run_stops_early(tmp_path):
-    metrics_file = tmp_path / "metrics.jsonl"
-    curves = tracking.Curves(tmp_path, metrics_file)
-    curves.draw()  # nothing new to show: nothing drawn
-    assert not (tmp_path / tracking.CURVES_FILE).exists()
-    metrics_file.write_text('{"epoch": 0, "train_loss": 3, "test_neg_elbo": 2, "test_recon": 1.5, "test_kl": 0.5}\n')
-    curves.epoch_ended()  # within CURVES_EVERY of the start: not yet
-    assert not (tmp_path / tracking.CURVES_FILE).exists()
-    curves.draw()  # the run stops: drawn
-    assert Image.open(tmp_path / tracking.CURVES_FILE).size == (1000, 380)
+def test_curves_are_drawn_when_a_run_stops_early(tmp_path, fashion_root, monkeypatch):
+    drawn = []
+    draw = tracking.write_curves
+    monkeypatch.setattr(tracking, "write_curves", lambda d, records: drawn.append(len(records)) or draw(d, records))
+    monkeypatch.setattr(tracking, "CURVES_EVERY", 1e9)  # not redrawn at the first epoch's end
+    asked = []  # a SIGTERM seen at the tenth step: in the second epoch, after the first ended (8 steps each)
+    monkeypatch.setattr(
+        StopRequest, "requested", lambda self: asked.append(1) or (signal.SIGTERM if len(asked) == 10 else 0)
+    )
+    with pytest.raises(Stopped):
+        train(config(tmp_path), cpu=True)
+    assert drawn == [1] and (tmp_path / "runs" / "r" / tracking.CURVES_FILE).is_file()
 
 
 def test_no_trackers(tmp_path, fashion_root):

@@ -90,8 +90,12 @@ def grid_pixels(rows: list[torch.Tensor], scale: int | None = None) -> np.ndarra
             y, x = GRID_PAD + i * (h + GRID_PAD), GRID_PAD + j * (w + GRID_PAD)
             canvas[:, y : y + h, x : x + w] = img.float().cpu()
     pixels = (canvas * 255 + 0.5).clamp(0, 255).to(torch.uint8).numpy()  # round half up
-    s = grid_scale(w) if scale is None else scale
-    return pixels.repeat(s, axis=1).repeat(s, axis=2)
+    return upscaled(pixels, grid_scale(w) if scale is None else scale)
+
+
+def upscaled(pixels: np.ndarray, scale: int) -> np.ndarray:
+    """[C, H, W] -> [C, H * scale, W * scale], nearest neighbour."""
+    return pixels.repeat(scale, axis=1).repeat(scale, axis=2)
 
 
 def save_grid(path: Path, rows: list[torch.Tensor]) -> np.ndarray:
@@ -99,9 +103,8 @@ def save_grid(path: Path, rows: list[torch.Tensor]) -> np.ndarray:
     from PIL import Image
 
     pixels = grid_pixels(rows, scale=1)
-    s = grid_scale(rows[0].shape[-1])
-    upscaled = pixels.repeat(s, axis=1).repeat(s, axis=2)
-    image = Image.fromarray(upscaled[0] if pixels.shape[0] == 1 else np.ascontiguousarray(upscaled.transpose(1, 2, 0)))
+    big = upscaled(pixels, grid_scale(rows[0].shape[-1]))
+    image = Image.fromarray(big[0] if big.shape[0] == 1 else np.ascontiguousarray(big.transpose(1, 2, 0)))
     files.atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))
     return pixels
 

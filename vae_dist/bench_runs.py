@@ -6,10 +6,11 @@ through `accelerate launch`, and where an epoch's time goes.
    taking turns over the rounds. From each: the seconds from the start of the command to its first
    optimizer step (imports, data, model, the launcher), the images/s of its epochs' step loops
    (metrics.jsonl: data, noise and the trackers' step figures included), and the whole command.
+   Both on the CPU, as the rest of the benchmark.
 2. `epoch_phases`: the same training in this process, with the work of an epoch timed phase by
-   phase (the steps, evaluation of the test split, the grids, the trackers' epoch figures and
-   images, curves.png, the tracker flush, the checkpoint); what an epoch spends besides its steps
-   is the share the goal bounds (docs/benchmarks.md).
+   phase (the steps, evaluation of the test split, the grids, the grids sent to the trackers,
+   curves.png, the tracker flush, the checkpoint; "other" is the rest); what an epoch spends
+   besides its steps is the share the goal bounds (docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ PHASES = (
 
 def entry_command(entry: str, out: Path, name: str, epochs: int) -> list[str]:
     """The command a user types for `entry`, with the run's folder, name and epochs."""
-    args = ["--config", CONFIG, "--output-dir", str(out), "--name", name, "--set", f"train.epochs={epochs}"]
+    args = ["--config", CONFIG, "--output-dir", str(out), "--name", name, "--set", f"train.epochs={epochs}", "--cpu"]
     if entry == "vae-dist train":
         return [sys.executable, "-m", "vae_dist.cli", "train", *args]
     launcher = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1"]
@@ -139,12 +140,14 @@ def epoch_phases(epochs: int) -> dict[str, Any]:
     """A run of `epochs` epochs in this process, as `vae-dist train` runs it (TensorBoard on), each
     epoch timed from its first step to the end of its checkpoint, and phase by phase."""
     with tempfile.TemporaryDirectory(prefix="vae-dist-bench-") as tmp:
-        cfg = load_config(shipped_config(CONFIG), {"train.epochs": epochs, "run.output_dir": tmp, "run.name": "run"})
+        overrides = {"train.epochs": epochs, "train.checkpoint_every": 0, "run.output_dir": tmp, "run.name": "run"}
+        cfg = load_config(shipped_config(CONFIG), overrides)  # checkpoints at epoch ends only
         started = time.perf_counter()
         with phase_timer() as spans:
             training.train(cfg, cpu=True)
         ended = time.perf_counter()
     steps, saves = spans["steps"], spans["checkpoint"]
+    assert len(steps) == len(saves) == epochs, f"{len(steps)} step loops, {len(saves)} checkpoints, {epochs} epochs"
     per_epoch = []
     for (begin, _), (_, end) in zip(steps, saves):
         phases = {label: sum(b - a for a, b in calls if begin <= a < end) for label, calls in spans.items()}

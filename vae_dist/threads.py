@@ -106,8 +106,8 @@ def flush_denormals() -> bool:
     (x86 FTZ/DAZ, AArch64 FZ); False where the CPU cannot. Adam's running averages of a gradient
     that stays zero (the weights of pixels that are black in every image) decay into that range
     after a few hundred steps, and arithmetic on denormals is many times slower: without this the
-    linear VAE's epochs after the first take about 1.3 times as long (docs/benchmarks.md). Only
-    arithmetic in which a denormal takes part changes: it counts as zero."""
+    linear VAE's epochs slow down one after the other (docs/benchmarks.md#the-loop-users-run).
+    Only arithmetic in which a denormal takes part changes: it counts as zero."""
     import torch
 
     return torch.set_flush_denormal(True)

@@ -138,13 +138,17 @@ def end(accelerator: Accelerator) -> None:
 class Curves:
     """When curves.png is redrawn: at the end of an epoch once CURVES_EVERY seconds have passed since
     it was last drawn (or since the training started), and after the last epoch or when the run
-    stops early (`draw`). Drawing it with matplotlib takes about 0.15 s (0.4 s the first time, with the
-    import), which would be a tenth of a short epoch; metrics.jsonl has every epoch at once."""
+    stops early (`draw`). Drawing it with matplotlib after every epoch would cost a visible share
+    of a short epoch (docs/benchmarks.md#the-loop-users-run); metrics.jsonl has every epoch at once."""
 
     def __init__(self, run_dir: Path, metrics_file: Path):
         self.run_dir, self.metrics_file = run_dir, metrics_file
         self.drawn_at = time.perf_counter()  # of the last drawing; the session's start before one
-        self.stale = False  # metrics.jsonl has epochs curves.png does not show
+        curves = run_dir / CURVES_FILE
+        # metrics.jsonl has epochs curves.png does not show (a run stopped before it was redrawn)
+        self.stale = metrics_file.is_file() and (
+            not curves.is_file() or curves.stat().st_mtime_ns < metrics_file.stat().st_mtime_ns
+        )
 
     def epoch_ended(self) -> None:
         self.stale = True

@@ -52,9 +52,12 @@ def train_epochs(s: Session) -> dict[str, Any]:
             s.state = runs.TrainerState(epoch=epoch + 1, global_step=s.state.global_step)
             tracking.flush(s.accelerator)  # what was logged up to the checkpoint is kept; a resume purges the rest
             runs.save_checkpoint(s.accelerator, s.run_dir, s.state, s.cfg.train.keep_checkpoints)
-    except Stopped:
+    except (Stopped, KeyboardInterrupt):
         if s.accelerator.is_main_process:  # a stopped run's curves.png shows every epoch it finished
-            draw_curves(s)
+            try:
+                draw_curves(s)
+            except Exception as e:  # the stop and its message matter more than the picture
+                log.warning(f"curves.png was not redrawn: {e}")
         raise
     on_main(s.accelerator, "drawing curves.png", lambda: draw_curves(s))
     return metrics
