@@ -5,6 +5,7 @@ killed with SIGKILL resumes to the same weights, and 2 machines on loopback matc
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -67,6 +68,19 @@ def two_processes(tmp_path_factory) -> Path:
     ]
     run(cmd)
     return out
+
+
+def test_a_non_finite_loss_on_one_process_is_skipped_by_every_process(tmp_path):
+    # Rank 1's third loss is NaN: the averaged gradient is NaN on both ranks, both skip that update,
+    # count it, and go on to the same finite weights.
+    probe = str(ROOT / "tests" / "rank_probe.py")
+    overrides = [*PARITY_OVERRIDES, "train.grad_clip=1000", f"run.output_dir={tmp_path}", "run.name=r"]
+    run(launch_cmd(2, [])[:-1] + [probe, str(tmp_path), "configs/linear.yaml", *overrides],
+        environ={**env(), "POISON": "1:3"})
+    a, b = weights(tmp_path / "rank0.safetensors"), weights(tmp_path / "rank1.safetensors")
+    assert all(torch.equal(a[k], b[k]) and torch.isfinite(a[k]).all() for k in a)
+    lines = metrics(tmp_path / "r")
+    assert sum(m["skipped_updates"] for m in lines) == 1 and all(math.isfinite(m["train_loss"]) for m in lines)
 
 
 def test_both_ranks_hold_identical_weights(two_processes):

@@ -5,8 +5,9 @@ import torch
 import yaml
 from PIL import Image
 
+import vae_dist.step
 from helpers import ROOT, file_hashes, launch_cmd, metrics, run, set_options, tiny_overrides
-from vae_dist import runs
+from vae_dist import runs, training
 from vae_dist.artifacts import load_model
 from vae_dist.config import load_config
 from vae_dist.record import read as read_record
@@ -232,3 +233,37 @@ def test_a_run_with_checkpoints_but_no_saved_config_is_not_resumed(tmp_path):
     cfg = load_config("linear", [f"run.output_dir={tmp_path}", "run.name=r"])
     with pytest.raises(runs.ResumeError, match="config.yaml cannot be read"):
         runs.decide_run(cfg, "auto")
+
+
+def test_a_guarded_run_skips_a_non_finite_update_counts_it_and_warms_up(tmp_path, fashion_root, monkeypatch, caplog):
+    # Without the guard the same NaN stops the run (training.Diverged); with it the update is
+    # skipped, counted in metrics.jsonl and the epoch's log line, and training goes on.
+    loss_of, calls = vae_dist.step.negative_elbo, []
+
+    def poisoned(*args, **kwargs):
+        terms = loss_of(*args, **kwargs)
+        calls.append(1)
+        terms.loss = terms.loss * (float("nan") if len(calls) == 3 else 1.0)
+        return terms
+
+    monkeypatch.setattr(vae_dist.step, "negative_elbo", poisoned)
+    overrides = tiny_overrides(train_subset=512, test_subset=128, epochs=1, log_with=[])
+    cfg = load_config("linear", [*overrides, "train.skip_threshold=1e9", "train.warmup_steps=100",
+                                 "train.weight_decay=0.01", f"run.output_dir={tmp_path}", "run.name=g"])
+    rates, step_of = [], training.micro_step  # the learning rate each update was made with
+
+    def recording(acc, model, optimizer, *args):
+        rates.append(optimizer.param_groups[0]["lr"])
+        return step_of(acc, model, optimizer, *args)
+
+    monkeypatch.setattr(training, "micro_step", recording)
+    caplog.set_level("INFO")
+    result = train(cfg, cpu=True)
+    assert rates == pytest.approx([1e-3 * (step + 1) / 100 for step in range(8)])  # 512 images, batch 64
+    (line,) = metrics(result.run_dir)
+    assert line["skipped_updates"] == 1 and line["train_loss"] == pytest.approx(line["train_loss"])  # finite
+    assert all(torch.isfinite(p).all() for p in result.model.parameters())
+    assert "1 update(s) skipped" in caplog.text
+    calls.clear()
+    with pytest.raises(training.Diverged):
+        train(load_config("linear", [*overrides, f"run.output_dir={tmp_path}", "run.name=unguarded"]), cpu=True)

@@ -61,6 +61,10 @@ class TrainConfig:
     epochs: int = 10
     batch_size: int = 128  # global: images per optimizer step, summed over processes
     lr: float = 1e-3  # Adam, as in the reference
+    weight_decay: float = 0.0  # AdamW's decoupled weight decay; 0: plain Adam
+    warmup_steps: int = 0  # the learning rate rises linearly to train.lr over this many optimizer steps
+    grad_clip: float = 0.0  # clip the gradient's global norm to this (0: no clipping)
+    skip_threshold: float = 0.0  # skip an update whose gradient norm exceeds this (0: only non-finite ones)
     seed: int = 1  # data order, initialisation and all noise derive from it
     mixed_precision: str = "no"  # no | fp16 | bf16
     grad_accum_steps: int = 1  # micro-batches per optimizer step (batch_size is split)
@@ -120,6 +124,10 @@ NON_NEGATIVE = (
     "data.train_subset",
     "data.test_subset",
     "train.checkpoint_every",
+    "train.weight_decay",
+    "train.warmup_steps",
+    "train.grad_clip",
+    "train.skip_threshold",
     "train.seed",
     "train.eval_seed",
 )

@@ -73,6 +73,7 @@ class TrainerState:
     epoch_loss_sum: float = 0.0  # sum of per-image training losses so far in this epoch
     epoch_images: int = 0
     epoch_seconds: float = 0.0
+    epoch_skipped: int = 0  # updates skipped so far in this epoch (vae_dist.step.UpdateGuard)
 
 
 # ---------------------------------------------------------------- which run

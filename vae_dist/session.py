@@ -17,7 +17,7 @@ from vae_dist.config import Config, ConfigError
 from vae_dist.data import splits
 from vae_dist.models import VAE, build_model
 from vae_dist.ranks import on_every_rank, on_main
-from vae_dist.step import make_optimizer
+from vae_dist.step import UpdateGuard, make_optimizer
 from vae_dist.stopping import StopRequest
 
 log = get_logger(__name__)
@@ -38,9 +38,13 @@ class Session:
     stop: StopRequest
     state: runs.TrainerState = field(default_factory=runs.TrainerState)
     curves: tracking.Curves = field(init=False)  # when curves.png is redrawn (main process)
+    guard: UpdateGuard | None = field(init=False)  # train.grad_clip / train.skip_threshold
+
+
 
     def __post_init__(self):
         self.curves = tracking.Curves(self.run_dir, self.run_dir / runs.METRICS_FILE)
+        self.guard = UpdateGuard.from_config(self.cfg)
 
     @property
     def steps_per_epoch(self) -> int:

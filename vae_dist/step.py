@@ -10,6 +10,9 @@ processes therefore follow the same trajectory up to float rounding (docs/guaran
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
+
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType
@@ -49,29 +52,79 @@ def step_noise(
 
 
 def make_optimizer(model: VAE, cfg: Config, device: torch.device) -> torch.optim.Optimizer:
+    """Adam, or AdamW with `train.weight_decay` (decoupled, Loshchilov & Hutter 2019)."""
     # The fused kernel updates all parameters in one pass: several times faster than the
     # per-tensor loop for these small models (see `make bench`).
     fused = device.type in ("cpu", "cuda")
+    if cfg.train.weight_decay > 0:
+        return torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay, fused=fused)
     return torch.optim.Adam(model.parameters(), lr=cfg.train.lr, fused=fused)
 
 
-def micro_step(accelerator: Accelerator, model, optimizer, x, eps, beta: float, likelihood: str):
+def learning_rate(cfg: Config, global_step: int) -> float:
+    """The learning rate of optimizer step `global_step` (0 first): train.lr after a linear warm-up
+    over train.warmup_steps steps. A function of the step alone, so a resumed run continues it."""
+    if cfg.train.warmup_steps <= 0:
+        return cfg.train.lr
+    return cfg.train.lr * min(1.0, (global_step + 1) / cfg.train.warmup_steps)
+
+
+@dataclass
+class UpdateGuard:
+    """What keeps deep VAEs stable (as in VDVAE): before each update the gradient's global norm is
+    taken; an update whose norm is not finite, or above `skip_threshold` (when > 0), is skipped;
+    otherwise the gradient is clipped to `clip` (when > 0). The norm is taken after the gradients
+    are averaged over the processes, so every process decides the same."""
+
+    clip: float
+    skip_threshold: float
+    last_norm: float = 0.0  # the last update's gradient norm, before clipping
+    last_skipped: bool = False
+
+    @classmethod
+    def from_config(cls, cfg: Config) -> UpdateGuard | None:
+        """None when neither clipping nor skipping is asked for: the step takes no norm at all."""
+        if cfg.train.grad_clip <= 0 and cfg.train.skip_threshold <= 0:
+            return None
+        return cls(clip=cfg.train.grad_clip, skip_threshold=cfg.train.skip_threshold)
+
+    def allows(self, accelerator: Accelerator, parameters: list[torch.nn.Parameter]) -> bool:
+        """Whether to call the optimizer's step (the gradients clipped if asked)."""
+        accelerator.unscale_gradients()  # fp16: the norm of the true gradient (a no-op otherwise)
+        with_grads = [p for p in parameters if p.grad is not None]
+        norm = torch.nn.utils.get_total_norm([p.grad for p in with_grads], foreach=True).item()
+        self.last_norm = norm
+        self.last_skipped = not math.isfinite(norm) or (0 < self.skip_threshold < norm)
+        if self.last_skipped:
+            # fp16's loss scaler skips a non-finite update itself and must see it to lower its scale
+            return accelerator.scaler is not None and not math.isfinite(norm)
+        if 0 < self.clip < norm:
+            torch.nn.utils.clip_grads_with_norm_(with_grads, self.clip, torch.tensor(norm), foreach=True)
+        return True
+
+
+def micro_step(
+    accelerator: Accelerator, model, optimizer, x, eps, beta: float, likelihood: str, guard: UpdateGuard | None = None
+):
     """Forward and backward on one micro-batch; the optimizer steps when the accumulation is
-    complete (Accelerate skips `step` and the gradient all-reduce before that)."""
+    complete (Accelerate skips `step` and the gradient all-reduce before that), unless `guard`
+    skips the update."""
     if _wrappers_do_nothing(accelerator):
         # One process, no accumulation, no loss scaling: Accelerate's accumulate/backward/step
         # wrappers reduce to the plain calls (bitwise the same result), minus ~10% of the step.
         logits, mu, logvar = model(x, eps)
         terms = negative_elbo(logits, x, mu, logvar, beta, likelihood)
         terms.loss.mean().backward()  # per-image mean: see the module docstring
-        optimizer.optimizer.step()
+        if guard is None or guard.allows(accelerator, list(model.parameters())):
+            optimizer.optimizer.step()
         optimizer.optimizer.zero_grad(set_to_none=True)
         return terms
     with accelerator.accumulate(model):
         logits, mu, logvar = model(x, eps)
         terms = negative_elbo(logits, x, mu, logvar, beta, likelihood)
         accelerator.backward(terms.loss.mean())
-        optimizer.step()
+        if guard is None or not accelerator.sync_gradients or guard.allows(accelerator, list(model.parameters())):
+            optimizer.step()
         optimizer.zero_grad()
     return terms
 

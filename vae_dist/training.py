@@ -33,7 +33,7 @@ from vae_dist.processes import make_accelerator
 from vae_dist.ranks import on_main
 from vae_dist.record import ModelRecord
 from vae_dist.session import Session, decide_run, start
-from vae_dist.step import FIRST_STEP_MESSAGE, micro_step, process_rows, process_slices, step_noise
+from vae_dist.step import FIRST_STEP_MESSAGE, learning_rate, micro_step, process_rows, process_slices, step_noise
 from vae_dist.stopping import Stopped, StopRequest
 from vae_dist.version import __version__
 
@@ -72,9 +72,10 @@ def draw_curves(s: Session) -> None:
 class EpochTally:
     """What an epoch has counted so far; a resumed epoch starts from the checkpoint's counts."""
 
-    loss_sum: torch.Tensor  # float64 on the device: the sum of per-image losses of this process
+    loss_sum: torch.Tensor  # float64 on the device: the sum of per-image losses of this process (updates made)
     images: int  # images of every process together
     started: float  # perf_counter() at the epoch's (virtual) start
+    skipped: int = 0  # updates the guard skipped (train.grad_clip / train.skip_threshold)
     logged_images: int = 0  # for the images/s the trackers get
     logged_at: float = 0.0
 
@@ -88,6 +89,7 @@ def train_epoch(s: Session, epoch: int) -> dict[str, Any]:
         torch.tensor(partial, dtype=torch.float64, device=acc.device),
         state.epoch_images,
         time.perf_counter() - state.epoch_seconds,
+        state.epoch_skipped,
     )
     tally.logged_images, tally.logged_at = tally.images, time.perf_counter()
     bar = tqdm(
@@ -120,12 +122,21 @@ def run_steps(s: Session, epoch: int, tally: EpochTally, bar) -> None:
         eps, uniform = step_noise(
             cfg.train.seed, state.global_step, batch, s.core.latent_dim, s.train.image_shape, binarize
         )
+        if cfg.train.warmup_steps:
+            for group in s.optimizer.param_groups:
+                group["lr"] = learning_rate(cfg, state.global_step)
+        step_loss = torch.zeros((), dtype=torch.float64, device=acc.device)
         for m, part in enumerate(slices):
             x = splits.to_float(rows[m * local : (m + 1) * local])
             if binarize:
                 x = (uniform[part].to(acc.device) < x).to(x.dtype)
-            terms = micro_step(acc, s.model, s.optimizer, x, eps[part].to(acc.device), beta, cfg.loss.likelihood)
-            tally.loss_sum += terms.loss.detach().sum()
+            eps_m = eps[part].to(acc.device)
+            terms = micro_step(acc, s.model, s.optimizer, x, eps_m, beta, cfg.loss.likelihood, s.guard)
+            step_loss += terms.loss.detach().sum()
+        if s.guard is not None and s.guard.last_skipped:  # the same on every process
+            tally.skipped += 1
+        else:
+            tally.loss_sum += step_loss
         tally.images += batch
         state.global_step += 1
         after_step(s, step, tally, terms.loss.detach(), beta, bar)
@@ -149,19 +160,25 @@ def after_step(s: Session, step: int, tally: EpochTally, loss: torch.Tensor, bet
     if s.state.global_step == 1:
         log.info(FIRST_STEP_MESSAGE, main_process_only=True)
     if s.cfg.run.log_with and s.state.global_step % s.cfg.train.log_every == 0:  # the same on every process
-        log_step(s.accelerator, loss.mean(), beta, tally, s.state.global_step)
+        log_step(s, loss.mean(), beta, tally)
     bar.update(1)
     if step % 50 == 0:
         bar.set_postfix(loss=f"{loss.mean().item():.2f}")
 
 
-def log_step(acc: Accelerator, loss: torch.Tensor, beta: float, tally: EpochTally, step: int) -> None:
-    """The trackers' step figures: the step's mean loss over every process, the KL weight, images/s."""
+def log_step(s: Session, loss: torch.Tensor, beta: float, tally: EpochTally) -> None:
+    """The trackers' step figures: the step's mean loss over every process, the KL weight, images/s;
+    the learning rate during a warm-up; the gradient norm and the updates skipped, when guarded."""
+    acc, step = s.accelerator, s.state.global_step
     loss = acc.reduce(loss.float().reshape(1), "mean").item()  # every process takes part
     seconds = time.perf_counter() - tally.logged_at
     values = {"train/loss": loss, "train/kl_weight": beta}
     if seconds > 0:
         values["train/images_per_s"] = (tally.images - tally.logged_images) / seconds
+    if s.cfg.train.warmup_steps:
+        values["train/lr"] = learning_rate(s.cfg, step - 1)
+    if s.guard is not None:
+        values.update({"train/grad_norm": s.guard.last_norm, "train/skipped_updates": tally.skipped})  # this epoch's
     tracking.log(acc, values, step)
     tally.logged_images, tally.logged_at = tally.images, time.perf_counter()
 
@@ -195,6 +212,7 @@ def save_mid_epoch(s: Session, step: int, tally: EpochTally) -> None:
     state.step_in_epoch = step + 1
     state.epoch_loss_sum = s.accelerator.reduce(tally.loss_sum.clone(), "sum").item()
     state.epoch_images, state.epoch_seconds = tally.images, time.perf_counter() - tally.started
+    state.epoch_skipped = tally.skipped
     tracking.flush(s.accelerator)
     runs.save_checkpoint(s.accelerator, s.run_dir, state, s.cfg.train.keep_checkpoints)
 
@@ -208,11 +226,12 @@ def end_epoch(s: Session, epoch: int, tally: EpochTally) -> dict[str, Any]:
     metrics = {
         "epoch": epoch,
         "step": s.state.global_step,
-        "train_loss": total_loss / max(tally.images, 1),
+        "train_loss": total_loss / max(tally.images - tally.skipped * cfg.train.batch_size, 1),
         **test_elbo(acc, s.core, s.test, cfg),
         "seconds": seconds,
         "images_per_s": tally.images / seconds if seconds > 0 else None,
         "processes": acc.num_processes,
+        "skipped_updates": tally.skipped,
     }
 
     def write_epoch_files():
@@ -229,7 +248,7 @@ def end_epoch(s: Session, epoch: int, tally: EpochTally) -> dict[str, Any]:
     log.info(
         f"epoch {epoch}: train loss {metrics['train_loss']:.2f}, test -ELBO {metrics['test_neg_elbo']:.2f} "
         f"(recon {metrics['test_recon']:.2f} + KL {metrics['test_kl']:.2f}) nats, "
-        f"{metrics['images_per_s']:.0f} images/s",
+        f"{metrics['images_per_s']:.0f} images/s" + (f", {tally.skipped} update(s) skipped" if tally.skipped else ""),
         main_process_only=True,
     )
     return metrics
