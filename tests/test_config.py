@@ -43,6 +43,11 @@ def test_overrides_are_typed():
         ("train.mixed_precision=fp8", "train.mixed_precision"),
         ("data.binarize=static", "data.binarize"),
         ("train.grad_accum_steps=3", "train.grad_accum_steps"),
+        ("train.ema=1", "train.ema must be below 1"),
+        ("train.grad_clip=-1", "train.grad_clip"),
+        ("train.skip_threshold=nan", "train.skip_threshold"),
+        ("train.warmup_steps=-5", "train.warmup_steps"),
+        ("train.weight_decay=-0.1", "train.weight_decay"),
         ("epochs", "epochs"),
     ],
 )

@@ -3,13 +3,17 @@
 import pytest
 import torch
 import yaml
+from accelerate import Accelerator
 from PIL import Image
 
 import vae_dist.step
-from helpers import ROOT, file_hashes, launch_cmd, metrics, run, set_options, tiny_overrides
+from helpers import ROOT, file_hashes, launch_cmd, metrics, run, set_options, tiny_overrides, weights
 from vae_dist import runs, training
 from vae_dist.artifacts import load_model
 from vae_dist.config import load_config
+from vae_dist.data import splits
+from vae_dist.ema import WeightAverage
+from vae_dist.epoch_end import test_elbo
 from vae_dist.record import read as read_record
 from vae_dist.training import train
 
@@ -267,3 +271,42 @@ def test_a_guarded_run_skips_a_non_finite_update_counts_it_and_warms_up(tmp_path
     calls.clear()
     with pytest.raises(training.Diverged):
         train(load_config("linear", [*overrides, f"run.output_dir={tmp_path}", "run.name=unguarded"]), cpu=True)
+
+
+def test_the_weights_average_is_evaluated_saved_and_resumed_bitwise(tmp_path, fashion_root):
+    # With train.ema the model file, the grids and the test -ELBO are the average's; a run stopped
+    # at its first epoch's checkpoint and resumed ends bitwise where an uninterrupted one does.
+    def config(name: str, epochs: int):
+        return load_config("linear", [*small(epochs=epochs), "train.ema=0.9", f"run.output_dir={tmp_path}",
+                                      f"run.name={name}"])
+
+    whole = train(config("whole", 2), cpu=True)
+    train(config("resumed", 1), cpu=True)
+    resumed = train(config("resumed", 2), resume="auto", cpu=True)
+    assert file_hashes(whole.run_dir, ("model.safetensors",)) == file_hashes(resumed.run_dir, ("model.safetensors",))
+    assert metrics(whole.run_dir) == [{**m, "seconds": w["seconds"], "images_per_s": w["images_per_s"]}
+                                      for m, w in zip(metrics(resumed.run_dir), metrics(whole.run_dir))]
+    saved, _ = load_model(whole.run_dir / "model.safetensors")
+    checkpoint = runs.list_checkpoints(whole.run_dir)[-1]  # the last epoch's: the raw weights
+    raw = weights(checkpoint / runs.CHECKPOINT_MODEL_FILE)
+    average = saved.state_dict()
+    assert all(torch.isfinite(average[k]).all() for k in raw) and not all(torch.equal(average[k], raw[k]) for k in raw)
+    test = splits.load_split("fashion-mnist", False, fashion_root, subset=300)
+    again = test_elbo(Accelerator(cpu=True), saved, test, config("whole", 2))
+    assert again["test_neg_elbo"] == pytest.approx(whole.metrics["test_neg_elbo"], abs=1e-9)
+
+
+def test_a_weights_average_follows_its_decay():
+    model = torch.nn.Linear(2, 1)
+    average = WeightAverage(model, 0.75)
+    before = [p.detach().clone() for p in model.parameters()]
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(4.0)
+    average.update(model)
+    for a, b in zip(average.model.parameters(), before):
+        assert torch.allclose(a, b + 1.0)  # 0.75 * w + 0.25 * (w + 4)
+    state = average.state_dict()
+    fresh = WeightAverage(torch.nn.Linear(2, 1), 0.75)
+    fresh.load_state_dict(state)
+    assert all(torch.equal(a, b) for a, b in zip(fresh.model.parameters(), average.model.parameters()))

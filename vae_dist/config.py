@@ -65,6 +65,7 @@ class TrainConfig:
     warmup_steps: int = 0  # the learning rate rises linearly to train.lr over this many optimizer steps
     grad_clip: float = 0.0  # clip the gradient's global norm to this (0: no clipping)
     skip_threshold: float = 0.0  # skip an update whose gradient norm exceeds this (0: only non-finite ones)
+    ema: float = 0.0  # decay of the weights' moving average that is evaluated and saved (0: none; e.g. 0.9999)
     seed: int = 1  # data order, initialisation and all noise derive from it
     mixed_precision: str = "no"  # no | fp16 | bf16
     grad_accum_steps: int = 1  # micro-batches per optimizer step (batch_size is split)
@@ -128,6 +129,7 @@ NON_NEGATIVE = (
     "train.warmup_steps",
     "train.grad_clip",
     "train.skip_threshold",
+    "train.ema",
     "train.seed",
     "train.eval_seed",
 )
@@ -191,6 +193,8 @@ def validate(cfg: Config) -> Config:
     for key in ("model.hidden_dims", "model.channels"):
         if any(v < 1 for v in get(cfg, key)):
             raise ConfigError(f"{key}: every width must be >= 1, got {get(cfg, key)!r}")
+    if cfg.train.ema >= 1:
+        raise ConfigError(f"train.ema must be below 1 (a decay such as 0.9999), got {cfg.train.ema!r}")
     if cfg.data.path is not None and cfg.data.root is not None:
         raise ConfigError("data.path (a prepared dataset) and data.root (a folder of IDX files) exclude each other")
     if cfg.model.kind == "conv" and not cfg.model.channels:

@@ -15,6 +15,7 @@ from accelerate.logging import get_logger
 from vae_dist import files, runs, tracking
 from vae_dist.config import Config, ConfigError
 from vae_dist.data import splits
+from vae_dist.ema import WeightAverage
 from vae_dist.models import VAE, build_model
 from vae_dist.ranks import on_every_rank, on_main
 from vae_dist.step import UpdateGuard, make_optimizer
@@ -39,6 +40,12 @@ class Session:
     state: runs.TrainerState = field(default_factory=runs.TrainerState)
     curves: tracking.Curves = field(init=False)  # when curves.png is redrawn (main process)
     guard: UpdateGuard | None = field(init=False)  # train.grad_clip / train.skip_threshold
+    average: WeightAverage | None = None  # train.ema
+
+    @property
+    def shown(self) -> VAE:
+        """The model evaluated, drawn and saved: the weights' average with train.ema, else the model."""
+        return self.average.model if self.average is not None else self.core
 
 
 
@@ -111,10 +118,17 @@ def build(accelerator: Accelerator, cfg: Config, run_dir: Path, data, stop: Stop
     train, test = data
     model = build_model(cfg.model, train.image_shape)
     optimizer = make_optimizer(model, cfg, accelerator.device)
+    # The average is copied before Accelerate wraps the model's forward (mixed precision).
+    average = WeightAverage(model, cfg.train.ema) if cfg.train.ema > 0 else None
     model, optimizer = accelerator.prepare(model, optimizer)
     device = accelerator.device
+    if average is not None:
+        average.model.to(device)
+        accelerator.register_for_checkpointing(average)  # before a checkpoint is loaded
     core = accelerator.unwrap_model(model)
-    return Session(accelerator, cfg, run_dir, model, core, optimizer, train.to(device), test.to(device), stop)
+    session = Session(accelerator, cfg, run_dir, model, core, optimizer, train.to(device), test.to(device), stop)
+    session.average = average
+    return session
 
 
 def restore(s: Session, checkpoint: Path | None) -> None:

@@ -137,6 +137,8 @@ def run_steps(s: Session, epoch: int, tally: EpochTally, bar) -> None:
             tally.skipped += 1
         else:
             tally.loss_sum += step_loss
+            if s.average is not None:
+                s.average.update(s.core)
         tally.images += batch
         state.global_step += 1
         after_step(s, step, tally, terms.loss.detach(), beta, bar)
@@ -227,7 +229,7 @@ def end_epoch(s: Session, epoch: int, tally: EpochTally) -> dict[str, Any]:
         "epoch": epoch,
         "step": s.state.global_step,
         "train_loss": total_loss / max(tally.images - tally.skipped * cfg.train.batch_size, 1),
-        **test_elbo(acc, s.core, s.test, cfg),
+        **test_elbo(acc, s.shown, s.test, cfg),
         "seconds": seconds,
         "images_per_s": tally.images / seconds if seconds > 0 else None,
         "processes": acc.num_processes,
@@ -236,7 +238,7 @@ def end_epoch(s: Session, epoch: int, tally: EpochTally) -> dict[str, Any]:
 
     def write_epoch_files():
         with runs.writing(s.run_dir, s.run_dir):
-            grids = write_grids(s.core, s.test, cfg, s.run_dir / runs.IMAGES_DIR, epoch, acc.device)
+            grids = write_grids(s.shown, s.test, cfg, s.run_dir / runs.IMAGES_DIR, epoch, acc.device)
             files.append_jsonl(s.run_dir / runs.METRICS_FILE, metrics)
             s.curves.epoch_ended()
         epoch_values = {f"test/{k[5:]}": metrics[k] for k in ("test_neg_elbo", "test_recon", "test_kl")}
@@ -280,7 +282,7 @@ def save_final_model(s: Session, metrics: dict[str, Any]) -> dict[str, Any]:
             versions={"torch": torch.__version__, "vae_dist": __version__},
         )
         with runs.writing(s.run_dir, s.run_dir / runs.MODEL_FILE):
-            artifacts.save_model(s.run_dir / runs.MODEL_FILE, s.core, record)
+            artifacts.save_model(s.run_dir / runs.MODEL_FILE, s.shown, record)
         log.info(f"model written to {s.run_dir / runs.MODEL_FILE}", main_process_only=True)
 
     on_main(s.accelerator, "writing the model", write_model)
@@ -290,7 +292,7 @@ def save_final_model(s: Session, metrics: dict[str, Any]) -> dict[str, Any]:
 @dataclass
 class TrainResult:
     run_dir: Path
-    model: VAE  # this process's copy, unwrapped
+    model: VAE  # this process's copy of the model saved (the weights' average with train.ema), unwrapped
     metrics: dict[str, Any]  # the last epoch's
 
 
@@ -324,4 +326,4 @@ def run(accelerator: Accelerator, cfg: Config, run_dir: Path, checkpoint: Path |
     finally:
         stop.close()
     accelerator.end_training()
-    return TrainResult(run_dir, session.core, metrics)
+    return TrainResult(run_dir, session.shown, metrics)
