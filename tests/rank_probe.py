@@ -9,7 +9,7 @@ from pathlib import Path
 
 from safetensors.torch import save_file
 
-import vae_dist.step  # noqa: E402
+import vae_dist.step
 from vae_dist.config import load_config
 from vae_dist.training import train
 

@@ -78,3 +78,27 @@ def test_the_learning_rate_warms_up_linearly_and_weight_decay_makes_adamw():
     assert type(make_optimizer(model, cfg, torch.device("cpu"))) is torch.optim.Adam
     adamw = make_optimizer(model, load_config("linear", {"train.weight_decay": 0.1}), torch.device("cpu"))
     assert type(adamw) is torch.optim.AdamW and adamw.param_groups[0]["weight_decay"] == 0.1
+
+
+def test_a_skipped_update_leaves_a_loss_scaler_ready_for_the_next_step():
+    # fp16: the guard unscales the gradients to take their norm; a skip must start the scaler's
+    # next step (else its next unscale fails), and leave its scale alone.
+    from types import SimpleNamespace
+
+    param = torch.nn.Parameter(torch.ones(3))
+    optimizer = torch.optim.SGD([param], lr=1.0)
+    scaler = torch.amp.GradScaler("cpu", init_scale=4.0)
+    accelerator = SimpleNamespace(scaler=scaler, num_processes=1, unscale_gradients=lambda: scaler.unscale_(optimizer))
+    guard = UpdateGuard(clip=0.0, skip_threshold=1.0)
+    for _ in range(2):
+        scaler.scale(torch.ones(()))  # as the step's backward does
+        param.grad = torch.full((3,), 40.0)  # 4 x 10 unscaled: norm 17 > 1
+        assert not guard.allows(accelerator, [param]) and guard.last_skipped
+    assert scaler.get_scale() == 4.0 and torch.equal(param.detach(), torch.ones(3))
+    guard.note(torch.tensor([1.0, float("inf")]))  # a loss that is not finite: skipped, gradients or not
+    scaler.scale(torch.ones(()))
+    param.grad = torch.full((3,), 0.4)
+    assert not guard.allows(accelerator, [param])
+    scaler.scale(torch.ones(()))
+    param.grad = torch.full((3,), 0.4)
+    assert guard.allows(accelerator, [param]) and guard.last_norm == pytest.approx(3**0.5 * 0.1)  # unscaled by 4

@@ -1,5 +1,8 @@
 """End-to-end runs of the real training script on real Fashion-MNIST."""
 
+import json
+import math
+
 import pytest
 import torch
 import yaml
@@ -8,12 +11,11 @@ from PIL import Image
 
 import vae_dist.step
 from helpers import ROOT, file_hashes, launch_cmd, metrics, run, set_options, tiny_overrides, weights
-from vae_dist import runs, training
+from vae_dist import epoch_end, runs, training
 from vae_dist.artifacts import load_model
 from vae_dist.config import load_config
 from vae_dist.data import splits
 from vae_dist.ema import WeightAverage
-from vae_dist.epoch_end import test_elbo
 from vae_dist.record import read as read_record
 from vae_dist.training import train
 
@@ -239,7 +241,10 @@ def test_a_run_with_checkpoints_but_no_saved_config_is_not_resumed(tmp_path):
         runs.decide_run(cfg, "auto")
 
 
-def test_a_guarded_run_skips_a_non_finite_update_counts_it_and_warms_up(tmp_path, fashion_root, monkeypatch, caplog):
+@pytest.mark.parametrize("accum", [1, 2])
+def test_a_guarded_run_skips_a_non_finite_update_counts_it_and_warms_up(
+    tmp_path, fashion_root, monkeypatch, caplog, accum
+):
     # Without the guard the same NaN stops the run (training.Diverged); with it the update is
     # skipped, counted in metrics.jsonl and the epoch's log line, and training goes on.
     loss_of, calls = vae_dist.step.negative_elbo, []
@@ -252,8 +257,9 @@ def test_a_guarded_run_skips_a_non_finite_update_counts_it_and_warms_up(tmp_path
 
     monkeypatch.setattr(vae_dist.step, "negative_elbo", poisoned)
     overrides = tiny_overrides(train_subset=512, test_subset=128, epochs=1, log_with=[])
-    cfg = load_config("linear", [*overrides, "train.skip_threshold=1e9", "train.warmup_steps=100",
-                                 "train.weight_decay=0.01", f"run.output_dir={tmp_path}", "run.name=g"])
+    cfg = load_config("linear", [*overrides, "train.skip_threshold=1e9", "train.grad_clip=50", "train.warmup_steps=100",
+                                 "train.weight_decay=0.01", f"train.grad_accum_steps={accum}",
+                                 f"run.output_dir={tmp_path}", "run.name=g"])
     rates, step_of = [], training.micro_step  # the learning rate each update was made with
 
     def recording(acc, model, optimizer, *args):
@@ -263,9 +269,10 @@ def test_a_guarded_run_skips_a_non_finite_update_counts_it_and_warms_up(tmp_path
     monkeypatch.setattr(training, "micro_step", recording)
     caplog.set_level("INFO")
     result = train(cfg, cpu=True)
-    assert rates == pytest.approx([1e-3 * (step + 1) / 100 for step in range(8)])  # 512 images, batch 64
+    expected = [1e-3 * (step + 1) / 100 for step in range(8)]  # 512 images, batch 64
+    assert rates == pytest.approx([rate for rate in expected for _ in range(accum)])  # each micro-batch
     (line,) = metrics(result.run_dir)
-    assert line["skipped_updates"] == 1 and line["train_loss"] == pytest.approx(line["train_loss"])  # finite
+    assert line["skipped_updates"] == 1 and math.isfinite(line["train_loss"]) and line["train_loss"] > 0
     assert all(torch.isfinite(p).all() for p in result.model.parameters())
     assert "1 update(s) skipped" in caplog.text
     calls.clear()
@@ -292,7 +299,7 @@ def test_the_weights_average_is_evaluated_saved_and_resumed_bitwise(tmp_path, fa
     average = saved.state_dict()
     assert all(torch.isfinite(average[k]).all() for k in raw) and not all(torch.equal(average[k], raw[k]) for k in raw)
     test = splits.load_split("fashion-mnist", False, fashion_root, subset=300)
-    again = test_elbo(Accelerator(cpu=True), saved, test, config("whole", 2))
+    again = epoch_end.test_elbo(Accelerator(cpu=True), saved, test, config("whole", 2))
     assert again["test_neg_elbo"] == pytest.approx(whole.metrics["test_neg_elbo"], abs=1e-9)
 
 
@@ -310,3 +317,15 @@ def test_a_weights_average_follows_its_decay():
     fresh = WeightAverage(torch.nn.Linear(2, 1), 0.75)
     fresh.load_state_dict(state)
     assert all(torch.equal(a, b) for a, b in zip(fresh.model.parameters(), average.model.parameters()))
+
+
+def test_a_checkpoint_from_before_a_state_field_existed_is_resumed(tmp_path, fashion_root):
+    cfg = load_config("linear", [*small(epochs=1), f"run.output_dir={tmp_path}", "run.name=old"])
+    first = train(cfg, cpu=True)
+    for checkpoint in runs.list_checkpoints(first.run_dir):
+        path = checkpoint / runs.STATE_FILE
+        state = yaml.safe_load(path.read_text())
+        del state["epoch_skipped"]  # as written before skipped updates were counted
+        path.write_text(json.dumps(state))
+    again = load_config("linear", [*small(epochs=2), f"run.output_dir={tmp_path}", "run.name=old"])
+    assert [m["epoch"] for m in metrics(train(again, resume="auto", cpu=True).run_dir)] == [0, 1]

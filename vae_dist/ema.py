@@ -22,7 +22,10 @@ class WeightAverage:
 
     @torch.no_grad()
     def update(self, model: VAE) -> None:
+        """Average the parameters; buffers (statistics, not weights) are taken as they are."""
         torch._foreach_lerp_(list(self.model.parameters()), list(model.parameters()), 1.0 - self.decay)
+        for mine, theirs in zip(self.model.buffers(), model.buffers()):
+            mine.copy_(theirs)
 
     def state_dict(self) -> dict:
         return {"decay": self.decay, "weights": self.model.state_dict()}

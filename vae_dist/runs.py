@@ -76,6 +76,9 @@ class TrainerState:
     epoch_skipped: int = 0  # updates skipped so far in this epoch (vae_dist.step.UpdateGuard)
 
 
+ADDED_STATE_FIELDS = {"epoch_skipped": 0}  # TrainerState fields older checkpoints lack, with their value then
+
+
 # ---------------------------------------------------------------- which run
 
 
@@ -340,6 +343,7 @@ def read_state(checkpoint: Path) -> TrainerState:
     fields = TrainerState.__dataclass_fields__
     if not isinstance(raw, dict):
         raise _damaged(checkpoint, f"{STATE_FILE} holds a {type(raw).__name__}, not an object")
+    raw = {**ADDED_STATE_FIELDS, **raw}  # a checkpoint written before a field existed had its default
     unknown, missing = sorted(set(raw) - set(fields)), sorted(set(fields) - set(raw))
     if unknown or missing:
         what = "; ".join(f"{k} field(s) {', '.join(v)}" for k, v in (("unknown", unknown), ("no", missing)) if v)
@@ -370,6 +374,9 @@ def check_checkpoint(checkpoint: Path) -> TrainerState:
 
 def load_checkpoint(accelerator: Accelerator, checkpoint: Path) -> TrainerState:
     state = check_checkpoint(checkpoint)
+    for index in range(len(accelerator._custom_objects)):  # the weights' average (train.ema)
+        if not (checkpoint / f"custom_checkpoint_{index}.pkl").is_file():
+            raise _damaged(checkpoint, f"custom_checkpoint_{index}.pkl (the weights' average, train.ema) is missing")
     from safetensors import SafetensorError
 
     try:

@@ -47,8 +47,6 @@ class Session:
         """The model evaluated, drawn and saved: the weights' average with train.ema, else the model."""
         return self.average.model if self.average is not None else self.core
 
-
-
     def __post_init__(self):
         self.curves = tracking.Curves(self.run_dir, self.run_dir / runs.METRICS_FILE)
         self.guard = UpdateGuard.from_config(self.cfg)
@@ -126,9 +124,9 @@ def build(accelerator: Accelerator, cfg: Config, run_dir: Path, data, stop: Stop
         average.model.to(device)
         accelerator.register_for_checkpointing(average)  # before a checkpoint is loaded
     core = accelerator.unwrap_model(model)
-    session = Session(accelerator, cfg, run_dir, model, core, optimizer, train.to(device), test.to(device), stop)
-    session.average = average
-    return session
+    return Session(
+        accelerator, cfg, run_dir, model, core, optimizer, train.to(device), test.to(device), stop, average=average
+    )
 
 
 def restore(s: Session, checkpoint: Path | None) -> None:

@@ -72,14 +72,16 @@ def learning_rate(cfg: Config, global_step: int) -> float:
 @dataclass
 class UpdateGuard:
     """What keeps deep VAEs stable (as in VDVAE): before each update the gradient's global norm is
-    taken; an update whose norm is not finite, or above `skip_threshold` (when > 0), is skipped;
-    otherwise the gradient is clipped to `clip` (when > 0). The norm is taken after the gradients
-    are averaged over the processes, so every process decides the same."""
+    taken; an update whose loss (on any process) or norm is not finite, or whose norm is above
+    `skip_threshold` (when > 0), is skipped; otherwise the gradient is clipped to `clip` (when > 0).
+    The norm is taken after the gradients are averaged over the processes, and the losses'
+    finiteness is summed over them, so every process decides the same."""
 
     clip: float
     skip_threshold: float
     last_norm: float = 0.0  # the last update's gradient norm, before clipping
     last_skipped: bool = False
+    loss_finite: bool = True  # every loss of this process since the last update was finite
 
     @classmethod
     def from_config(cls, cfg: Config) -> UpdateGuard | None:
@@ -88,16 +90,28 @@ class UpdateGuard:
             return None
         return cls(clip=cfg.train.grad_clip, skip_threshold=cfg.train.skip_threshold)
 
+    def note(self, loss: torch.Tensor) -> None:
+        """A micro-batch's per-image losses, before its backward."""
+        self.loss_finite = self.loss_finite and bool(torch.isfinite(loss).all())
+
     def allows(self, accelerator: Accelerator, parameters: list[torch.nn.Parameter]) -> bool:
         """Whether to call the optimizer's step (the gradients clipped if asked)."""
         accelerator.unscale_gradients()  # fp16: the norm of the true gradient (a no-op otherwise)
         with_grads = [p for p in parameters if p.grad is not None]
-        norm = torch.nn.utils.get_total_norm([p.grad for p in with_grads], foreach=True).item()
+        norm = torch.nn.utils.get_total_norm([p.grad for p in with_grads], foreach=True)
+        bad_loss = torch.tensor([0.0 if self.loss_finite else 1.0], device=norm.device)
+        if accelerator.num_processes > 1:  # a loss that is not finite on any process
+            bad_loss = accelerator.reduce(bad_loss, "sum")
+        self.loss_finite, norm = True, norm.item()
         self.last_norm = norm
-        self.last_skipped = not math.isfinite(norm) or (0 < self.skip_threshold < norm)
+        self.last_skipped = bool(bad_loss.item()) or not math.isfinite(norm) or (0 < self.skip_threshold < norm)
         if self.last_skipped:
-            # fp16's loss scaler skips a non-finite update itself and must see it to lower its scale
-            return accelerator.scaler is not None and not math.isfinite(norm)
+            scaler = accelerator.scaler
+            if scaler is not None and not math.isfinite(norm):
+                return True  # fp16's loss scaler skips it itself, and must see it to lower its scale
+            if scaler is not None:
+                scaler.update(scaler.get_scale())  # the gradients were unscaled: begin a new step
+            return False
         if 0 < self.clip < norm:
             torch.nn.utils.clip_grads_with_norm_(with_grads, self.clip, torch.tensor(norm), foreach=True)
         return True
@@ -114,6 +128,8 @@ def micro_step(
         # wrappers reduce to the plain calls (bitwise the same result), minus ~10% of the step.
         logits, mu, logvar = model(x, eps)
         terms = negative_elbo(logits, x, mu, logvar, beta, likelihood)
+        if guard is not None:
+            guard.note(terms.loss.detach())
         terms.loss.mean().backward()  # per-image mean: see the module docstring
         if guard is None or guard.allows(accelerator, list(model.parameters())):
             optimizer.optimizer.step()
@@ -122,6 +138,8 @@ def micro_step(
     with accelerator.accumulate(model):
         logits, mu, logvar = model(x, eps)
         terms = negative_elbo(logits, x, mu, logvar, beta, likelihood)
+        if guard is not None:
+            guard.note(terms.loss.detach())
         accelerator.backward(terms.loss.mean())
         if guard is None or not accelerator.sync_gradients or guard.allows(accelerator, list(model.parameters())):
             optimizer.step()

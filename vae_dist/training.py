@@ -137,7 +137,7 @@ def run_steps(s: Session, epoch: int, tally: EpochTally, bar) -> None:
             tally.skipped += 1
         else:
             tally.loss_sum += step_loss
-            if s.average is not None:
+            if s.average is not None and not s.optimizer.step_was_skipped:  # fp16's scaler skips some
                 s.average.update(s.core)
         tally.images += batch
         state.global_step += 1
