@@ -2,6 +2,7 @@
 
 import json
 import math
+import signal
 
 import pytest
 import torch
@@ -17,6 +18,7 @@ from vae_dist.config import load_config
 from vae_dist.data import splits
 from vae_dist.ema import WeightAverage
 from vae_dist.record import read as read_record
+from vae_dist.stopping import Stopped, StopRequest
 from vae_dist.training import train
 
 
@@ -329,3 +331,35 @@ def test_a_checkpoint_from_before_a_state_field_existed_is_resumed(tmp_path, fas
         path.write_text(json.dumps(state))
     again = load_config("linear", [*small(epochs=2), f"run.output_dir={tmp_path}", "run.name=old"])
     assert [m["epoch"] for m in metrics(train(again, resume="auto", cpu=True).run_dir)] == [0, 1]
+
+
+def test_a_run_with_a_weights_average_stopped_mid_epoch_resumes_bitwise(tmp_path, fashion_root, monkeypatch):
+    # Stopped (SIGTERM) after step 11 of 16 in the first epoch, its checkpoint then holding the
+    # average and the epoch's skipped update: the resumed run ends bitwise where a whole one does.
+    extra = ["train.ema=0.9", "train.grad_clip=1.0", "train.checkpoint_every=5"]
+
+    def config(name: str):
+        return load_config("linear", [*small(epochs=2), *extra, f"run.output_dir={tmp_path}", f"run.name={name}"])
+
+    loss_of, calls = vae_dist.step.negative_elbo, []
+
+    def poisoned(*args, **kwargs):  # updates 4 and 20 are skipped, in every run
+        terms = loss_of(*args, **kwargs)
+        calls.append(1)
+        terms.loss = terms.loss * (float("nan") if len(calls) in (4, 20) else 1.0)
+        return terms
+
+    monkeypatch.setattr(vae_dist.step, "negative_elbo", poisoned)
+    whole = train(config("whole"), cpu=True)
+    calls.clear()
+    asked = []
+    with monkeypatch.context() as stopping:
+        stopping.setattr(
+            StopRequest, "requested", lambda self: asked.append(1) or (signal.SIGTERM if len(asked) == 11 else 0)
+        )
+        with pytest.raises(Stopped):
+            train(config("stopped"), cpu=True)
+    resumed = train(config("stopped"), resume="auto", cpu=True)  # its updates count on from 12
+    assert file_hashes(whole.run_dir, ("model.safetensors",)) == file_hashes(resumed.run_dir, ("model.safetensors",))
+    assert [m["skipped_updates"] for m in metrics(whole.run_dir)] == [1, 1]
+    assert [m["skipped_updates"] for m in metrics(resumed.run_dir)] == [1, 1]
