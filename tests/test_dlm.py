@@ -120,4 +120,3 @@ def test_the_mean_image_and_the_parameter_layout():
     params[:, 4:7] = -5.0  # their log-scales
     mean = dlm.mean_image(params, 3, 1)  # no coupling: tanh(0) = 0
     assert mean.shape == (1, 3, 2, 2) and torch.allclose(mean, torch.full_like(mean, 0.75))
-    assert dlm.bits_per_dim(math.log(2) * 784, 784) == pytest.approx(1.0)

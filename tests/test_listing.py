@@ -13,15 +13,15 @@ from vae_dist.listing import runs_command
 from vae_dist.training import train
 
 
-def tiny_config(runs, name, epochs):
+def tiny_config(runs, name, epochs, *extra):
     overrides = tiny_overrides(epochs=epochs, hidden_dims=[16], latent_dim=2, grid_samples=4, log_with=[])
-    return load_config("linear", [*overrides, f"run.output_dir={runs}", f"run.name={name}"])
+    return load_config("linear", [*overrides, f"run.output_dir={runs}", f"run.name={name}", *extra])
 
 
 def test_the_runs_of_a_folder_are_listed_with_what_they_hold(tmp_path, fashion_root):
     runs = tmp_path / "runs"
-    # a finished run, evaluated twice and exported; then one stopped after 1 of its 3 epochs
-    done = train(tiny_config(runs, "done", 2), cpu=True).run_dir
+    # a finished run (binarised: bits/dim), evaluated twice and exported; then one stopped after 1 of its 3 epochs
+    done = train(tiny_config(runs, "done", 2, "data.binarize=dynamic"), cpu=True).run_dir
     evaluate_run(str(done), k=1)
     best = evaluate_run(str(done), k=8)
     run([VAE_DIST, "export", str(done), "--variants", "fp16"])
@@ -40,6 +40,7 @@ def test_the_runs_of_a_folder_are_listed_with_what_they_hold(tmp_path, fashion_r
     assert (first["epochs"], first["finished"]) == ("2/2", True)
     records = metrics(done)
     assert first["test_neg_elbo"] == records[-1]["test_neg_elbo"]
+    assert first["test_bits_per_dim"] == records[-1]["test_bits_per_dim"] and second["test_bits_per_dim"] is None
     assert first["best_nll"] == {"nll": best["nll"], "k": 8, "split": "test"}
     assert first["export"] == "verified (fp16)" and first["export_verified"] and first["variants"] == ["fp16"]
     assert (second["epochs"], second["finished"], second["export"], second["best_nll"]) == ("1/3", False, "-", None)
@@ -47,10 +48,11 @@ def test_the_runs_of_a_folder_are_listed_with_what_they_hold(tmp_path, fashion_r
 
     text = CliRunner().invoke(runs_command, ["--output-dir", str(runs)]).output.splitlines()
     assert text[0].split()[:3] == ["run", "model", "data"] and len(text) == 3
-    elbo = f"{records[-1]['test_neg_elbo']:.2f}"
-    assert text[1].split()[:6] == ["done", "linear", "fashion-mnist", "1x28x28", "2/2", elbo]
+    elbo, bits = f"{records[-1]['test_neg_elbo']:.2f}", f"{records[-1]['test_bits_per_dim']:.4f}"
+    assert text[1].split()[:7] == ["done", "linear", "fashion-mnist", "1x28x28", "2/2", elbo, bits]
     assert f"{best['nll']:.2f} (8)" in text[1] and "verified (fp16)" in text[1] and text[1].split()[-3] == "yes"
-    assert text[2].split()[:5] == ["stopped", "linear", "fashion-mnist", "1x28x28", "1/3"]
+    grey = f"{metrics(stopped)[-1]['test_neg_elbo']:.2f}"  # Bernoulli on grey levels: no bits/dim
+    assert text[2].split()[:7] == ["stopped", "linear", "fashion-mnist", "1x28x28", "1/3", grey, "-"]
 
 
 def test_a_folder_that_is_not_there_is_one_line(tmp_path):

@@ -4,6 +4,7 @@ steps, no step twice after a resume), curves.png, and the tracker names refused 
 from __future__ import annotations
 
 import io
+import math
 import shutil
 import signal
 import time
@@ -152,3 +153,16 @@ def test_trackers_that_cannot_run_are_refused_before_anything_is_written(tmp_pat
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
         train(cfg, cpu=True)
     assert not (tmp_path / "runs").exists()
+
+
+def test_a_binarised_run_reports_its_test_elbo_in_bits_per_dim_too(tmp_path, fashion_root, caplog):
+    caplog.set_level("INFO")
+    result = train(config(tmp_path, "data.binarize=dynamic", "train.epochs=1"), cpu=True)
+    (line,) = metrics(result.run_dir)
+    assert line["test_bits_per_dim"] == pytest.approx(line["test_neg_elbo"] / (784 * math.log(2)), rel=1e-12)
+    assert f"= {line['test_bits_per_dim']:.4f} bits/dim" in caplog.text
+    assert [e.value for e in events(result.run_dir).Scalars("test/bits_per_dim")] == pytest.approx(
+        [line["test_bits_per_dim"]], rel=1e-6
+    )
+    grey = train(config(tmp_path, "train.epochs=1", "run.name=grey"), cpu=True)  # Bernoulli on grey levels
+    assert "test_bits_per_dim" not in metrics(grey.run_dir)[0]  # not a likelihood of the data: no bits/dim

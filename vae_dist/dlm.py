@@ -106,8 +106,3 @@ def mean_image(params: torch.Tensor, channels: int, mixtures: int) -> torch.Tens
 def _at_least_float32(params: torch.Tensor) -> torch.Tensor:
     """float32 under mixed precision (sums over thousands of sub-pixels), float64 kept as it is."""
     return params if params.dtype == torch.float64 else params.float()
-
-
-def bits_per_dim(neg_log_prob: torch.Tensor | float, dims: int) -> torch.Tensor | float:
-    """nats per image -> bits per dimension (sub-pixel)."""
-    return neg_log_prob / (dims * math.log(2))

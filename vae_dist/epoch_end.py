@@ -13,7 +13,7 @@ from accelerate import Accelerator
 from vae_dist import artifacts
 from vae_dist.config import Config
 from vae_dist.data import splits
-from vae_dist.losses import negative_elbo
+from vae_dist.losses import bits_per_dim, discrete, negative_elbo
 from vae_dist.models import VAE
 from vae_dist.rng import Stream, generator
 
@@ -55,7 +55,10 @@ def test_elbo(accelerator: Accelerator, model: VAE, test: splits.AnySplit, cfg: 
         f"evaluation covered {count} rows for {n} test images"
     )
     recon, kl = table[:, 1].mean().item(), table[:, 2].mean().item()
-    return {"test_neg_elbo": recon + kl, "test_recon": recon, "test_kl": kl, "test_images": count}
+    figures = {"test_neg_elbo": recon + kl, "test_recon": recon, "test_kl": kl, "test_images": count}
+    if discrete(cfg.loss.likelihood, cfg.data.binarize):
+        figures["test_bits_per_dim"] = bits_per_dim(recon + kl, math.prod(model.image_shape))
+    return figures
 
 
 @torch.no_grad()

@@ -116,6 +116,18 @@ def neg_elbo_from_mean(
     return reconstruction_nll_from_mean(x_mean, x, likelihood) + kl_to_standard_normal(mu.double(), logvar.double())
 
 
+def discrete(likelihood: str, binarize: str) -> bool:
+    """Whether -log p(x|z) is a probability mass of the data the run is evaluated on, so that its
+    -ELBO in bits per dimension is a true figure: the Bernoulli on binarised images. (On grey
+    levels the Bernoulli is not a likelihood of the data, and the Gaussian is a density.)"""
+    return likelihood == "bernoulli" and binarize == "dynamic"
+
+
+def bits_per_dim(nats: float, dims: int) -> float:
+    """Nats per image -> bits per dimension (sub-pixel)."""
+    return nats / (dims * math.log(2))
+
+
 def kl_weight(beta: float, warmup_steps: int, step: int) -> float:
     """Linear KL warm-up: beta * min(1, step / warmup_steps); plain beta without warm-up."""
     if warmup_steps <= 0:

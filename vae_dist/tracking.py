@@ -163,7 +163,8 @@ class Curves:
 
 
 def write_curves(run_dir: Path, records: list[dict[str, Any]]) -> None:
-    """curves.png: training loss and test -ELBO per epoch, and the test -ELBO's two terms."""
+    """curves.png: training loss and test -ELBO per epoch (also in bits/dim where the likelihood is
+    discrete), and the test -ELBO's two terms."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -175,6 +176,11 @@ def write_curves(run_dir: Path, records: list[dict[str, Any]]) -> None:
     left.plot(epochs, [r["train_loss"] for r in records], "o-", label="training loss (mean per image)")
     left.plot(epochs, [r["test_neg_elbo"] for r in records], "s-", label="test -ELBO")
     left.set(xlabel="epoch", ylabel="nats per image", title="loss")
+    if "test_bits_per_dim" in records[-1]:  # a discrete likelihood: the same figures in bits/dim
+        per_nat = records[-1]["test_bits_per_dim"] / records[-1]["test_neg_elbo"]
+        left.secondary_yaxis("right", functions=(lambda n: n * per_nat, lambda b: b / per_nat)).set_ylabel(
+            "bits per dimension"
+        )
     right.plot(epochs, [r["test_recon"] for r in records], "o-", label="reconstruction")
     twin = right.twinx()
     twin.plot(epochs, [r["test_kl"] for r in records], "s-", color="tab:red", label="KL")

@@ -241,7 +241,8 @@ def end_epoch(s: Session, epoch: int, tally: EpochTally) -> dict[str, Any]:
             grids = write_grids(s.shown, s.test, cfg, s.run_dir / runs.IMAGES_DIR, epoch, acc.device)
             files.append_jsonl(s.run_dir / runs.METRICS_FILE, metrics)
             s.curves.epoch_ended()
-        epoch_values = {f"test/{k[5:]}": metrics[k] for k in ("test_neg_elbo", "test_recon", "test_kl")}
+        shown = ("test_neg_elbo", "test_recon", "test_kl", "test_bits_per_dim")
+        epoch_values = {f"test/{k[5:]}": metrics[k] for k in shown if k in metrics}
         epoch_values.update({"train/epoch_loss": metrics["train_loss"], "epoch": epoch})
         tracking.log(acc, epoch_values, s.state.global_step)
         tracking.log_images(acc, grids, s.state.global_step)
@@ -249,7 +250,9 @@ def end_epoch(s: Session, epoch: int, tally: EpochTally) -> dict[str, Any]:
     on_main(acc, "writing the epoch's grids and metrics", write_epoch_files)
     log.info(
         f"epoch {epoch}: train loss {metrics['train_loss']:.2f}, test -ELBO {metrics['test_neg_elbo']:.2f} "
-        f"(recon {metrics['test_recon']:.2f} + KL {metrics['test_kl']:.2f}) nats, "
+        f"(recon {metrics['test_recon']:.2f} + KL {metrics['test_kl']:.2f}) nats"
+        + (f" = {metrics['test_bits_per_dim']:.4f} bits/dim" if "test_bits_per_dim" in metrics else "")
+        + ", "
         f"{metrics['images_per_s']:.0f} images/s" + (f", {tally.skipped} update(s) skipped" if tally.skipped else ""),
         main_process_only=True,
     )
