@@ -367,3 +367,20 @@ def shift_initializer(path: Path, pick: Callable, by: float, entries: slice = sl
     values[entries] += np.float32(by)
     tensor.CopyFrom(numpy_helper.from_array(values, tensor.name))
     onnx.save(model, str(path))
+
+
+def poisoned_losses(loss_of, calls: set[int]):
+    """`loss_of` (vae_dist.step.negative_elbo) made to return NaN per-image losses at the given
+    calls, counted from 1 in `.calls` (set it back to 0 to count again): an update whose gradient
+    is not finite, where a test wants one."""
+
+    def poisoned(*args, **kwargs):
+        terms = loss_of(*args, **kwargs)
+        poisoned.calls += 1
+        if poisoned.calls in calls:
+            terms.loss = terms.loss * float("nan")
+        return terms
+
+    poisoned.calls = 0
+    return poisoned
+

@@ -10,6 +10,7 @@ from pathlib import Path
 from safetensors.torch import save_file
 
 import vae_dist.step
+from helpers import poisoned_losses  # beside this script
 from vae_dist.config import load_config
 from vae_dist.training import train
 
@@ -17,16 +18,8 @@ out, config, *overrides = sys.argv[1:]
 rank = int(os.environ.get("RANK", "0"))
 if "POISON" in os.environ:
     poisoned_rank, poisoned_call = map(int, os.environ["POISON"].split(":"))
-    calls, loss_of = [], vae_dist.step.negative_elbo
-
-    def poisoned(*args, **kwargs):
-        terms = loss_of(*args, **kwargs)
-        calls.append(1)
-        if rank == poisoned_rank and len(calls) == poisoned_call:
-            terms.loss = terms.loss * float("nan")
-        return terms
-
-    vae_dist.step.negative_elbo = poisoned
+    if rank == poisoned_rank:
+        vae_dist.step.negative_elbo = poisoned_losses(vae_dist.step.negative_elbo, {poisoned_call})
 result = train(load_config(config, overrides))
 state = {k: v.detach().cpu().contiguous() for k, v in result.model.state_dict().items()}
 save_file(state, str(Path(out) / f"rank{rank}.safetensors"))

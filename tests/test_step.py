@@ -88,7 +88,11 @@ def test_a_skipped_update_leaves_a_loss_scaler_ready_for_the_next_step():
     param = torch.nn.Parameter(torch.ones(3))
     optimizer = torch.optim.SGD([param], lr=1.0)
     scaler = torch.amp.GradScaler("cpu", init_scale=4.0)
-    accelerator = SimpleNamespace(scaler=scaler, num_processes=1, unscale_gradients=lambda: scaler.unscale_(optimizer))
+    def clip_grad_norm_(parameters, max_norm):  # as Accelerate's: unscale first
+        scaler.unscale_(optimizer)
+        return torch.nn.utils.clip_grad_norm_(parameters, max_norm)
+
+    accelerator = SimpleNamespace(scaler=scaler, num_processes=1, clip_grad_norm_=clip_grad_norm_)
     guard = UpdateGuard(clip=0.0, skip_threshold=1.0)
     for _ in range(2):
         scaler.scale(torch.ones(()))  # as the step's backward does

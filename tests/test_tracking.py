@@ -104,12 +104,18 @@ def test_a_resumed_runs_event_file_is_read_after_the_earlier_ones(tmp_path):
     assert len(names) == 2 and names[0] == earlier.name
 
 
-def test_curves_png_is_redrawn_at_most_every_curves_every_seconds_and_after_the_last_epoch(
-    tmp_path, fashion_root, monkeypatch
-):
-    drawn = []  # the epochs each drawing showed
+@pytest.fixture
+def drawn(monkeypatch) -> list[int]:
+    """The epochs each drawing of curves.png showed, in order."""
+    shown: list[int] = []
     draw = tracking.write_curves
-    monkeypatch.setattr(tracking, "write_curves", lambda d, records: drawn.append(len(records)) or draw(d, records))
+    monkeypatch.setattr(tracking, "write_curves", lambda d, records: shown.append(len(records)) or draw(d, records))
+    return shown
+
+
+def test_curves_png_is_redrawn_at_most_every_curves_every_seconds_and_after_the_last_epoch(
+    tmp_path, fashion_root, monkeypatch, drawn
+):
     monkeypatch.setattr(tracking, "CURVES_EVERY", 1e9)  # a short run: drawn once, after its last epoch
     result = train(config(tmp_path, "train.epochs=2"), cpu=True)
     curves = result.run_dir / tracking.CURVES_FILE
@@ -120,10 +126,7 @@ def test_curves_png_is_redrawn_at_most_every_curves_every_seconds_and_after_the_
     assert drawn == [2, 3, 4] and curves.read_bytes() != first
 
 
-def test_curves_are_drawn_when_a_run_stops_early(tmp_path, fashion_root, monkeypatch):
-    drawn = []
-    draw = tracking.write_curves
-    monkeypatch.setattr(tracking, "write_curves", lambda d, records: drawn.append(len(records)) or draw(d, records))
+def test_curves_are_drawn_when_a_run_stops_early(tmp_path, fashion_root, monkeypatch, drawn):
     monkeypatch.setattr(tracking, "CURVES_EVERY", 1e9)  # not redrawn at the first epoch's end
     asked = []  # a SIGTERM seen at the tenth step: in the second epoch, after the first ended (8 steps each)
     monkeypatch.setattr(

@@ -11,7 +11,7 @@ from accelerate import Accelerator
 from PIL import Image
 
 import vae_dist.step
-from helpers import ROOT, file_hashes, launch_cmd, metrics, run, set_options, tiny_overrides, weights
+from helpers import ROOT, file_hashes, launch_cmd, metrics, poisoned_losses, run, set_options, tiny_overrides, weights
 from vae_dist import epoch_end, runs, training
 from vae_dist.artifacts import load_model
 from vae_dist.config import load_config
@@ -249,14 +249,7 @@ def test_a_guarded_run_skips_a_non_finite_update_counts_it_and_warms_up(
 ):
     # Without the guard the same NaN stops the run (training.Diverged); with it the update is
     # skipped, counted in metrics.jsonl and the epoch's log line, and training goes on.
-    loss_of, calls = vae_dist.step.negative_elbo, []
-
-    def poisoned(*args, **kwargs):
-        terms = loss_of(*args, **kwargs)
-        calls.append(1)
-        terms.loss = terms.loss * (float("nan") if len(calls) == 3 else 1.0)
-        return terms
-
+    poisoned = poisoned_losses(vae_dist.step.negative_elbo, {3})
     monkeypatch.setattr(vae_dist.step, "negative_elbo", poisoned)
     overrides = tiny_overrides(train_subset=512, test_subset=128, epochs=1, log_with=[])
     cfg = load_config("linear", [*overrides, "train.skip_threshold=1e9", "train.grad_clip=50", "train.warmup_steps=100",
@@ -277,7 +270,7 @@ def test_a_guarded_run_skips_a_non_finite_update_counts_it_and_warms_up(
     assert line["skipped_updates"] == 1 and math.isfinite(line["train_loss"]) and line["train_loss"] > 0
     assert all(torch.isfinite(p).all() for p in result.model.parameters())
     assert "1 update(s) skipped" in caplog.text
-    calls.clear()
+    poisoned.calls = 0
     with pytest.raises(training.Diverged):
         train(load_config("linear", [*overrides, f"run.output_dir={tmp_path}", "run.name=unguarded"]), cpu=True)
 
@@ -341,17 +334,10 @@ def test_a_run_with_a_weights_average_stopped_mid_epoch_resumes_bitwise(tmp_path
     def config(name: str):
         return load_config("linear", [*small(epochs=2), *extra, f"run.output_dir={tmp_path}", f"run.name={name}"])
 
-    loss_of, calls = vae_dist.step.negative_elbo, []
-
-    def poisoned(*args, **kwargs):  # updates 4 and 20 are skipped, in every run
-        terms = loss_of(*args, **kwargs)
-        calls.append(1)
-        terms.loss = terms.loss * (float("nan") if len(calls) in (4, 20) else 1.0)
-        return terms
-
+    poisoned = poisoned_losses(vae_dist.step.negative_elbo, {4, 20})  # updates 4 and 20 skipped, in every run
     monkeypatch.setattr(vae_dist.step, "negative_elbo", poisoned)
     whole = train(config("whole"), cpu=True)
-    calls.clear()
+    poisoned.calls = 0
     asked = []
     with monkeypatch.context() as stopping:
         stopping.setattr(

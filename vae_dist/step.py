@@ -96,9 +96,9 @@ class UpdateGuard:
 
     def allows(self, accelerator: Accelerator, parameters: list[torch.nn.Parameter]) -> bool:
         """Whether to call the optimizer's step (the gradients clipped if asked)."""
-        accelerator.unscale_gradients()  # fp16: the norm of the true gradient (a no-op otherwise)
-        with_grads = [p for p in parameters if p.grad is not None]
-        norm = torch.nn.utils.get_total_norm([p.grad for p in with_grads], foreach=True)
+        # Accelerate's clip unscales fp16's gradients first and returns the norm before clipping (a
+        # skipped update's gradients are dropped, clipped or not; max_norm inf leaves them as they are)
+        norm = accelerator.clip_grad_norm_(parameters, self.clip if self.clip > 0 else math.inf)
         bad_loss = torch.tensor([0.0 if self.loss_finite else 1.0], device=norm.device)
         if accelerator.num_processes > 1:  # a loss that is not finite on any process
             bad_loss = accelerator.reduce(bad_loss, "sum")
@@ -112,8 +112,6 @@ class UpdateGuard:
             if scaler is not None:
                 scaler.update(scaler.get_scale())  # the gradients were unscaled: begin a new step
             return False
-        if 0 < self.clip < norm:
-            torch.nn.utils.clip_grads_with_norm_(with_grads, self.clip, torch.tensor(norm), foreach=True)
         return True
 
 
