@@ -33,6 +33,7 @@ from export.variants import FP32, QUALITY_BUDGET, VARIANTS, VariantSpec
 from export.verify import Check, Reference, Report, judge, load_test_images, verify_export
 from vae_dist import artifacts, files, runs
 from vae_dist.errors import UserError
+from vae_dist.kinds import LIKELIHOODS, MODEL_KINDS
 from vae_dist.models import VAE
 from vae_dist.record import ModelFileError, ModelRecord
 from vae_dist.record import read as read_record
@@ -46,20 +47,43 @@ FAILED_DIR = "onnx-failed"
 
 
 def resolve_run(path: str | Path) -> tuple[Path, Path]:
-    """(run directory, model file) for a run directory or for its model file."""
+    """(run directory, model file) for a run directory or for its model file, of a model the ONNX
+    contract covers."""
     path = Path(path)
     if path.is_file():
-        return path.parent, path
+        return path.parent, refuse_what_is_not_exported(path)
     if path.is_dir():
         model_path = path / runs.MODEL_FILE
         if model_path.is_file():
-            return path, model_path
+            return path, refuse_what_is_not_exported(model_path)
         raise UserError(f"{path} holds no {runs.MODEL_FILE}; is it a finished run (runs/NAME)?")
     raise UserError(f"run {str(path)!r} not found")
 
 
+def refuse_what_is_not_exported(model_path: Path) -> Path:
+    """`model_path`, when its model kind and likelihood are ones the ONNX files can carry (encoder
+    x -> mu, logvar; decoder z -> x_mean, from which -log p(x|z) follows); else a UserError."""
+    record = read_record(model_path)
+    if not exported(record):
+        unsupported = [f"model.kind {record.kind}"] if not MODEL_KINDS[record.kind].exported else []
+        if not LIKELIHOODS[record.likelihood].exported:
+            unsupported.append(f"loss.likelihood {record.likelihood}")
+        raise UserError(
+            f"{model_path} is a {' with '.join(unsupported)} model, which the ONNX export does not carry yet "
+            "(its graphs are one latent vector's encoder and a decoder's mean); use it from Python "
+            "(vae_dist.load) or export a linear or conv run with bernoulli or gaussian"
+        )
+    return model_path
+
+
+def exported(record: ModelRecord) -> bool:
+    """Whether the ONNX files can carry the model of `record`: its kind and its likelihood."""
+    return MODEL_KINDS[record.kind].exported and LIKELIHOODS[record.likelihood].exported
+
+
 def find_latest_runs(output_dir: str | Path) -> dict[str, Path]:
-    """The newest run of each model kind under `output_dir`, as {kind: run directory}.
+    """The newest run of each model kind under `output_dir` that the export carries (runs of a
+    kind or likelihood it does not carry yet are left out), as {kind: run directory}.
 
     The kind comes from the model file's own metadata, not from the folder name (runs may be
     named anything); "newest" is the model file's modification time, i.e. when training ended.
@@ -71,10 +95,15 @@ def find_latest_runs(output_dir: str | Path) -> dict[str, Path]:
     newest: dict[str, tuple[float, Path]] = {}
     for model_path in sorted(output_dir.glob(f"*/{runs.MODEL_FILE}")):
         try:
-            kind = read_record(model_path).kind
+            record = read_record(model_path)
         except ModelFileError as e:  # a half-written or foreign file must not stop the others
             log.warning("skipping %s: %s", model_path, e)
             continue
+        if not exported(record):
+            log.info("skipping %s: a %s model with %s, which the export does not carry yet", model_path,
+                     record.kind, record.likelihood)
+            continue
+        kind = record.kind
         mtime = model_path.stat().st_mtime
         if kind not in newest or mtime > newest[kind][0]:
             newest[kind] = (mtime, model_path.parent)

@@ -43,7 +43,7 @@ from export.sample import session_options
 from export.spec import BATCH_AXIS, ELBO_TOL, RANDOM_OPS, SubModelSpec, identity_metadata, nats_for_image, vae_specs
 from vae_dist.data import splits
 from vae_dist.epoch_end import evaluation_noise
-from vae_dist.losses import neg_elbo_from_mean, negative_elbo
+from vae_dist.losses import kl_to_standard_normal, neg_elbo_from_mean, negative_elbo
 from vae_dist.models import VAE
 from vae_dist.record import ModelRecord
 from vae_dist.rng import Stream, generator
@@ -140,6 +140,8 @@ class Report:
         """Training's figure, said with what it was measured on: not always the whole test split."""
         line = f"training's recorded -ELBO: {e['recorded']:.4f} nats"
         count, now = e.get("recorded_images"), e.get("recorded_images_torch_native")
+        if e.get("recorded_binarized"):
+            return f"{line}, on binarised copies of {count or 'the'} test images (the check above: the images as given)"
         if count is None:
             return f"{line}, on a number of test images the run did not record"
         if count == e["images"]:
@@ -350,7 +352,8 @@ def torch_scores(model: VAE, images: torch.Tensor, eps: torch.Tensor, likelihood
             x = splits.to_float(images[lo : lo + CHUNK])
             mu, logvar = model.encode(x)
             logits = model.decode(model.reparameterize(mu, logvar, eps[lo : lo + CHUNK]))
-            native += negative_elbo(logits, x, mu, logvar, 1.0, likelihood).neg_elbo().double().sum().item()
+            kl = kl_to_standard_normal(mu, logvar)
+            native += negative_elbo(logits, x, kl, 1.0, likelihood).neg_elbo().double().sum().item()
             neg_elbo += _neg_elbo_sum(torch.sigmoid(logits), x, mu, logvar, likelihood)
             sq_err += _squared_error(torch.sigmoid(model.decode(mu)).numpy(), x.numpy())
     return Scores(neg_elbo / n, sq_err / images[0].numel() / n), native / n
@@ -534,6 +537,9 @@ def _training_record(
     """Training's own -ELBO figure, and torch's now on the images it was measured on (training
     evaluates the first data.test_subset images, with the evaluation noise drawn for that many)."""
     figures: dict[str, Any] = {"recorded": record.test_neg_elbo, "recorded_images": count}
+    if record.binarize == "dynamic":  # training measured binarised copies; this check, the images as they are
+        figures["recorded_binarized"] = True
+        return figures
     if count is None or count > images.shape[0]:
         return figures
     if count == images.shape[0]:

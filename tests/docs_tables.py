@@ -83,16 +83,18 @@ def kinds_table() -> str:
     from vae_dist.kinds import MODEL_KINDS
 
     rows = [
-        (f"`{k.name}`", k.description, f"`configs/{k.config}.yaml`", "yes" if k.static_int8 else "no")
+        (f"`{k.name}`", k.description, f"`configs/{k.config}.yaml`", "yes" if k.exported else "not yet",
+         "yes" if k.static_int8 else "no")
         for k in MODEL_KINDS.values()
     ]
-    return table(("`model.kind`", "what it is", "shipped config", "int8-static variant"), rows)
+    return table(("`model.kind`", "what it is", "shipped config", "exported", "int8-static variant"), rows)
 
 
 def likelihoods_table() -> str:
     from vae_dist.kinds import LIKELIHOODS
 
-    return table(("`loss.likelihood`", "what it is"), [(f"`{x.name}`", x.description) for x in LIKELIHOODS.values()])
+    rows = [(f"`{x.name}`", x.description, "yes" if x.exported else "not yet") for x in LIKELIHOODS.values()]
+    return table(("`loss.likelihood`", "what it is", "exported"), rows)
 
 
 TABLES: dict[str, Callable[[], str]] = {

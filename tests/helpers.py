@@ -17,6 +17,7 @@ import socket
 import struct
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
@@ -28,9 +29,10 @@ from safetensors.torch import load_file
 from vae_dist import artifacts
 from vae_dist.config import Config, ModelConfig
 from vae_dist.data import builtin
+from vae_dist.likelihoods import PixelLikelihood
 from vae_dist.models import build_model
 from vae_dist.record import ModelRecord
-from vae_dist.runs import METRICS_FILE, MODEL_FILE
+from vae_dist.runs import METRICS_FILE, MODEL_FILE, list_checkpoints
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -74,7 +76,8 @@ def make_run(
         eval_seed=eval_seed,
         versions={"torch": torch.__version__, "vae_dist": "0.1.0"},
     )
-    artifacts.save_model(run / MODEL_FILE, build_model(cfg, shape), record)
+    out_channels = PixelLikelihood(likelihood, shape[0]).out_channels
+    artifacts.save_model(run / MODEL_FILE, build_model(cfg, shape, out_channels), record)
     return run
 
 
@@ -191,6 +194,23 @@ def start(cmd: list[str], cwd: Path = ROOT, environ: Mapping[str, str] | None = 
     """Start `cmd` as `run` would, for a test that watches it, signals it or waits for it itself;
     `popen`: subprocess.Popen's other arguments (stdout, stderr, text, start_new_session)."""
     return subprocess.Popen(cmd, cwd=cwd, env=env() if environ is None else dict(environ), **popen)
+
+
+def kill_when(proc: subprocess.Popen, ready: Callable[[], object], timeout: float = 300) -> None:
+    """SIGKILL `proc`'s process group as soon as `ready()` is true."""
+    deadline = time.time() + timeout
+    while not ready():
+        assert proc.poll() is None, "training ended before it could be killed"
+        assert time.time() < deadline, "the kill point never came"
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+def checkpoint_step(run_dir: Path) -> int:
+    """The optimizer step of a run's newest checkpoint (0: none yet)."""
+    ckpts = list_checkpoints(run_dir)
+    return int(ckpts[-1].name.split("-")[1]) if ckpts else 0
 
 
 def weights(path: Path) -> dict[str, torch.Tensor]:

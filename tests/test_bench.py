@@ -33,7 +33,7 @@ def test_bad_options_are_refused():
 def test_the_benchmark_reports_start_up_and_step_figures(tmp_path):
     out = tmp_path / "train.json"
     cmd = [sys.executable, "-m", "vae_dist.bench", "--seconds", "0.3", "--rounds", "2", "--runs", "1"]
-    cmd += ["--run-epochs", "2", "--json", str(out)]
+    cmd += ["--run-epochs", "2", "--deep-batch", "2", "--json", str(out)]
     proc = run(cmd, check=False, environ=os.environ)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(out.read_text())
@@ -73,6 +73,16 @@ def test_the_benchmark_reports_start_up_and_step_figures(tmp_path):
     for r in reading:
         assert len(r["rounds"]) == 2 and r["memory_images_per_s"] > 0 and r["disk_images_per_s"] > 0
         assert 0 < r["disk_of_memory"] < 5 and r["read_only_images_per_s"] > 0
+    # the hierarchical models' step in float32 and bfloat16, and its share in convolutions
+    deep = result["hierarchical"]
+    assert [(r["config"], r["image_shape"], r["likelihood"]) for r in deep] == [
+        ("hierarchical", [1, 28, 28], "bernoulli"),
+        ("hierarchical64", [3, 64, 64], "dlm"),
+    ]
+    for r in deep:
+        assert len(r["rounds"]) == 2 and r["float32_images_per_s"] > 0 and r["bfloat16_images_per_s"] > 0
+        assert 0 < r["convolution_share"] < 1
+    assert "convolutions" in proc.stdout and "of the float32 step" in proc.stdout
     # evaluate's estimate at K=5000, both models: its speed and FLOP fraction, and the 10,000-image time
     assert [(r["model"], r["k"]) for r in result["evaluate"]] == [("linear", 5000), ("conv", 5000)]
     for r in result["evaluate"]:

@@ -14,6 +14,20 @@ def test_shipped_configs_load(name, kind):
     assert cfg.model.kind == kind and cfg.train.lr == 1e-3 and cfg.data.name == "fashion-mnist"
 
 
+def test_the_shipped_hierarchical_configs_build_the_models_their_comments_describe():
+    from vae_dist.likelihoods import PixelLikelihood
+    from vae_dist.models import build_model
+
+    for name, shape, weights, latents in (("hierarchical", (1, 28, 28), 81185, 16472),
+                                          ("hierarchical64", (3, 64, 64), 823748, 201488)):
+        cfg = load_config(name)
+        pixel = PixelLikelihood(cfg.loss.likelihood, shape[0], cfg.loss.mixtures)
+        model = build_model(cfg.model, shape, pixel.out_channels)
+        assert (sum(p.numel() for p in model.parameters()), model.latent_dim) == (weights, latents)
+        assert cfg.train.ema > 0 and cfg.train.grad_clip > 0 and cfg.train.warmup_steps > 0
+        assert cfg.train.grid_temperatures[0] == 1.0 and len(cfg.train.grid_temperatures) == 3
+
+
 def test_overrides_are_typed():
     cfg = load_config(
         ROOT / "configs/linear.yaml",
@@ -49,11 +63,49 @@ def test_overrides_are_typed():
         ("train.warmup_steps=-5", "train.warmup_steps"),
         ("train.weight_decay=-0.1", "train.weight_decay"),
         ("epochs", "epochs"),
+        ("loss.likelihood=poisson", "loss.likelihood: 'poisson' is not one of bernoulli, gaussian, dlm"),
+        ("loss.mixtures=0", "loss.mixtures must be a finite number > 0"),
+        ("train.grid_temperatures=[]", "train.grid_temperatures: every temperature must be a number > 0"),
+        ("train.grid_temperatures=[1, -0.5]", "train.grid_temperatures: every temperature must be a number > 0"),
+        ("train.grid_temperatures=[0.7, 0.70]", "train.grid_temperatures: each temperature once"),
+        ("model.width=0", "model.width"),
+        ("model.bottleneck=0", "model.bottleneck"),
     ],
 )
 def test_bad_values_name_the_key(override, names):
     with pytest.raises(ConfigError, match=names.replace("[", r"\[")):
         load_config(ROOT / "configs/linear.yaml", [override])
+
+
+@pytest.mark.parametrize(
+    "encoder,decoder,says",
+    [
+        ("28x2,14x2,7x2,1x1", "", "model.decoder_blocks is empty"),
+        ("28x2;14x2", "1x1,28x1", "'28x2;14x2' in '28x2;14x2' is not RESOLUTIONxBLOCKS"),
+        ("28x2,14x0,1x1", "1x1,28x1", "14x0 needs a resolution and a block count of at least 1"),
+        ("28x2,14x2,1x1", "1x1,7x1,28x1", "resolution 7 has no encoder blocks to condition its latents on"),
+        ("14x2,28x2,1x1", "1x1,28x1", "model.encoder_blocks: resolutions must go down"),
+        ("28x2,14x2,1x1", "1x1,28x1,14x1", "model.decoder_blocks: resolutions must go up"),
+        ("28x2,8x2,1x1", "1x1,28x1", "resolution 8 does not divide resolution 28 above it"),
+        ("28x2,14x2,7x1,1x1", "7x1,14x1,28x1", "model.decoder_blocks starts at resolution 7, but model.encoder"),
+    ],
+)
+def test_bad_block_layouts_are_refused_in_words(encoder, decoder, says):
+    with pytest.raises(ConfigError, match=says.replace("(", r"\(")):
+        load_config("hierarchical", {"model.encoder_blocks": encoder, "model.decoder_blocks": decoder})
+
+
+def test_block_layouts_that_do_not_fit_the_images_are_refused_when_built():
+    from vae_dist.layout import LayoutError
+    from vae_dist.models import build_model
+
+    cfg = load_config("hierarchical", {"model.encoder_blocks": "32x1,16x1,1x1", "model.decoder_blocks": "1x1,32x1"})
+    with pytest.raises(LayoutError, match="starts at resolution 32, but the images are 28 pixels high: make it 28"):
+        build_model(cfg.model, (1, 28, 28))
+    cfg = load_config("hierarchical", {"model.encoder_blocks": "48x1,24x1,3x1", "model.decoder_blocks": "3x1,48x1"})
+    assert build_model(cfg.model, (3, 48, 64)).sizes == {48: (48, 64), 24: (24, 32), 3: (3, 4)}  # the aspect kept
+    with pytest.raises(LayoutError, match="resolution 3 does not divide the 48x60 images"):
+        build_model(cfg.model, (3, 48, 60))
 
 
 def test_unknown_key_in_yaml(tmp_path):

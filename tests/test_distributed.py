@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import signal
 import subprocess
 import time
@@ -18,8 +17,10 @@ import torch
 from helpers import (
     ROOT,
     VAE_DIST,
+    checkpoint_step,
     env,
     free_port,
+    kill_when,
     launch_cmd,
     metrics,
     relative_l2,
@@ -126,16 +127,6 @@ def _start(nproc: int, args: list[str]) -> subprocess.Popen:
     )
 
 
-def _kill_when(proc: subprocess.Popen, ready, timeout: float = 300) -> None:
-    deadline = time.time() + timeout
-    while not ready():
-        assert proc.poll() is None, "training ended before it could be killed"
-        assert time.time() < deadline, "the kill point never came"
-        time.sleep(0.02)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-
-
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
     runs = {}
@@ -144,11 +135,6 @@ def uninterrupted(tmp_path_factory):
         run(launch_cmd(nproc, [*RESUME, "--output-dir", str(out), "--name", "r"]))
         runs[nproc] = out / "r"
     return runs
-
-
-def _step(run_dir: Path) -> int:
-    ckpts = list_checkpoints(run_dir)
-    return int(ckpts[-1].name.split("-")[1]) if ckpts else 0
 
 
 @pytest.mark.parametrize(
@@ -164,15 +150,15 @@ def test_sigkill_then_resume_gives_the_same_weights(tmp_path, uninterrupted, npr
     run_dir = tmp_path / "r"
     args = [*RESUME, "--set", f"data.in_memory={reading}"]
     ready = {
-        "first checkpoint": lambda: _step(run_dir) >= 10,
+        "first checkpoint": lambda: checkpoint_step(run_dir) >= 10,
         "first epoch logged": lambda: (
             (run_dir / "metrics.jsonl").is_file() and (run_dir / "metrics.jsonl").read_text().strip()
         ),
-        "mid second epoch": lambda: _step(run_dir) >= 50,
+        "mid second epoch": lambda: checkpoint_step(run_dir) >= 50,
     }[point]
-    _kill_when(_start(nproc, [*args, "--output-dir", str(tmp_path), "--name", "r"]), ready)
+    kill_when(_start(nproc, [*args, "--output-dir", str(tmp_path), "--name", "r"]), ready)
     assert not (run_dir / "model.safetensors").exists(), "the run finished before the kill"
-    killed_at = _step(run_dir)
+    killed_at = checkpoint_step(run_dir)
     if point == "first epoch logged":  # by path, with the configuration saved in the run
         run(launch_cmd(nproc, ["--resume", str(run_dir)]))
     else:
@@ -294,7 +280,7 @@ def test_sigterm_checkpoints_at_the_next_step_and_the_run_resumes_to_the_same_we
     with open(tmp_path / "stderr", "w") as err:
         proc = _vae_dist_train(nproc, args, err)
         deadline = time.time() + 300
-        while _step(run_dir) < 10:  # running, past its first checkpoint
+        while checkpoint_step(run_dir) < 10:  # running, past its first checkpoint
             assert proc.poll() is None and time.time() < deadline, (tmp_path / "stderr").read_text()[-3000:]
             time.sleep(0.02)
         proc.send_signal(signal.SIGTERM)
@@ -305,7 +291,7 @@ def test_sigterm_checkpoints_at_the_next_step_and_the_run_resumes_to_the_same_we
     assert last.startswith("stopped by SIGTERM at step "), stderr[-3000:]
     step = int(last.split("at step ")[1].split()[0])
     assert f"the run's latest checkpoint is step-{step:08d}" in last and "--name r " in last and "--resume auto" in last
-    assert _step(run_dir) == step and not (run_dir / "model.safetensors").exists()
+    assert checkpoint_step(run_dir) == step and not (run_dir / "model.safetensors").exists()
     assert not list((run_dir / "checkpoints").glob(".tmp-*"))
     state = json.loads((run_dir / "checkpoints" / f"step-{step:08d}" / "trainer_state.json").read_text())
     assert state["global_step"] == step
@@ -325,7 +311,7 @@ def test_sigint_exits_130_with_the_way_to_continue(tmp_path):
     with open(tmp_path / "stderr", "w") as err:
         proc = _vae_dist_train(1, [*RESUME, "--output-dir", str(tmp_path), "--name", "r"], err)
         deadline = time.time() + 300
-        while _step(run_dir) < 10:
+        while checkpoint_step(run_dir) < 10:
             assert proc.poll() is None and time.time() < deadline
             time.sleep(0.02)
         proc.send_signal(signal.SIGINT)

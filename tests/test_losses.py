@@ -4,7 +4,9 @@ import pytest
 import torch
 
 from vae_dist.kinds import LIKELIHOODS
+from vae_dist.likelihoods import PixelLikelihood
 from vae_dist.losses import (
+    gaussian_kl,
     kl_to_standard_normal,
     kl_weight,
     log_likelihood_samples,
@@ -52,7 +54,7 @@ def test_negative_elbo_sums_terms_with_beta():
     g = torch.Generator().manual_seed(1)
     logits, x = torch.randn(6, 1, 4, 4, generator=g), torch.rand(6, 1, 4, 4, generator=g)
     mu, logvar = torch.randn(6, 3, generator=g), torch.randn(6, 3, generator=g)
-    t = negative_elbo(logits, x, mu, logvar, beta=0.5)
+    t = negative_elbo(logits, x, kl_to_standard_normal(mu, logvar), beta=0.5)
     assert t.loss.shape == (6,)
     torch.testing.assert_close(t.loss, t.recon + 0.5 * t.kl)
     torch.testing.assert_close(t.neg_elbo(), t.recon + t.kl)
@@ -63,19 +65,46 @@ def test_kl_warmup_is_linear():
     assert kl_weight(2.0, 0, 0) == 2.0
 
 
+@pytest.mark.parametrize("channels", [1, 3])
 @pytest.mark.parametrize("likelihood", LIKELIHOODS)
-def test_every_likelihood_gives_one_figure_by_every_route(likelihood):
-    """Training's terms (from logits), the importance-weighted estimate's (many latents at once) and
-    the export's (from the decoder's mean, float64) are one likelihood, for every name in the table."""
+def test_every_likelihood_gives_one_figure_by_every_route(likelihood, channels):
+    """Training's terms (from the decoder's output), the importance-weighted estimate's (many
+    latents at once) and, for the likelihoods the export takes, the export's (from the decoder's
+    mean, float64) are one likelihood, for every name in the table."""
     g = torch.Generator().manual_seed(0)
-    logits, x = torch.randn(3, 2, 1, 4, 4, generator=g), torch.rand(3, 1, 4, 4, generator=g)
-    per_latent = log_likelihood_samples(logits, x, likelihood)
+    pixel = PixelLikelihood(likelihood, channels, mixtures=3)
+    out = torch.randn(3, 2, pixel.out_channels, 4, 4, generator=g)
+    x = (torch.rand(3, channels, 4, 4, generator=g) * 255).round() / 255  # 8-bit images
+    per_latent = log_likelihood_samples(out, x, pixel)
     for s in range(2):
-        direct = reconstruction_nll(logits[:, s], x, likelihood)
+        direct = reconstruction_nll(out[:, s], x, pixel)
         torch.testing.assert_close(-per_latent[:, s], direct, rtol=1e-5, atol=1e-4)
-        from_mean = reconstruction_nll_from_mean(torch.sigmoid(logits[:, s]), x, likelihood)
-        torch.testing.assert_close(from_mean.float(), direct, rtol=1e-4, atol=1e-3)
+        if LIKELIHOODS[likelihood].exported:
+            from_mean = reconstruction_nll_from_mean(pixel.mean(out[:, s]), x, likelihood)
+            torch.testing.assert_close(from_mean.float(), direct, rtol=1e-4, atol=1e-3)
+    shown = pixel.mean(out[:, 0])
+    assert shown.shape == x.shape and 0 <= shown.min() <= shown.max() <= 1
     mu, logvar = torch.randn(3, 2, generator=g), torch.randn(3, 2, generator=g)
-    terms = negative_elbo(logits[:, 0], x, mu, logvar, 1.0, likelihood)
-    torch.testing.assert_close(neg_elbo_from_mean(torch.sigmoid(logits[:, 0]), x, mu, logvar, likelihood).float(),
-                               terms.neg_elbo(), rtol=1e-4, atol=1e-3)
+    terms = negative_elbo(out[:, 0], x, kl_to_standard_normal(mu, logvar), 1.0, pixel)
+    kl = kl_to_standard_normal(mu, logvar)
+    torch.testing.assert_close(terms.neg_elbo(), reconstruction_nll(out[:, 0], x, pixel) + kl)
+    if LIKELIHOODS[likelihood].exported:
+        from_mean = neg_elbo_from_mean(pixel.mean(out[:, 0]), x, mu, logvar, likelihood).float()
+        torch.testing.assert_close(from_mean, terms.neg_elbo(), rtol=1e-4, atol=1e-3)
+
+
+def test_gaussian_kl_is_the_closed_form_and_zero_between_equals():
+    g = torch.Generator().manual_seed(2)
+    qm, ql, pm, pl = (torch.randn(5, 4, generator=g, dtype=torch.float64) for _ in range(4))
+    q, p = torch.distributions.Normal(qm, ql.exp()), torch.distributions.Normal(pm, pl.exp())
+    torch.testing.assert_close(gaussian_kl(qm, ql, pm, pl), torch.distributions.kl_divergence(q, p))
+    assert torch.equal(gaussian_kl(qm, ql, qm, ql), torch.zeros(5, 4, dtype=torch.float64))
+    # against N(0, I) it is the VAE's KL, per element
+    torch.testing.assert_close(gaussian_kl(qm, ql, 0 * pm, 0 * pl).sum(1), kl_to_standard_normal(qm, 2 * ql))
+
+
+def test_dlm_needs_grey_or_rgb_images():
+    with pytest.raises(ValueError, match="grey .1. or RGB .3."):
+        PixelLikelihood("dlm", 2)
+    with pytest.raises(ValueError, match="unknown likelihood"):
+        PixelLikelihood("poisson", 1)

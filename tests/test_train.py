@@ -294,7 +294,7 @@ def test_the_weights_average_is_evaluated_saved_and_resumed_bitwise(tmp_path, fa
     average = saved.state_dict()
     assert all(torch.isfinite(average[k]).all() for k in raw) and not all(torch.equal(average[k], raw[k]) for k in raw)
     test = splits.load_split("fashion-mnist", False, fashion_root, subset=300)
-    again = epoch_end.test_elbo(Accelerator(cpu=True), saved, test, config("whole", 2))
+    again = epoch_end.test_elbo(Accelerator(cpu=True), saved, "bernoulli", test, config("whole", 2))
     assert again["test_neg_elbo"] == pytest.approx(whole.metrics["test_neg_elbo"], abs=1e-9)
 
 

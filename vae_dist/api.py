@@ -22,10 +22,11 @@ import torch
 from vae_dist import artifacts, runs, training
 from vae_dist.config import Config, from_dict, load_config
 from vae_dist.data.images import Fit, fit_image
-from vae_dist.epoch_end import evaluation_noise
+from vae_dist.epoch_end import binarized, evaluation_noise
 from vae_dist.errors import UserError
+from vae_dist.likelihoods import PixelLikelihood
 from vae_dist.losses import negative_elbo
-from vae_dist.models import VAE
+from vae_dist.models import VAE, FlatVAE
 from vae_dist.record import ModelRecord
 from vae_dist.rng import Stream, generator
 
@@ -41,6 +42,7 @@ class Model:
 
     def __init__(self, network: VAE, record: ModelRecord, path: Path, device: torch.device):
         self.network, self.record, self.path, self.device = network, record, path, device
+        self.likelihood = PixelLikelihood(record.likelihood, record.image_shape[0], record.mixtures)
 
     @property
     def kind(self) -> str:
@@ -48,7 +50,8 @@ class Model:
 
     @property
     def latent_dim(self) -> int:
-        return self.record.latent_dim
+        """Standard normals per image: the flat noise vector (a hierarchical model's groups, in order)."""
+        return self.network.latent_dim
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
@@ -60,20 +63,22 @@ class Model:
 
     @torch.no_grad()
     def sample(self, n: int, seed: int | None = None, temperature: float = 1.0) -> np.ndarray:
-        """`n` images decoded from the prior N(0, temperature^2 I): float32 [n, C, H, W] in [0, 1],
-        the decoder's mean. The same seed gives the same array, on any device."""
+        """`n` images decoded from the prior, every scale of it times `temperature` (for a flat VAE
+        N(0, temperature^2 I); for a hierarchical one each group's prior given the groups above):
+        float32 [n, C, H, W] in [0, 1], the likelihood's mean. The same seed gives the same array,
+        on any device."""
         if not isinstance(n, int) or n < 0:
             raise InputError(f"n must be a count of images (an int >= 0), got {n!r}")
-        if not temperature >= 0:
-            raise InputError(f"temperature must be >= 0, got {temperature!r}")
+        if not (isinstance(temperature, (int, float, np.floating)) and 0 < temperature < float("inf")):
+            raise InputError(f"temperature must be a number > 0 (1.0 samples the prior itself), got {temperature!r}")
         seed = secrets.randbits(63) if seed is None else int(seed)  # torch.seed() would reseed torch's own
-        z = torch.randn(n, self.latent_dim, generator=generator(seed, Stream.API_SAMPLES)) * temperature
-        return self._decoded(z)
+        eps = torch.randn(n, self.latent_dim, generator=generator(seed, Stream.API_SAMPLES))
+        return self._in_chunks(eps.to(self.device), lambda batch: self._shown(self.network.sample(batch, temperature)))
 
     @torch.no_grad()
     def encode(self, x) -> np.ndarray:
-        """The posterior mean of each image's latents: float32 [n, latent_dim]."""
-        return self._in_chunks(self.images(x), lambda batch: self.network.encode(batch)[0])
+        """The posterior mean of each image's latents: float32 [n, latent_dim] (flat VAEs)."""
+        return self._in_chunks(self.images(x), lambda batch: self._flat("encode").encode(batch)[0])
 
     @torch.no_grad()
     def decode(self, z) -> np.ndarray:
@@ -81,13 +86,12 @@ class Model:
         z = torch.as_tensor(np.asarray(z, dtype=np.float32) if not isinstance(z, torch.Tensor) else z)
         if z.ndim != 2 or z.shape[1] != self.latent_dim:
             raise InputError(f"latents must be [n, {self.latent_dim}], got {list(z.shape)}")
-        return self._decoded(z.float())
+        return self._in_chunks(z.float().to(self.device), lambda batch: self._shown(self._flat("decode").decode(batch)))
 
     @torch.no_grad()
     def reconstruct(self, x) -> np.ndarray:
         """Each image decoded at its posterior mean, as the training grids show it."""
-        net = self.network
-        return self._in_chunks(self.images(x), lambda batch: torch.sigmoid(net.decode(net.encode(batch)[0])))
+        return self._in_chunks(self.images(x), lambda batch: self._shown(self.network.reconstruct(batch)))
 
     @torch.no_grad()
     def neg_elbo(self, x, seed: int | None = None) -> np.ndarray:
@@ -95,12 +99,16 @@ class Model:
         evaluation noise of `seed` (default: the run's train.eval_seed), so the images of a test
         split, in order, give the figures training's evaluation gave."""
         images = self.images(x)
-        eps = evaluation_noise(len(images), self.latent_dim, self.record.eval_seed if seed is None else seed)
+        seed = self.record.eval_seed if seed is None else seed
         out = []
         for lo in range(0, len(images), CHUNK):
             batch = images[lo : lo + CHUNK]
-            logits, mu, logvar = self.network(batch, eps[lo : lo + CHUNK].to(self.device))
-            out.append(negative_elbo(logits, batch, mu, logvar, 1.0, self.record.likelihood).neg_elbo().double().cpu())
+            rows = torch.arange(lo, lo + len(batch))
+            if self.record.binarize == "dynamic":  # as training's evaluation: binarised copies, drawn once
+                batch = binarized(batch, rows, seed)
+            eps = evaluation_noise(len(images), self.latent_dim, seed, rows)
+            decoded, kl = self.network(batch, eps.to(self.device))
+            out.append(negative_elbo(decoded, batch, kl, 1.0, self.likelihood).neg_elbo().double().cpu())
         return torch.cat(out).numpy() if out else np.zeros(0)
 
     def images(self, x) -> torch.Tensor:
@@ -133,8 +141,16 @@ class Model:
         rows = np.stack([fit_image(p, fit) for p in pictures])
         return torch.from_numpy(rows).to(self.device, torch.float32).div_(255.0)
 
-    def _decoded(self, z: torch.Tensor) -> np.ndarray:
-        return self._in_chunks(z.to(self.device), lambda batch: torch.sigmoid(self.network.decode(batch)))
+    def _shown(self, out: torch.Tensor) -> torch.Tensor:
+        return self.likelihood.mean(out)
+
+    def _flat(self, method: str) -> FlatVAE:
+        if not isinstance(self.network, FlatVAE):
+            raise InputError(
+                f"{method} takes one latent vector per image; a {self.kind} model has groups of latents: "
+                "use sample and reconstruct"
+            )
+        return self.network
 
     @staticmethod
     def _in_chunks(x: torch.Tensor, fn) -> np.ndarray:

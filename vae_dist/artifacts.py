@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from vae_dist import files
+from vae_dist.likelihoods import PixelLikelihood
 from vae_dist.models import VAE, build_model
 from vae_dist.record import ModelFileError, ModelRecord
 from vae_dist.record import read as read_record
@@ -58,7 +59,8 @@ def load_model(path: str | Path) -> tuple[VAE, ModelRecord]:
 
     record = read_record(path)
     try:
-        model = build_model(record.model, record.image_shape)
+        likelihood = PixelLikelihood(record.likelihood, record.image_shape[0], record.mixtures)
+        model = build_model(record.model, record.image_shape, likelihood.out_channels)
         model.load_state_dict(load_file(str(path)))
     except (TypeError, ValueError, RuntimeError, SafetensorError, OSError) as e:  # a damaged or foreign file
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__

@@ -2,7 +2,8 @@
 throughput, reading data, and evaluation.
 
     python -m vae_dist.bench [--batch-size 128] [--seconds 8] [--rounds 5] [--runs 2] [--run-epochs 3]
-                             [--profile] [--data/--no-data] [--evaluate/--no-evaluate] [--json bench/train.json]
+                             [--profile] [--data/--no-data] [--evaluate/--no-evaluate] [--deep-batch N]
+                             [--json bench/train.json]
 
 1. The loop users run (`--runs` rounds; 0 leaves it out): new `vae-dist train` and `accelerate
    launch` runs of the shipped linear config, taking turns, each timed to its first optimizer step,
@@ -21,6 +22,9 @@ throughput, reading data, and evaluation.
 4. Evaluation (`--evaluate`, the default): `vae-dist evaluate`'s estimate at K=5000 on a few
    Fashion-MNIST test images, for both shipped models: images/s, the FLOPs counted by
    FlopCounterMode, their fraction of the mm throughput, and the implied time for the 10,000.
+5. The hierarchical VAEs (hierarchical.yaml on 28x28, hierarchical64.yaml on 64x64 with `dlm`):
+   the training step's images/s in float32 and under bfloat16 autocast, in turn over the rounds,
+   and the share of the float32 step's time spent in convolutions (torch.profiler).
 See docs/benchmarks.md for figures and their analysis.
 """
 from __future__ import annotations
@@ -48,7 +52,10 @@ from vae_dist.models import build_model
 from vae_dist.step import make_optimizer, micro_step
 
 FORMAT = "vae-dist-bench-train/2"  # the result file's "format"
-MODELS = tuple(kind.config for kind in MODEL_KINDS.values())  # the shipped config of each model kind
+# The shipped config of each flat model kind, timed against the classic loop; the hierarchical
+# models have their own rows (HIERARCHICAL: shipped config, image shape, likelihood).
+MODELS = tuple(kind.config for kind in MODEL_KINDS.values() if kind.name != "hierarchical")
+HIERARCHICAL = (("hierarchical", (1, 28, 28), "bernoulli"), ("hierarchical64", (3, 64, 64), "dlm"))
 EMOJI = "emoji-twitter-64"  # under the data folder: `make emoji` puts the set's PNGs there
 READING = (("linear", "fashion-mnist"), ("conv64", EMOJI))  # (shipped config, data set) for the data rows
 
@@ -268,6 +275,59 @@ def bench_evaluate(kind: str, test: splits.Split, rounds: int) -> dict:
     }
 
 
+def bench_hierarchical(
+    config: str, shape: tuple[int, int, int], likelihood: str, accelerator, seconds: float, rounds: int,
+    batch: int | None = None,
+) -> dict:
+    """The hierarchical model's training step on random 8-bit images of `shape`, at its config's
+    batch size: images/s in float32 and under bfloat16 autocast (what train.mixed_precision=bf16
+    does on the CPU), in turn (medians), and the share of the float32 step's CPU time in
+    convolutions, forward and backward."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from vae_dist.likelihoods import PixelLikelihood
+
+    cfg = load_config(shipped_config(config))
+    batch, pixel = batch or cfg.train.batch_size, PixelLikelihood(likelihood, shape[0], cfg.loss.mixtures)
+    x = torch.randint(0, 256, (batch, *shape), generator=torch.Generator().manual_seed(0)).float() / 255
+    torch.manual_seed(0)
+    model = build_model(cfg.model, shape, pixel.out_channels).to(memory_format=torch.channels_last)
+    optimizer = make_optimizer(model, cfg, accelerator.device)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    eps = torch.randn(batch, accelerator.unwrap_model(model).latent_dim)
+
+    def step(precision: str) -> Callable[[], None]:
+        def run():
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+                micro_step(accelerator, model, optimizer, x, eps, 1.0, pixel)
+
+        return run
+
+    steps = {precision: step(precision) for precision in ("no", "bf16")}
+    for precision in steps:  # warm-up
+        for _ in range(2):
+            steps[precision]()
+    per_round = [(steps_per_s(steps["no"], seconds / rounds / 2), steps_per_s(steps["bf16"], seconds / rounds / 2))
+                 for _ in range(rounds)]
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(3):
+            steps["no"]()
+    events = prof.key_averages()
+    total = sum(e.self_cpu_time_total for e in events)
+    conv = sum(e.self_cpu_time_total for e in events if "convolution" in e.key)
+    return {
+        "config": config,
+        "image_shape": list(shape),
+        "likelihood": likelihood,
+        "batch_size": batch,
+        "float32_images_per_s": statistics.median(r[0] for r in per_round) * batch,
+        "bfloat16_images_per_s": statistics.median(r[1] for r in per_round) * batch,
+        "bfloat16_speedup": statistics.median(r[1] / r[0] for r in per_round),
+        "convolution_share": conv / total,
+        "rounds": [{"float32_steps_per_s": a, "bfloat16_steps_per_s": b} for a, b in per_round],
+    }
+
+
 def profile_lines(accelerator, train: splits.Split, batch: int, rows: int = 12) -> list[str]:
     """Where the linear VAE's step spends its time, by operator (self CPU time over 50 steps)."""
     from torch.profiler import ProfilerActivity, profile
@@ -298,6 +358,8 @@ def profile_lines(accelerator, train: splits.Split, batch: int, rows: int = 12) 
               help="Also time `prepare` on the emoji PNGs and training from disk against in memory.")
 @click.option("--evaluate/--no-evaluate", "with_evaluate", default=True, show_default=True,
               help="Also time `vae-dist evaluate`'s estimate at K=5000 for both models.")
+@click.option("--deep-batch", type=click.IntRange(min=1), default=None,
+              help="Batch of the hierarchical models' step (default: each one's config).")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default="bench/train.json", show_default=True)
 def main(
     batch_size: int,
@@ -308,6 +370,7 @@ def main(
     profile: bool,
     with_data: bool,
     with_evaluate: bool,
+    deep_batch: int | None,
     json_path: str,
 ):
     """Benchmark training on the CPU: the loop users run, the step of each VAE, data, evaluation."""
@@ -330,14 +393,9 @@ def main(
     reading = bench_data(accelerator, seconds, rounds) if with_data else None
     test = splits.load_split("fashion-mnist", False, root)
     evaluating = [bench_evaluate(kind, test, min(rounds, 3)) for kind in MODELS] if with_evaluate else None
-    click.echo(
-        f"torch.mm 2048x2048, {torch.get_num_threads()} threads: float32 {peak / 1e9:.1f} GFLOP/s, "
-        f"bfloat16 {peak_bf16 / 1e9:.1f} GFLOP/s ({peak_bf16 / peak:.2f}x)"
-    )
-    click.echo(
-        f"torch.mm {batch_size}x784x400 (the linear VAE's largest layer) alone: "
-        f"{layer / 1e9:.1f} GFLOP/s = {layer / peak:.0%}"
-    )
+    deep = [bench_hierarchical(config, shape, lik, accelerator, seconds, rounds, deep_batch)
+            for config, shape, lik in HIERARCHICAL]
+    print_peaks(peak, peak_bf16, layer, batch_size)
     print_steps(rows)
     if entry_points:
         bench_runs.print_runs(entry_points, phases, rows)
@@ -353,8 +411,10 @@ def main(
             f"{r['flops'] / r['images'] / 1e9:.1f} GFLOP per image, {r['fraction_of_matmul']:.0%} of mm; "
             f"10,000 test images in {r['seconds_for_10000'] / 60:.0f} min"
         )
+    print_hierarchical(deep)
     result = {"format": FORMAT, "matmul_flops_per_s": {"float32": peak, "bfloat16": peak_bf16},
-              "runs": entry_points, "epoch": phases, "models": rows, "data": reading, "evaluate": evaluating}
+              "runs": entry_points, "epoch": phases, "models": rows, "data": reading, "evaluate": evaluating,
+              "hierarchical": deep}
     Path(json_path).parent.mkdir(parents=True, exist_ok=True)
     files.atomic_write_text(Path(json_path), json.dumps(result, indent=1))
     click.echo(f"written to {json_path}")
@@ -371,6 +431,28 @@ def print_steps(rows: list[dict]) -> None:
             f"{r['model']:<7} {r['batch_size']:>5} {r['step_flops'] / 1e6:>10.1f} {r['ms_per_step']:>8.2f} "
             f"{r['images_per_s']:>9.0f} {r['fraction_of_matmul']:>6.0%} | "
             f"{r['classic_images_per_s']:>16.0f} {r['classic_fraction_of_matmul']:>6.0%}"
+        )
+
+
+def print_peaks(peak: float, peak_bf16: float, layer: float, batch_size: int) -> None:
+    """The matmul throughput our figures are fractions of."""
+    click.echo(
+        f"torch.mm 2048x2048, {torch.get_num_threads()} threads: float32 {peak / 1e9:.1f} GFLOP/s, "
+        f"bfloat16 {peak_bf16 / 1e9:.1f} GFLOP/s ({peak_bf16 / peak:.2f}x)"
+    )
+    click.echo(
+        f"torch.mm {batch_size}x784x400 (the linear VAE's largest layer) alone: "
+        f"{layer / 1e9:.1f} GFLOP/s = {layer / peak:.0%}"
+    )
+
+
+def print_hierarchical(rows: list[dict]) -> None:
+    """The hierarchical models' step: float32 against bfloat16, and the convolutions' share."""
+    for r in rows:
+        click.echo(
+            f"{r['config']} {'x'.join(map(str, r['image_shape']))} {r['likelihood']}, batch {r['batch_size']}: "
+            f"float32 {r['float32_images_per_s']:.1f} images/s, bfloat16 {r['bfloat16_images_per_s']:.1f} "
+            f"({r['bfloat16_speedup']:.2f}x); convolutions {r['convolution_share']:.0%} of the float32 step"
         )
 
 

@@ -17,7 +17,7 @@ from typing import Any
 
 import yaml
 
-from vae_dist import paths
+from vae_dist import layout, paths
 from vae_dist.data.builtin import NAMES as DATASET_NAMES
 from vae_dist.errors import UserError
 from vae_dist.kinds import LIKELIHOODS, MODEL_KINDS
@@ -34,6 +34,11 @@ class ModelConfig:
     hidden_dims: list[int] = field(default_factory=lambda: [400])  # MLP widths (conv: after the convs)
     channels: list[int] = field(default_factory=lambda: [32, 64])  # conv only: one stride-2 stage each
     upsample: str = "transposed"  # conv only: transposed (3x3 stride-2) | nearest (resize, then a 3x3 conv)
+    encoder_blocks: str = "28x2,14x2,7x2,1x1"  # hierarchical only: RESOLUTIONxBLOCKS, down from the image's height
+    decoder_blocks: str = "1x1,7x2,14x2,28x1"  # hierarchical only: one latent group per block, up to the image's height
+    width: int = 32  # hierarchical only: channels of every block's input and output
+    latent_channels: int = 8  # hierarchical only: channels of each latent group (its maps are the resolution's)
+    bottleneck: float = 0.25  # hierarchical only: a block's inner channels, as a fraction of the width
 
 
 @dataclass
@@ -51,7 +56,8 @@ class DataConfig:
 
 @dataclass
 class LossConfig:
-    likelihood: str = "bernoulli"  # vae_dist.kinds.LIKELIHOODS: bernoulli (BCE with logits) | gaussian
+    likelihood: str = "bernoulli"  # vae_dist.kinds.LIKELIHOODS: bernoulli (BCE with logits) | gaussian | dlm
+    mixtures: int = 10  # dlm only: logistic components per pixel
     beta: float = 1.0  # weight of the KL term; 1 is the true ELBO
     kl_warmup_steps: int = 0  # ramp beta linearly from 0 over this many optimizer steps
 
@@ -73,6 +79,7 @@ class TrainConfig:
     eval_seed: int = 0  # fixed noise for the test -ELBO, so it is comparable across runs
     grid_images: int = 8  # originals in the reconstruction grid (one row each)
     grid_samples: int = 64  # images in the prior-sample grid
+    grid_temperatures: list[float] = field(default_factory=lambda: [1.0])  # a prior-sample grid at each
     checkpoint_every: int = 0  # optimizer steps between checkpoints (0 = only at epoch ends)
     keep_checkpoints: int = 2  # how many checkpoints to keep
     log_every: int = 50  # optimizer steps between the trackers' training loss, KL weight and images/s
@@ -108,6 +115,10 @@ CHOICES = {
 }
 POSITIVE = (
     "model.latent_dim",
+    "model.width",
+    "model.latent_channels",
+    "model.bottleneck",
+    "loss.mixtures",
     "train.epochs",
     "train.batch_size",
     "train.lr",
@@ -193,6 +204,21 @@ def validate(cfg: Config) -> Config:
     for key in ("model.hidden_dims", "model.channels"):
         if any(v < 1 for v in get(cfg, key)):
             raise ConfigError(f"{key}: every width must be >= 1, got {get(cfg, key)!r}")
+    if not cfg.train.grid_temperatures or not all(0 < t < math.inf for t in cfg.train.grid_temperatures):
+        raise ConfigError(
+            f"train.grid_temperatures: every temperature must be a number > 0 (1.0 is the prior itself), "
+            f"got {cfg.train.grid_temperatures!r}"
+        )
+    names = [f"{t:g}" for t in cfg.train.grid_temperatures]
+    if len(set(names)) < len(names):
+        raise ConfigError(f"train.grid_temperatures: each temperature once, got {cfg.train.grid_temperatures!r}")
+    if cfg.model.kind == "hierarchical":
+        try:
+            layout.check(
+                *(layout.parse(f"model.{k}", get(cfg, f"model.{k}")) for k in ("encoder_blocks", "decoder_blocks"))
+            )
+        except layout.LayoutError as e:
+            raise ConfigError(str(e)) from None
     if cfg.train.ema >= 1:
         raise ConfigError(f"train.ema must be below 1 (a decay such as 0.9999), got {cfg.train.ema!r}")
     if cfg.data.path is not None and cfg.data.root is not None:

@@ -35,8 +35,9 @@ import torch
 
 from vae_dist import artifacts, files, runs, threads
 from vae_dist.data import splits
+from vae_dist.epoch_end import binarized
 from vae_dist.errors import UserError
-from vae_dist.losses import kl_to_standard_normal, log_likelihood_samples
+from vae_dist.likelihoods import PixelLikelihood
 from vae_dist.models import VAE
 from vae_dist.record import ModelRecord
 from vae_dist.rng import Stream, generator
@@ -62,7 +63,7 @@ class Estimate:
 
     nll: torch.Tensor  # -(logsumexp_k log w_k - log K)
     recon: torch.Tensor  # -log p(x|z_1) at the first latent
-    kl: torch.Tensor  # KL(q(z|x) || N(0, I)), closed form
+    kl: torch.Tensor  # the posterior's KL to the prior in closed form (a hierarchical model's along the first latent)
 
 
 def image_noise(seed: int, index: int, block: int, latent_dim: int) -> torch.Tensor:
@@ -70,62 +71,54 @@ def image_noise(seed: int, index: int, block: int, latent_dim: int) -> torch.Ten
     return torch.randn(BLOCK, latent_dim, generator=generator(seed, Stream.IMPORTANCE_NOISE, index, block))
 
 
-def binarized(x: torch.Tensor, indices: torch.Tensor, seed: int) -> torch.Tensor:
-    """Each image (float in [0, 1]) as 0/1 pixels drawn once from its own generator."""
-    u = torch.stack(
-        [torch.rand(x.shape[1:], generator=generator(seed, Stream.EVAL_BINARIZE, int(i))) for i in indices]
-    )
-    return (u.to(x.device) < x).to(x.dtype)
-
-
-def chunk_blocks(images: int, pixels: int, k: int) -> int:
-    """Blocks of latents per decoder call, so that `images` x latents x `pixels` floats fit the budget."""
-    rows = max(1, MEMORY_BUDGET // (4 * pixels))
+def chunk_blocks(images: int, floats: int, k: int) -> int:
+    """Blocks of latents per decoder call, so that `images` x latents x `floats` floats fit the budget."""
+    rows = max(1, MEMORY_BUDGET // (4 * floats))
     return max(1, min(math.ceil(k / BLOCK), rows // (images * BLOCK)))
 
 
-def images_per_pass(batch_size: int, pixels: int) -> int:
+def images_per_pass(batch_size: int, floats: int) -> int:
     """`batch_size`, or fewer when even one block of latents per image would pass the budget."""
-    return max(1, min(batch_size, MEMORY_BUDGET // (4 * pixels * BLOCK)))
+    return max(1, min(batch_size, MEMORY_BUDGET // (4 * floats * BLOCK)))
 
 
 @torch.no_grad()
 def estimate(
-    model: VAE, x: torch.Tensor, indices: torch.Tensor, k: int, seed: int, likelihood: str, progress=None
+    model: VAE,
+    x: torch.Tensor,
+    indices: torch.Tensor,
+    k: int,
+    seed: int,
+    likelihood: str | PixelLikelihood,
+    progress=None,
 ) -> Estimate:
     """NLL_K, the reconstruction term and the KL of images `x` (float [B, C, H, W] on the model's
     device) whose split indices are `indices`."""
     device = x.device
     b, latent = x.shape[0], model.latent_dim
-    mu, logvar = model.encode(x)
-    std = torch.exp(0.5 * logvar)
-    # log p(z) - log q(z|x) at z = mu + std * eps: the 2*pi terms cancel, (z - mu)^2 / std^2 = eps^2
-    prior_minus_posterior = 0.5 * logvar.double().sum(1)
+    likelihood = PixelLikelihood.of(likelihood, x.shape[1])
+    kl = None
     best = torch.full((b,), -math.inf, dtype=torch.float64, device=device)
     total = torch.zeros(b, dtype=torch.float64, device=device)
     recon = None
-    per_call = chunk_blocks(b, x[0].numel(), k)
+    per_call = chunk_blocks(b, model.floats_per_latent, k)
     blocks = math.ceil(k / BLOCK)
     for first in range(0, blocks, per_call):
         wanted = range(first, min(blocks, first + per_call))
-        eps = torch.stack(
-            [torch.cat([image_noise(seed, int(i), j, latent) for j in wanted]) for i in indices]
-        ).to(device)  # [B, S, latent]
+        noise = [torch.cat([image_noise(seed, int(i), j, latent) for j in wanted]) for i in indices]
+        eps = torch.stack(noise).to(device)  # [B, S, latent]
         eps = eps[:, : k - first * BLOCK]  # the last block may be used in part
-        z = mu[:, None] + std[:, None] * eps
-        logits = model.decode(z.flatten(0, 1)).view(b, eps.shape[1], *x.shape[1:])
-        log_px = log_likelihood_samples(logits, x, likelihood).double()  # [B, S]
+        out, log_ratio, first_kl = model.importance(x, eps)
+        log_px = likelihood.log_prob_samples(out, x).double()  # [B, S]
         if recon is None:
-            recon = -log_px[:, 0]
-        log_w = log_px - 0.5 * z.double().pow(2).sum(2) + 0.5 * eps.double().pow(2).sum(2)
-        log_w += prior_minus_posterior[:, None]
+            recon, kl = -log_px[:, 0], first_kl
+        log_w = log_px + log_ratio
         top = torch.maximum(best, log_w.max(1).values)
         total = total * torch.exp(best - top) + torch.exp(log_w - top[:, None]).sum(1)
         best = top
         if progress is not None:
             progress.done(b * eps.shape[1] / k)
     nll = -(best + torch.log(total) - math.log(k))
-    kl = kl_to_standard_normal(mu.double(), logvar.double())
     return Estimate(nll=nll, recon=recon, kl=kl)
 
 
@@ -177,7 +170,13 @@ def _duration(seconds: float) -> str:
 
 
 def evaluate_split(
-    accelerator, model: VAE, images: torch.Tensor, k: int, seed: int, likelihood: str, binarize: bool,
+    accelerator,
+    model: VAE,
+    images: torch.Tensor,
+    k: int,
+    seed: int,
+    likelihood: str | PixelLikelihood,
+    binarize: bool,
     batch_size: int,
 ) -> dict[str, Any]:
     """Mean figures over every image of `images` (uint8 [N, C, H, W]), this process taking its
@@ -188,7 +187,7 @@ def evaluate_split(
     valid = share < n
     share = share.clamp(max=n - 1)
     device = accelerator.device
-    step = images_per_pass(batch_size, images[0].numel())
+    step = images_per_pass(batch_size, model.floats_per_latent)
     rows = []
     model.eval()
     progress = Progress(per, accelerator.process_index == 0)
@@ -255,7 +254,8 @@ def evaluate_run(
     images = splits.split_for_model(record.dataset, model.image_shape, split == "train", where)
     model = for_estimation(model).to(accelerator.device)
     started = time.perf_counter()
-    figures = evaluate_split(accelerator, model, images, k, seed, record.likelihood, binarize, batch_size)
+    likelihood = PixelLikelihood(record.likelihood, record.image_shape[0], record.mixtures)
+    figures = evaluate_split(accelerator, model, images, k, seed, likelihood, binarize, batch_size)
     result = {
         "k": k,
         "seed": seed,
@@ -289,15 +289,35 @@ def append_record(path: Path, record: dict[str, Any]) -> None:
 
 @click.command("evaluate")
 @click.argument("run")
-@click.option("--k", "k", type=click.IntRange(min=1), default=DEFAULT_K, show_default=True,
-              help="Importance samples per image (1: the one-sample -ELBO).")
+@click.option(
+    "--k",
+    "k",
+    type=click.IntRange(min=1),
+    default=DEFAULT_K,
+    show_default=True,
+    help="Importance samples per image (1: the one-sample -ELBO).",
+)
 @click.option("--split", type=click.Choice(["test", "train"]), default="test", show_default=True)
-@click.option("--data", "where", type=click.Path(file_okay=False),
-              help="Where the run's data set is, if not where its model file says.")
-@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
-              help="Seed of the noise (and of the binarisation).")
-@click.option("--batch-size", type=click.IntRange(min=1), default=DEFAULT_BATCH, show_default=True,
-              help="Images per pass (fewer for large images, to bound memory).")
+@click.option(
+    "--data",
+    "where",
+    type=click.Path(file_okay=False),
+    help="Where the run's data set is, if not where its model file says.",
+)
+@click.option(
+    "--seed",
+    type=click.IntRange(min=0),
+    default=0,
+    show_default=True,
+    help="Seed of the noise (and of the binarisation).",
+)
+@click.option(
+    "--batch-size",
+    type=click.IntRange(min=1),
+    default=DEFAULT_BATCH,
+    show_default=True,
+    help="Images per pass (fewer for large images, to bound memory).",
+)
 @click.option("--output-dir", help="Folder of runs, for a RUN given by name (default $VAE_DIST_RUNS or ./runs).")
 @click.option("--cpu/--no-cpu", default=None, help="Force CPU, or leave the choice to Accelerate.")
 def evaluate_command(run, k, split, where, seed, batch_size, output_dir, cpu):

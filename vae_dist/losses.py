@@ -18,11 +18,9 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
-from vae_dist.kinds import LIKELIHOODS
+from vae_dist.likelihoods import PixelLikelihood, gaussian_nll
 
-GAUSSIAN_VARIANCE = 0.5  # N(x; mean, 1/2): -log p is then the squared error plus a constant
 PROB_EPS = 1e-7  # float32 sigmoid reaches exactly 1.0 near logit 17; keeps log(1 - p) finite
 
 
@@ -31,54 +29,49 @@ def kl_to_standard_normal(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tenso
     return -0.5 * torch.sum(1 + logvar - mu.pow(2) - logvar.exp(), dim=1)
 
 
-def reconstruction_nll(logits: torch.Tensor, x: torch.Tensor, likelihood: str) -> torch.Tensor:
-    """-log p(x|z) per image, summed over pixels.
+def gaussian_kl(q_mean, q_log_std, p_mean, p_log_std) -> torch.Tensor:
+    """KL(N(q_mean, q_std^2) || N(p_mean, p_std^2)) per element, in closed form:
+    log(p_std / q_std) + (q_std^2 + (q_mean - p_mean)^2) / (2 p_std^2) - 1/2."""
+    return (
+        p_log_std
+        - q_log_std
+        + 0.5 * (torch.exp(2 * (q_log_std - p_log_std)) + ((q_mean - p_mean) * torch.exp(-p_log_std)).pow(2))
+        - 0.5
+    )
+
+
+def reconstruction_nll(out: torch.Tensor, x: torch.Tensor, likelihood: str | PixelLikelihood) -> torch.Tensor:
+    """-log p(x|z) per image, summed over pixels (vae_dist.likelihoods).
 
     bernoulli: p(x|z) = prod Bernoulli(sigmoid(logits)), evaluated stably from logits (x may be
     grey levels in [0, 1], the usual continuous relaxation).
     gaussian: N(x; sigmoid(logits), 1/2) per pixel, i.e. the squared error plus its constant, so
     that it too is a log-likelihood in nats.
+    dlm: the mass the discretised mixture of logistics gives the 8-bit values (vae_dist.dlm).
     """
-    x = x.to(logits.dtype)
-    if likelihood == "bernoulli":
-        nll = F.binary_cross_entropy_with_logits(logits, x, reduction="none")
-    elif likelihood == "gaussian":
-        nll = _gaussian_nll(torch.sigmoid(logits), x)
-    else:
-        raise ValueError(f"unknown likelihood {likelihood!r}; expected one of {tuple(LIKELIHOODS)}")
-    return nll.flatten(1).sum(dim=1)
+    return PixelLikelihood.of(likelihood, x.shape[1]).nll(out, x)
 
 
 def reconstruction_nll_from_mean(x_mean: torch.Tensor, x: torch.Tensor, likelihood: str) -> torch.Tensor:
     """The same -log p(x|z) per image, in float64, from the decoder's mean sigmoid(logits) instead
-    of its logits: what an exported decoder returns. Bernoulli probabilities are clipped to
-    [PROB_EPS, 1 - PROB_EPS]."""
+    of its logits: what an exported decoder returns (bernoulli and gaussian). Bernoulli
+    probabilities are clipped to [PROB_EPS, 1 - PROB_EPS]."""
     p, x = x_mean.double().flatten(1), x.double().flatten(1)
     if likelihood == "bernoulli":
         p = p.clamp(PROB_EPS, 1.0 - PROB_EPS)
         nll = -(x * torch.log(p) + (1.0 - x) * torch.log1p(-p))
     elif likelihood == "gaussian":
-        nll = _gaussian_nll(p, x)
+        nll = gaussian_nll(p, x)
     else:
-        raise ValueError(f"unknown likelihood {likelihood!r}; expected one of {tuple(LIKELIHOODS)}")
+        raise ValueError(f"no -log p(x|z) from the mean alone for the likelihood {likelihood!r}")
     return nll.sum(dim=1)
 
 
-def log_likelihood_samples(logits: torch.Tensor, x: torch.Tensor, likelihood: str) -> torch.Tensor:
-    """log p(x|z) of each image under each of its S latents: `logits` [B, S, C, H, W] decoded from
+def log_likelihood_samples(out: torch.Tensor, x: torch.Tensor, likelihood: str | PixelLikelihood) -> torch.Tensor:
+    """log p(x|z) of each image under each of its S latents: `out` [B, S, P, H, W] decoded from
     them, `x` [B, C, H, W]; returns [B, S]. The same value as `-reconstruction_nll`, computed
-    without copying x S times: BCE with logits is softplus(l) - x * l."""
-    logits = logits.float().flatten(2)  # [B, S, D]
-    x = x.to(logits.dtype).flatten(1)  # [B, D]
-    if likelihood == "bernoulli":  # sum_d x_d l_d as one batched matrix product: no [B, S, D] temporary
-        return torch.bmm(logits, x[:, :, None])[:, :, 0] - F.softplus(logits).sum(2)
-    if likelihood == "gaussian":
-        return -_gaussian_nll(torch.sigmoid(logits), x[:, None]).sum(2)
-    raise ValueError(f"unknown likelihood {likelihood!r}; expected one of {tuple(LIKELIHOODS)}")
-
-
-def _gaussian_nll(mean: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    return (mean - x).pow(2) / (2 * GAUSSIAN_VARIANCE) + 0.5 * math.log(2 * math.pi * GAUSSIAN_VARIANCE)
+    without copying x S times where the likelihood allows."""
+    return PixelLikelihood.of(likelihood, x.shape[1]).log_prob_samples(out, x)
 
 
 @dataclass
@@ -95,17 +88,17 @@ class ElboTerms:
 
 
 def negative_elbo(
-    logits: torch.Tensor,
+    out: torch.Tensor,
     x: torch.Tensor,
-    mu: torch.Tensor,
-    logvar: torch.Tensor,
+    kl: torch.Tensor,
     beta: float = 1.0,
-    likelihood: str = "bernoulli",
+    likelihood: str | PixelLikelihood = "bernoulli",
 ) -> ElboTerms:
-    # Losses are computed in float32 even under mixed precision: sums over 784 pixels lose
-    # too much in half precision.
-    recon = reconstruction_nll(logits.float(), x, likelihood)
-    kl = kl_to_standard_normal(mu.float(), logvar.float())
+    """The terms of a model's forward (decoder output, KL per image). Losses are computed in
+    float32 even under mixed precision: sums over thousands of pixels lose too much in half
+    precision."""
+    recon = reconstruction_nll(out, x, likelihood)
+    kl = kl.float()
     return ElboTerms(loss=recon + beta * kl, recon=recon, kl=kl)
 
 
@@ -114,13 +107,6 @@ def neg_elbo_from_mean(
 ) -> torch.Tensor:
     """Per-image -ELBO in float64 from the decoder's mean (see `reconstruction_nll_from_mean`)."""
     return reconstruction_nll_from_mean(x_mean, x, likelihood) + kl_to_standard_normal(mu.double(), logvar.double())
-
-
-def discrete(likelihood: str, binarize: str) -> bool:
-    """Whether -log p(x|z) is a probability mass of the data the run is evaluated on, so that its
-    -ELBO in bits per dimension is a true figure: the Bernoulli on binarised images. (On grey
-    levels the Bernoulli is not a likelihood of the data, and the Gaussian is a density.)"""
-    return likelihood == "bernoulli" and binarize == "dynamic"
 
 
 def bits_per_dim(nats: float, dims: int) -> float:

@@ -1,9 +1,11 @@
-"""The two VAEs. Both map images in [0, 1] of shape (C, H, W) to a diagonal Gaussian q(z|x)
-and latents back to Bernoulli logits per pixel, behind one interface:
+"""The model kinds and how each is built. The two flat VAEs map images in [0, 1] of shape
+(C, H, W) to a diagonal Gaussian q(z|x) over one latent vector with the prior N(0, I), and latents
+back to the decoder's output per pixel:
 
-    encode(x) -> (mu, logvar)      decode(z) -> logits      forward(x, eps) -> (logits, mu, logvar)
+    encode(x) -> (mu, logvar)      decode(z) -> out
 
-Training, evaluation and export only ever use that interface.
+which gives them the whole interface of vae_dist.interface (and the export its two graphs). The
+hierarchical VAE is vae_dist.hierarchical's.
 """
 
 from __future__ import annotations
@@ -15,15 +17,17 @@ import torch
 from torch import nn
 
 from vae_dist.config import ModelConfig
+from vae_dist.hierarchical import HierarchicalVAE
+from vae_dist.interface import VAE
+from vae_dist.losses import kl_to_standard_normal
 
 
-class VAE(nn.Module):
-    """Shared reparameterisation and forward; subclasses provide `encode` and `decode`."""
-
-    latent_dim: int
-    image_shape: tuple[int, int, int]
+class FlatVAE(VAE):
+    """One latent vector per image with the prior N(0, I): `encode` and `decode` (the export's two
+    graphs) give the whole interface."""
 
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """q(z|x): its mean and log-variance, [B, latent_dim] each."""
         raise NotImplementedError
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
@@ -31,28 +35,42 @@ class VAE(nn.Module):
 
     @staticmethod
     def reparameterize(mu: torch.Tensor, logvar: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
-        # z = mu + sigma * eps (Kingma & Welling 2013, eq. 10); the caller owns the noise so
-        # that it can be made independent of the number of processes.
+        # z = mu + sigma * eps (Kingma & Welling 2013, eq. 10)
         return mu + torch.exp(0.5 * logvar) * eps
 
-    def forward(
-        self, x: torch.Tensor, eps: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def forward(self, x, eps=None):
         mu, logvar = self.encode(x)
         if eps is None:
             eps = torch.randn_like(mu)
         z = self.reparameterize(mu, logvar, eps.to(mu.dtype))
-        return self.decode(z), mu, logvar
+        return self.decode(z), kl_to_standard_normal(mu.float(), logvar.float())
+
+    def importance(self, x, eps):
+        b, s = eps.shape[:2]
+        mu, logvar = self.encode(x)
+        std = torch.exp(0.5 * logvar)
+        z = mu[:, None] + std[:, None] * eps.to(mu.dtype)  # [B, S, latent]
+        out = self.decode(z.flatten(0, 1))
+        # log p(z) - log q(z|x) at z = mu + std * eps: the 2 pi terms cancel, (z - mu)^2 / std^2 = eps^2
+        log_ratio = 0.5 * (eps.double().pow(2) - z.double().pow(2)).sum(2) + 0.5 * logvar.double().sum(1)[:, None]
+        return out.view(b, s, *out.shape[1:]), log_ratio, kl_to_standard_normal(mu.double(), logvar.double())
+
+    def sample(self, eps, temperature=1.0):
+        return self.decode(eps * temperature)
+
+    def reconstruct(self, x):
+        return self.decode(self.encode(x)[0])
 
 
-class LinearVAE(VAE):
+class LinearVAE(FlatVAE):
     """MLP VAE; with hidden_dims=[400] and latent_dim=20 it is the classic 784-400-20 model."""
 
-    def __init__(self, image_shape: tuple[int, int, int], latent_dim: int, hidden_dims: list[int]):
+    def __init__(self, image_shape: tuple[int, int, int], latent_dim: int, hidden_dims: list[int], out_channels: int):
         super().__init__()
         self.image_shape = tuple(image_shape)
-        self.latent_dim = latent_dim
+        self.latent_dim, self.out_channels = latent_dim, out_channels
         n_pixels = math.prod(self.image_shape)
+        n_out = out_channels * math.prod(self.image_shape[1:])
         widths = [n_pixels, *hidden_dims]
         self.encoder = nn.Sequential(*[m for a, b in zip(widths, widths[1:]) for m in (nn.Linear(a, b), nn.ReLU())])
         # mu and logvar come from one layer: a single matmul instead of two.
@@ -60,7 +78,7 @@ class LinearVAE(VAE):
         back = [latent_dim, *reversed(hidden_dims)]
         self.decoder = nn.Sequential(
             *[m for a, b in zip(back, back[1:]) for m in (nn.Linear(a, b), nn.ReLU())],
-            nn.Linear(back[-1], n_pixels),
+            nn.Linear(back[-1], n_out),
         )
 
     def encode(self, x):
@@ -68,10 +86,10 @@ class LinearVAE(VAE):
         return mu, logvar
 
     def decode(self, z):
-        return self.decoder(z).view(-1, *self.image_shape)
+        return self.decoder(z).view(-1, self.out_channels, *self.image_shape[1:])
 
 
-class ConvVAE(VAE):
+class ConvVAE(FlatVAE):
     """Stride-2 3x3 convolutions down, a linear bottleneck, and back up in as many stages.
 
     Each down stage halves H and W (rounding up); the decoder mirrors the exact sizes, so odd
@@ -88,10 +106,12 @@ class ConvVAE(VAE):
         channels: list[int],
         hidden_dims: list[int],
         upsample: str = "transposed",
+        out_channels: int = 0,
     ):
         super().__init__()
         self.image_shape = tuple(image_shape)
         self.latent_dim = latent_dim
+        self.out_channels = out_channels or image_shape[0]
         c_in, h, w = self.image_shape
         sizes = [(h, w)]
         for _ in channels:
@@ -112,7 +132,7 @@ class ConvVAE(VAE):
         back = [latent_dim, *reversed(hidden_dims), flat]
         self.from_latent = nn.Sequential(*[m for a, b in zip(back, back[1:]) for m in (nn.Linear(a, b), nn.ReLU())])
         up = []
-        outs = list(reversed(channels[:-1])) + [c_in]
+        outs = list(reversed(channels[:-1])) + [self.out_channels]
         for i, c_out in enumerate(outs):
             (h_small, w_small), (h_big, w_big) = sizes[-1 - i], sizes[-2 - i]
             if upsample == "nearest":
@@ -137,13 +157,16 @@ class ConvVAE(VAE):
         return self.decoder(self.from_latent(z).view(-1, *self.feature_shape))
 
 
-# How each kind of vae_dist.kinds.MODEL_KINDS is built (tests/test_models.py checks there is one per kind).
-BUILDERS: dict[str, Callable[[ModelConfig, tuple[int, int, int]], VAE]] = {
-    "linear": lambda cfg, shape: LinearVAE(shape, cfg.latent_dim, cfg.hidden_dims),
-    "conv": lambda cfg, shape: ConvVAE(shape, cfg.latent_dim, cfg.channels, cfg.hidden_dims, cfg.upsample),
+# How each kind of vae_dist.kinds.MODEL_KINDS is built, for images of a shape and a decoder output of
+# so many channels per pixel (tests/test_models.py checks there is one per kind).
+BUILDERS: dict[str, Callable[[ModelConfig, tuple[int, int, int], int], VAE]] = {
+    "linear": lambda cfg, shape, out: LinearVAE(shape, cfg.latent_dim, cfg.hidden_dims, out),
+    "conv": lambda cfg, shape, out: ConvVAE(shape, cfg.latent_dim, cfg.channels, cfg.hidden_dims, cfg.upsample, out),
+    "hierarchical": lambda cfg, shape, out: HierarchicalVAE.from_config(cfg, shape, out),
 }
 
 
-def build_model(cfg: ModelConfig, image_shape: tuple[int, int, int]) -> VAE:
-    """The model named by `cfg.kind`, sized for images of `image_shape` (C, H, W)."""
-    return BUILDERS[cfg.kind](cfg, tuple(image_shape))
+def build_model(cfg: ModelConfig, image_shape: tuple[int, int, int], out_channels: int | None = None) -> VAE:
+    """The model named by `cfg.kind`, sized for images of `image_shape` (C, H, W) and a decoder output
+    of `out_channels` per pixel (vae_dist.likelihoods.PixelLikelihood.out_channels; default C)."""
+    return BUILDERS[cfg.kind](cfg, tuple(image_shape), out_channels or image_shape[0])

@@ -32,6 +32,7 @@ class ModelRecord:
     image_shape: tuple[int, int, int]  # C, H, W
     dataset: str | None = None  # a built-in set's name or a prepared dataset's folder (splits.dataset_name)
     likelihood: str = "bernoulli"  # files older than the key were all bernoulli
+    mixtures: int = 10  # dlm: components per pixel (loss.mixtures)
     binarize: str | None = None  # how training binarised its images; None in files older than the key
     epochs: int | None = None
     steps: int | None = None
@@ -120,6 +121,7 @@ CHECKS = {
     "test_images": lambda v: _count(v) and v > 0,
     "fit": lambda v: isinstance(v, dict),
     "eval_seed": _count,
+    "mixtures": lambda v: _count(v) and v > 0,
     "versions": lambda v: isinstance(v, dict),
 }
 

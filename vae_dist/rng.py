@@ -22,13 +22,13 @@ if TYPE_CHECKING:
 class Stream(enum.IntEnum):
     EPOCH_ORDER = 0  # training: the global order of the images in an epoch, by (seed, epoch)
     STEP_NOISE = 1  # training: reparameterisation and binarisation noise, by (seed, step)
-    EVAL_NOISE = 2  # one fixed eps row per test image, by (train.eval_seed); export verification reuses it
+    EVAL_NOISE = 2  # one fixed eps row per test image, by train.eval_seed (and block); export verification reuses it
     GRID_NOISE = 3  # the latents of the prior-sample grid, the same every epoch
     CALIBRATION = 4  # export: the images and latents that calibrate static quantisation
     VERIFY_LATENTS = 5  # export: the N(0, I) latents the decoder is checked on
     DATASET_SPLIT = 6  # prepare: which distinct images form the test split, by (--seed)
     IMPORTANCE_NOISE = 7  # evaluate: the K latents' eps of each image, by (--seed, image index, block)
-    EVAL_BINARIZE = 8  # evaluate: the binarised copy of each image, by (--seed, image index)
+    EVAL_BINARIZE = 8  # a binarised test image, by (seed, image index): evaluate (--seed), training (eval_seed)
     API_SAMPLES = 9  # the Python API: the prior latents of Model.sample, by (seed)
 
 

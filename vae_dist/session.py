@@ -16,6 +16,7 @@ from vae_dist import files, runs, tracking
 from vae_dist.config import Config, ConfigError
 from vae_dist.data import splits
 from vae_dist.ema import WeightAverage
+from vae_dist.likelihoods import PixelLikelihood
 from vae_dist.models import VAE, build_model
 from vae_dist.ranks import on_every_rank, on_main
 from vae_dist.step import UpdateGuard, make_optimizer
@@ -37,6 +38,7 @@ class Session:
     train: splits.AnySplit  # uint8 [N, C, H, W], on the device or read from disk
     test: splits.AnySplit
     stop: StopRequest
+    likelihood: PixelLikelihood  # what the decoder's output means (loss.likelihood)
     state: runs.TrainerState = field(default_factory=runs.TrainerState)
     curves: tracking.Curves = field(init=False)  # when curves.png is redrawn (main process)
     guard: UpdateGuard | None = field(init=False)  # train.grad_clip / train.skip_threshold
@@ -114,7 +116,10 @@ def load_data(accelerator: Accelerator, cfg: Config) -> tuple[splits.AnySplit, s
 def build(accelerator: Accelerator, cfg: Config, run_dir: Path, data, stop: StopRequest) -> Session:
     """The model and its optimizer, prepared by Accelerate, with the data on the device."""
     train, test = data
-    model = build_model(cfg.model, train.image_shape)
+    likelihood = pixel_likelihood(cfg, train.image_shape)
+    model = build_model(cfg.model, train.image_shape, likelihood.out_channels)
+    if model.channels_last:
+        model = model.to(memory_format=torch.channels_last)
     optimizer = make_optimizer(model, cfg, accelerator.device)
     # The average is copied before Accelerate wraps the model's forward (mixed precision).
     average = WeightAverage(model, cfg.train.ema) if cfg.train.ema > 0 else None
@@ -125,8 +130,17 @@ def build(accelerator: Accelerator, cfg: Config, run_dir: Path, data, stop: Stop
         accelerator.register_for_checkpointing(average)  # before a checkpoint is loaded
     core = accelerator.unwrap_model(model)
     return Session(
-        accelerator, cfg, run_dir, model, core, optimizer, train.to(device), test.to(device), stop, average=average
+        accelerator, cfg, run_dir, model, core, optimizer, train.to(device), test.to(device), stop, likelihood,
+        average=average,
     )
+
+
+def pixel_likelihood(cfg: Config, image_shape: tuple[int, int, int]) -> PixelLikelihood:
+    """loss.likelihood for images of `image_shape`, or a ConfigError when it cannot model them."""
+    try:
+        return PixelLikelihood(cfg.loss.likelihood, image_shape[0], cfg.loss.mixtures)
+    except ValueError as e:
+        raise ConfigError(f"loss.likelihood={cfg.loss.likelihood}: {e}; use bernoulli or gaussian") from None
 
 
 def restore(s: Session, checkpoint: Path | None) -> None:

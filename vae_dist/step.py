@@ -18,6 +18,7 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType
 
 from vae_dist.config import Config
+from vae_dist.likelihoods import PixelLikelihood
 from vae_dist.losses import negative_elbo
 from vae_dist.models import VAE
 from vae_dist.rng import Stream, generator
@@ -116,7 +117,14 @@ class UpdateGuard:
 
 
 def micro_step(
-    accelerator: Accelerator, model, optimizer, x, eps, beta: float, likelihood: str, guard: UpdateGuard | None = None
+    accelerator: Accelerator,
+    model,
+    optimizer,
+    x,
+    eps,
+    beta: float,
+    likelihood: str | PixelLikelihood,
+    guard: UpdateGuard | None = None,
 ):
     """Forward and backward on one micro-batch; the optimizer steps when the accumulation is
     complete (Accelerate skips `step` and the gradient all-reduce before that), unless `guard`
@@ -124,8 +132,8 @@ def micro_step(
     if _wrappers_do_nothing(accelerator):
         # One process, no accumulation, no loss scaling: Accelerate's accumulate/backward/step
         # wrappers reduce to the plain calls (bitwise the same result), minus ~10% of the step.
-        logits, mu, logvar = model(x, eps)
-        terms = negative_elbo(logits, x, mu, logvar, beta, likelihood)
+        out, kl = model(x, eps)
+        terms = negative_elbo(out, x, kl, beta, likelihood)
         if guard is not None:
             guard.note(terms.loss.detach())
         terms.loss.mean().backward()  # per-image mean: see the module docstring
@@ -134,8 +142,8 @@ def micro_step(
         optimizer.optimizer.zero_grad(set_to_none=True)
         return terms
     with accelerator.accumulate(model):
-        logits, mu, logvar = model(x, eps)
-        terms = negative_elbo(logits, x, mu, logvar, beta, likelihood)
+        out, kl = model(x, eps)
+        terms = negative_elbo(out, x, kl, beta, likelihood)
         if guard is not None:
             guard.note(terms.loss.detach())
         accelerator.backward(terms.loss.mean())

@@ -131,7 +131,7 @@ def run_steps(s: Session, epoch: int, tally: EpochTally, bar) -> None:
             if binarize:
                 x = (uniform[part].to(acc.device) < x).to(x.dtype)
             eps_m = eps[part].to(acc.device)
-            terms = micro_step(acc, s.model, s.optimizer, x, eps_m, beta, cfg.loss.likelihood, s.guard)
+            terms = micro_step(acc, s.model, s.optimizer, x, eps_m, beta, s.likelihood, s.guard)
             step_loss += terms.loss.detach().sum()
         if s.guard is not None and s.guard.last_skipped:  # the same on every process
             tally.skipped += 1
@@ -229,7 +229,7 @@ def end_epoch(s: Session, epoch: int, tally: EpochTally) -> dict[str, Any]:
         "epoch": epoch,
         "step": s.state.global_step,
         "train_loss": total_loss / max(tally.images - tally.skipped * cfg.train.batch_size, 1),
-        **test_elbo(acc, s.shown, s.test, cfg),
+        **test_elbo(acc, s.shown, s.likelihood, s.test, cfg),
         "seconds": seconds,
         "images_per_s": tally.images / seconds if seconds > 0 else None,
         "processes": acc.num_processes,
@@ -238,7 +238,7 @@ def end_epoch(s: Session, epoch: int, tally: EpochTally) -> dict[str, Any]:
 
     def write_epoch_files():
         with runs.writing(s.run_dir, s.run_dir):
-            grids = write_grids(s.shown, s.test, cfg, s.run_dir / runs.IMAGES_DIR, epoch, acc.device)
+            grids = write_grids(s.shown, s.likelihood, s.test, cfg, s.run_dir / runs.IMAGES_DIR, epoch, acc.device)
             files.append_jsonl(s.run_dir / runs.METRICS_FILE, metrics)
             s.curves.epoch_ended()
         shown = ("test_neg_elbo", "test_recon", "test_kl", "test_bits_per_dim")
@@ -275,6 +275,7 @@ def save_final_model(s: Session, metrics: dict[str, Any]) -> dict[str, Any]:
             image_shape=s.core.image_shape,
             dataset=splits.dataset_name(cfg.data),
             likelihood=cfg.loss.likelihood,
+            mixtures=cfg.loss.mixtures,
             binarize=cfg.data.binarize,  # vae-dist evaluate binarises the test images of a dynamic run
             epochs=cfg.train.epochs,
             steps=s.state.global_step,
