@@ -291,7 +291,7 @@ def bench_hierarchical(
     batch, pixel = batch or cfg.train.batch_size, PixelLikelihood(likelihood, shape[0], cfg.loss.mixtures)
     x = torch.randint(0, 256, (batch, *shape), generator=torch.Generator().manual_seed(0)).float() / 255
     torch.manual_seed(0)
-    model = build_model(cfg.model, shape, pixel.out_channels).to(memory_format=torch.channels_last)
+    model = build_model(cfg.model, shape, pixel.out_channels)
     optimizer = make_optimizer(model, cfg, accelerator.device)
     model, optimizer = accelerator.prepare(model, optimizer)
     eps = torch.randn(batch, accelerator.unwrap_model(model).latent_dim)

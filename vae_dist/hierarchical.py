@@ -83,7 +83,6 @@ class TopDown:
 
 
 class HierarchicalVAE(VAE):
-    channels_last = True  # 1.2x the images/s of the default layout in training on the CPU
     def __init__(
         self,
         image_shape: tuple[int, int, int],

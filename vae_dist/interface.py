@@ -25,7 +25,6 @@ class VAE(nn.Module):
     latent_dim: int  # standard normals per image: the flat noise vector eps
     image_shape: tuple[int, int, int]
     out_channels: int  # of the decoder's output per pixel
-    channels_last: bool = False  # its convolutions run faster with channels-last weights on the CPU
 
     def forward(self, x: torch.Tensor, eps: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """The decoder's output at one posterior sample z(eps) of each image, and the KL of the

@@ -118,8 +118,6 @@ def build(accelerator: Accelerator, cfg: Config, run_dir: Path, data, stop: Stop
     train, test = data
     likelihood = pixel_likelihood(cfg, train.image_shape)
     model = build_model(cfg.model, train.image_shape, likelihood.out_channels)
-    if model.channels_last:
-        model = model.to(memory_format=torch.channels_last)
     optimizer = make_optimizer(model, cfg, accelerator.device)
     # The average is copied before Accelerate wraps the model's forward (mixed precision).
     average = WeightAverage(model, cfg.train.ema) if cfg.train.ema > 0 else None
