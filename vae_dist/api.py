@@ -42,7 +42,7 @@ class Model:
 
     def __init__(self, network: VAE, record: ModelRecord, path: Path, device: torch.device):
         self.network, self.record, self.path, self.device = network, record, path, device
-        self.likelihood = PixelLikelihood(record.likelihood, record.image_shape[0], record.mixtures)
+        self.likelihood = PixelLikelihood.of_record(record)
 
     @property
     def kind(self) -> str:

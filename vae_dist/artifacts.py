@@ -59,8 +59,7 @@ def load_model(path: str | Path) -> tuple[VAE, ModelRecord]:
 
     record = read_record(path)
     try:
-        likelihood = PixelLikelihood(record.likelihood, record.image_shape[0], record.mixtures)
-        model = build_model(record.model, record.image_shape, likelihood.out_channels)
+        model = build_model(record.model, record.image_shape, PixelLikelihood.of_record(record).out_channels)
         model.load_state_dict(load_file(str(path)))
     except (TypeError, ValueError, RuntimeError, SafetensorError, OSError) as e:  # a damaged or foreign file
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__

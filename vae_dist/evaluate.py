@@ -173,14 +173,8 @@ def _duration(seconds: float) -> str:
 
 
 def evaluate_split(
-    accelerator,
-    model: VAE,
-    images: torch.Tensor,
-    k: int,
-    seed: int,
-    likelihood: str | PixelLikelihood,
-    binarize: bool,
-    batch_size: int,
+    accelerator, model: VAE, images: torch.Tensor, k: int, seed: int, likelihood: str | PixelLikelihood,
+    binarize: bool, batch_size: int,
 ) -> dict[str, Any]:
     """Mean figures over every image of `images` (uint8 [N, C, H, W]), this process taking its
     contiguous share; the same on every process afterwards."""
@@ -257,7 +251,7 @@ def evaluate_run(
     images = splits.split_for_model(record.dataset, model.image_shape, split == "train", where)
     model = for_estimation(model).to(accelerator.device)
     started = time.perf_counter()
-    likelihood = PixelLikelihood(record.likelihood, record.image_shape[0], record.mixtures)
+    likelihood = PixelLikelihood.of_record(record)
     figures = evaluate_split(accelerator, model, images, k, seed, likelihood, binarize, batch_size)
     result = {
         "k": k,
@@ -292,35 +286,15 @@ def append_record(path: Path, record: dict[str, Any]) -> None:
 
 @click.command("evaluate")
 @click.argument("run")
-@click.option(
-    "--k",
-    "k",
-    type=click.IntRange(min=1),
-    default=DEFAULT_K,
-    show_default=True,
-    help="Importance samples per image (1: the one-sample -ELBO).",
-)
+@click.option("--k", "k", type=click.IntRange(min=1), default=DEFAULT_K, show_default=True,
+              help="Importance samples per image (1: the one-sample -ELBO).")
 @click.option("--split", type=click.Choice(["test", "train"]), default="test", show_default=True)
-@click.option(
-    "--data",
-    "where",
-    type=click.Path(file_okay=False),
-    help="Where the run's data set is, if not where its model file says.",
-)
-@click.option(
-    "--seed",
-    type=click.IntRange(min=0),
-    default=0,
-    show_default=True,
-    help="Seed of the noise (and of the binarisation).",
-)
-@click.option(
-    "--batch-size",
-    type=click.IntRange(min=1),
-    default=DEFAULT_BATCH,
-    show_default=True,
-    help="Images per pass (fewer for large images, to bound memory).",
-)
+@click.option("--data", "where", type=click.Path(file_okay=False),
+              help="Where the run's data set is, if not where its model file says.")
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Seed of the noise (and of the binarisation).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=DEFAULT_BATCH, show_default=True,
+              help="Images per pass (fewer for large images, to bound memory).")
 @click.option("--output-dir", help="Folder of runs, for a RUN given by name (default $VAE_DIST_RUNS or ./runs).")
 @click.option("--cpu/--no-cpu", default=None, help="Force CPU, or leave the choice to Accelerate.")
 def evaluate_command(run, k, split, where, seed, batch_size, output_dir, cpu):

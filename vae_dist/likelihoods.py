@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from vae_dist import dlm
 from vae_dist.kinds import LIKELIHOODS
+from vae_dist.record import ModelRecord
 
 GAUSSIAN_VARIANCE = 0.5  # N(x; mean, 1/2): -log p is then the squared error plus a constant
 DEFAULT_MIXTURES = 10  # loss.mixtures, as PixelCNN++ and VDVAE
@@ -38,6 +39,11 @@ class PixelLikelihood:
     def of(cls, likelihood: str | PixelLikelihood, channels: int) -> PixelLikelihood:
         """`likelihood` as given, or the named one for images of `channels` channels."""
         return likelihood if isinstance(likelihood, PixelLikelihood) else cls(likelihood, channels)
+
+    @classmethod
+    def of_record(cls, record: ModelRecord) -> PixelLikelihood:
+        """The likelihood a model file's record names, for its images."""
+        return cls(record.likelihood, record.image_shape[0], record.mixtures)
 
     @property
     def out_channels(self) -> int:
