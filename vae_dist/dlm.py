@@ -39,13 +39,11 @@ def split(params: torch.Tensor, channels: int, mixtures: int):
     [B, 3, M, H, W] (tanh applied; None for grey)."""
     b, _, h, w = params.shape
     m = mixtures
-    logits = params[:, :m]
-    means = params[:, m : m + channels * m].reshape(b, channels, m, h, w)
-    log_scales = params[:, m + channels * m : m + 2 * channels * m].reshape(b, channels, m, h, w)
-    log_scales = log_scales.clamp(min=MIN_LOG_SCALE)
-    coeffs = None
-    if channels == 3:
-        coeffs = torch.tanh(params[:, m + 2 * channels * m :].reshape(b, 3, m, h, w))
+    parts = params.split([m, channels * m, channels * m] + ([3 * m] if channels == 3 else []), dim=1)
+    logits = parts[0]
+    means = parts[1].reshape(b, channels, m, h, w)
+    log_scales = parts[2].reshape(b, channels, m, h, w).clamp(min=MIN_LOG_SCALE)
+    coeffs = torch.tanh(parts[3].reshape(b, 3, m, h, w)) if channels == 3 else None
     return logits, means, log_scales, coeffs
 
 
@@ -69,9 +67,10 @@ def bin_log_mass(x: torch.Tensor, mean: torch.Tensor, log_scale: torch.Tensor) -
     log_width = math.log(2 * HALF_BIN) - log_scale
     width = torch.exp(log_width)
     log_gap = torch.where(width < 1e-4, log_width - width / 2, torch.log(-torch.expm1(-width.clamp(min=1e-4))))
-    inner = upper + log_gap - F.softplus(upper) - F.softplus(lower)
-    first = -F.softplus(-upper)  # log sigmoid(upper): the bin of 0 reaches to -infinity
-    last = -F.softplus(lower)  # log(1 - sigmoid(lower)): the bin of 255 reaches to +infinity
+    softplus_upper, softplus_lower = F.softplus(upper), F.softplus(lower)
+    first = upper - softplus_upper  # log sigmoid(upper): the bin of 0 reaches to -infinity
+    last = -softplus_lower  # log(1 - sigmoid(lower)): the bin of 255 reaches to +infinity
+    inner = first + log_gap - softplus_lower
     return torch.where(x < -1 + HALF_BIN, first, torch.where(x > 1 - HALF_BIN, last, inner))
 
 

@@ -8,17 +8,21 @@ the process; so under `accelerate launch` the launcher's own command line and th
 was started with are read (/proc on Linux) to tell its default from a choice. Where /proc cannot
 be read, OMP_NUM_THREADS is taken as given. docs/training.md#threads says the same for users.
 
-The same processes flush denormal numbers to zero (`flush_denormals`).
+The same processes flush denormal numbers to zero (`flush_denormals`) and keep the memory of freed
+tensors for the next ones (`keep_freed_memory`).
 """
 
 from __future__ import annotations
 
+import ctypes
 import os
+import sys
 from pathlib import Path
 
 THREADS_ENV = "OMP_NUM_THREADS"
 THREADS_OPTION = "--num_cpu_threads_per_process"  # accelerate launch's option
 ANCESTORS = 6  # the launcher is the parent (one process) or the parent of torch's elastic agent
+M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # glibc's mallopt parameters (malloc.h)
 
 
 def cores() -> int:
@@ -91,13 +95,15 @@ def per_process() -> tuple[int, str]:
 
 
 def apply() -> str:
-    """Set this process's torch threads (per_process) and flush denormal numbers to zero
-    (flush_denormals); the log line that says how many threads."""
+    """Set this process's torch threads (per_process), flush denormal numbers to zero
+    (flush_denormals) and keep freed memory (keep_freed_memory); the log line that says how many
+    threads."""
     import torch
 
     count, why = per_process()
     torch.set_num_threads(count)
     flush_denormals()
+    keep_freed_memory()
     return f"{count} CPU thread(s) per process ({why})"
 
 
@@ -111,3 +117,20 @@ def flush_denormals() -> bool:
     import torch
 
     return torch.set_flush_denormal(True)
+
+
+def keep_freed_memory() -> bool:
+    """Serve every allocation from the C library's heap and keep freed memory there for the next
+    one; False where the C library is not glibc. By default glibc maps each block of 32 MiB or more
+    afresh from the kernel and unmaps it when freed, so that a tensor of a 64x64 model's
+    activations ([32, 64, 64, 64] floats, 32 MiB) costs thousands of page faults each time it is
+    made, a large part of a 64x64 hierarchical model's training step
+    (docs/benchmarks.md#the-hierarchical-vaes). The process keeps its peak memory until it ends."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    return bool(mallopt(M_MMAP_MAX, 0)) and bool(mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
