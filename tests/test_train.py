@@ -298,20 +298,25 @@ def test_the_weights_average_is_evaluated_saved_and_resumed_bitwise(tmp_path, fa
     assert again["test_neg_elbo"] == pytest.approx(whole.metrics["test_neg_elbo"], abs=1e-9)
 
 
-def test_a_weights_average_follows_its_decay():
+def test_a_weights_average_follows_its_decay_after_a_warm_up():
     model = torch.nn.Linear(2, 1)
     average = WeightAverage(model, 0.75)
+    assert [average.decay_at(n) for n in (1, 2, 26, 1000)] == [2 / 11, 3 / 12, 0.75, 0.75]
     before = [p.detach().clone() for p in model.parameters()]
     with torch.no_grad():
         for p in model.parameters():
             p.add_(4.0)
     average.update(model)
     for a, b in zip(average.model.parameters(), before):
-        assert torch.allclose(a, b + 1.0)  # 0.75 * w + 0.25 * (w + 4)
+        assert torch.allclose(a, b + 4.0 * 9 / 11)  # 2/11 * w + 9/11 * (w + 4)
     state = average.state_dict()
     fresh = WeightAverage(torch.nn.Linear(2, 1), 0.75)
     fresh.load_state_dict(state)
+    assert fresh.updates == 1
     assert all(torch.equal(a, b) for a, b in zip(fresh.model.parameters(), average.model.parameters()))
+    del state["updates"]  # as saved before updates were counted: the configured decay from then on
+    fresh.load_state_dict(state)
+    assert fresh.decay_at(fresh.updates + 1) == 0.75
 
 
 def test_a_checkpoint_from_before_a_state_field_existed_is_resumed(tmp_path, fashion_root):
