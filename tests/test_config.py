@@ -19,7 +19,7 @@ def test_the_shipped_hierarchical_configs_build_the_models_their_comments_descri
     from vae_dist.models import build_model
 
     for name, shape, weights, latents in (("hierarchical", (1, 28, 28), 81185, 16472),
-                                          ("hierarchical64", (3, 64, 64), 823748, 201488)):
+                                          ("hierarchical64", (3, 64, 64), 765380, 119568)):
         cfg = load_config(name)
         pixel = PixelLikelihood(cfg.loss.likelihood, shape[0], cfg.loss.mixtures)
         model = build_model(cfg.model, shape, pixel.out_channels)

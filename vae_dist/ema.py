@@ -12,7 +12,6 @@ import torch
 
 from vae_dist.models import VAE
 
-
 UNCOUNTED = 10**9  # the updates of an average saved before they were counted: its decay is the configured one
 
 
