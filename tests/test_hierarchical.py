@@ -30,9 +30,11 @@ from helpers import (
     write_idx_set,
 )
 from vae_dist import evaluate as ev
+from vae_dist import hierarchical
 from vae_dist.config import load_config
 from vae_dist.data.prepare import prepare
 from vae_dist.likelihoods import PixelLikelihood
+from vae_dist.losses import gaussian_kl
 from vae_dist.models import build_model
 
 # The shipped 28x28 config (binarised, AdamW, warm-up, clip and skip, weights' average, three
@@ -154,6 +156,62 @@ def test_the_estimate_of_a_hierarchical_model_is_its_importance_weights():
     torch.testing.assert_close(one.kl, kl_f.double(), rtol=0, atol=1e-3)
     many = ev.estimate(model, x, torch.arange(3), 200, 5, "bernoulli")
     assert many.nll.mean() < one.nll.mean()
+
+
+def test_a_pointwise_product_is_the_1x1_convolution_forward_and_backward():
+    torch.manual_seed(0)
+    for bias in (True, False):
+        conv = torch.nn.Conv2d(6, 5, 1, bias=bias)
+        x = torch.randn(3, 6, 7, 4, requires_grad=True)
+        x_ref = x.detach().clone().requires_grad_()
+        out = hierarchical.pointwise(x, conv.weight, conv.bias)
+        ref = torch.nn.functional.conv2d(x_ref, conv.weight, conv.bias)
+        torch.testing.assert_close(out, ref)
+        grad = torch.randn_like(ref)
+        mine = torch.autograd.grad(out, [x, conv.weight], grad)
+        theirs = torch.autograd.grad(ref, [x_ref, conv.weight], grad)
+        for a, b in zip(mine, theirs):
+            torch.testing.assert_close(a, b)
+
+
+def reference_top_down(model, x, eps):
+    """The top-down pass as the module docstring states it, block by block with each module's own
+    forward: the prior from the state h, the posterior from [h, encoder activations]."""
+    acts = model._activations(x)
+    noises = eps.split([math.prod(s) for s in model.group_shapes], dim=1)
+    h, here, kl = None, None, 0
+    for i, (r, group) in enumerate(zip(model.group_resolutions, model.groups)):
+        if r != here:
+            start = model.start[str(r)].expand(len(x), -1, -1, -1)
+            h = start if h is None else torch.nn.functional.interpolate(h, size=model.sizes[r]) + start
+            here = r
+        p_mean, p_log_std, update = group.prior(h).split([group.zdim, group.zdim, group.width], dim=1)
+        q_mean, q_log_std = group.posterior(torch.cat([h, acts[r]], dim=1)).chunk(2, dim=1)
+        z = q_mean + q_log_std.exp() * noises[i].view(len(x), *model.group_shapes[i])
+        kl = kl + gaussian_kl(q_mean, q_log_std, p_mean, p_log_std).flatten(1).sum(1)
+        h = group.block(h + update + group.z_in(z))
+    return model.head(h), kl
+
+
+def test_the_posterior_shares_its_first_convolution_with_the_prior_and_the_encoder():
+    """The forward pass computes the prior's and the posterior's first convolutions on the state as
+    one, and the posterior's on the encoder's activations once per resolution: the same model."""
+    cfg = load_config("hierarchical", ["model.width=8", "model.latent_channels=2"])
+    torch.manual_seed(0)
+    model = build_model(cfg.model, (1, 28, 28))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    x, eps = torch.rand(3, 1, 28, 28), torch.randn(3, model.latent_dim)
+    out, kl = model(x, eps)
+    ref_out, ref_kl = reference_top_down(model, x, eps)
+    torch.testing.assert_close(out, ref_out, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(kl, ref_kl, rtol=1e-5, atol=1e-3)
+    params = list(model.parameters())
+    mine = torch.autograd.grad(out.sum() + kl.sum(), params)
+    theirs = torch.autograd.grad(ref_out.sum() + ref_kl.sum(), params)
+    for a, b in zip(mine, theirs):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4)
 
 
 @pytest.fixture(scope="module")

@@ -275,6 +275,9 @@ def bench_evaluate(kind: str, test: splits.Split, rounds: int) -> dict:
     }
 
 
+POINTWISE_OPS = ("aten::bmm", "aten::baddbmm")  # the hierarchical model's 1x1 convolutions
+
+
 def bench_hierarchical(
     config: str, shape: tuple[int, int, int], likelihood: str, accelerator, seconds: float, rounds: int,
     batch: int | None = None,
@@ -282,13 +285,14 @@ def bench_hierarchical(
     """The hierarchical model's training step on random 8-bit images of `shape`, at its config's
     batch size: images/s in float32 and under bfloat16 autocast (what train.mixed_precision=bf16
     does on the CPU), in turn (medians), and the share of the float32 step's CPU time in
-    convolutions, forward and backward."""
+    convolutions (the 1x1 ones are matrix products), forward and backward."""
     from torch.profiler import ProfilerActivity, profile
 
     from vae_dist.likelihoods import PixelLikelihood
 
     cfg = load_config(shipped_config(config))
-    batch, pixel = batch or cfg.train.batch_size, PixelLikelihood(likelihood, shape[0], cfg.loss.mixtures)
+    batch = batch or cfg.train.batch_size
+    pixel = PixelLikelihood(likelihood, shape[0], cfg.loss.mixtures, cfg.loss.compile)
     x = torch.randint(0, 256, (batch, *shape), generator=torch.Generator().manual_seed(0)).float() / 255
     torch.manual_seed(0)
     model = build_model(cfg.model, shape, pixel.out_channels)
@@ -314,7 +318,8 @@ def bench_hierarchical(
             steps["no"]()
     events = prof.key_averages()
     total = sum(e.self_cpu_time_total for e in events)
-    conv = sum(e.self_cpu_time_total for e in events if "convolution" in e.key)
+    # the 1x1 convolutions run as batched matrix products (hierarchical.pointwise)
+    conv = sum(e.self_cpu_time_total for e in events if "convolution" in e.key or e.key in POINTWISE_OPS)
     return {
         "config": config,
         "image_shape": list(shape),

@@ -58,6 +58,7 @@ class DataConfig:
 class LossConfig:
     likelihood: str = "bernoulli"  # vae_dist.kinds.LIKELIHOODS: bernoulli (BCE with logits) | gaussian | dlm
     mixtures: int = 10  # dlm only: logistic components per pixel
+    compile: bool = False  # dlm only: training's -log p(x|z) through torch.compile (fused kernels)
     beta: float = 1.0  # weight of the KL term; 1 is the true ELBO
     kl_warmup_steps: int = 0  # ramp beta linearly from 0 over this many optimizer steps
 

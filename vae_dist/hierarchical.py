@@ -38,6 +38,21 @@ def _conv(c_in: int, c_out: int, kernel: int) -> nn.Conv2d:
     return nn.Conv2d(c_in, c_out, kernel, padding=kernel // 2)
 
 
+def pointwise(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """A 1x1 convolution as one batched matrix product over the pixels: on the CPU its forward and
+    backward take 0.6-0.9 of oneDNN's convolution's time, which reorders NCHW maps into its
+    blocked layout and back (docs/benchmarks.md#the-hierarchical-vaes)."""
+    b, c, h, w = x.shape
+    weight = weight.view(1, weight.shape[0], c).expand(b, -1, -1)
+    flat = x.reshape(b, c, h * w)
+    out = torch.bmm(weight, flat) if bias is None else torch.baddbmm(bias.view(1, -1, 1), weight, flat)
+    return out.view(b, -1, h, w)
+
+
+def _apply(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    return pointwise(x, conv.weight, conv.bias) if conv.kernel_size == (1, 1) else conv(x)
+
+
 class Bottleneck(nn.Module):
     def __init__(self, c_in: int, c_mid: int, c_out: int, small: bool, residual: bool, last_scale: float = 1.0):
         super().__init__()
@@ -52,9 +67,12 @@ class Bottleneck(nn.Module):
         self.residual = residual
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = x
-        for conv in self.convs:
-            h = conv(F.silu(h))
+        return self.finish(x, _apply(self.convs[0], F.silu(x)))
+
+    def finish(self, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        """The branch from its first convolution's output h on, plus the residual x."""
+        for conv in self.convs[1:]:
+            h = _apply(conv, F.silu(h))
         return x + h if self.residual else h
 
 
@@ -70,6 +88,15 @@ class Group(nn.Module):
         with torch.no_grad():
             self.z_in.weight.mul_(scale)
         self.block = Bottleneck(width, mid, width, small, residual=True, last_scale=scale)
+
+    def first_convs(self, silu_x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The prior's first convolution and the posterior's share of its own on the state (both
+        read silu(x)) as one convolution: the posterior's input is [x, encoder activations], so its
+        first convolution is the sum of one on each (`HierarchicalVAE._encoder_terms`)."""
+        prior, posterior = self.prior.convs[0], self.posterior.convs[0]
+        weight = torch.cat([prior.weight, posterior.weight[:, : self.width]])
+        out = pointwise(silu_x, weight, torch.cat([prior.bias, posterior.bias]))
+        return out.split([prior.out_channels, posterior.out_channels], dim=1)
 
 
 @dataclass
@@ -136,13 +163,13 @@ class HierarchicalVAE(VAE):
     def forward(self, x, eps=None):
         if eps is None:
             eps = torch.randn(x.shape[0], self.latent_dim, device=x.device)
-        result = self._top_down(self._activations(x), eps, "posterior")
+        result = self._top_down(self._encoder_terms(x), eps, "posterior")
         return result.out, result.kl
 
     def importance(self, x, eps):
         b, s = eps.shape[:2]
-        acts = {r: a[:, None].expand(b, s, *a.shape[1:]).flatten(0, 1) for r, a in self._activations(x).items()}
-        result = self._top_down(acts, eps.flatten(0, 1), "posterior", log_ratio=True)
+        terms = [t[:, None].expand(b, s, *t.shape[1:]).flatten(0, 1) for t in self._encoder_terms(x)]
+        result = self._top_down(terms, eps.flatten(0, 1), "posterior", log_ratio=True)
         out = result.out
         return out.view(b, s, *out.shape[1:]), result.log_ratio.view(b, s), result.kl.view(b, s)[:, 0].double()
 
@@ -150,7 +177,7 @@ class HierarchicalVAE(VAE):
         return self._top_down(None, eps, "prior", temperature=temperature).out
 
     def reconstruct(self, x):
-        return self._top_down(self._activations(x), None, "mean").out
+        return self._top_down(self._encoder_terms(x), None, "mean").out
 
     # ------------------------------------------------------------ the two passes
 
@@ -166,9 +193,21 @@ class HierarchicalVAE(VAE):
                 h = F.avg_pool2d(h, (h0 // h1, w0 // w1))
         return acts
 
+    def _encoder_terms(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Per group, in top-down order, the posterior's first convolution on the encoder's
+        activations at the group's resolution (without its bias, which `Group.first_convs` adds):
+        one convolution per resolution for all of its groups, so that the activations' SiLU is
+        taken once and no [state, activations] concatenation is made."""
+        acts, terms = self._activations(x), []
+        for r in dict.fromkeys(self.group_resolutions):
+            groups = [g for g, at in zip(self.groups, self.group_resolutions) if at == r]
+            weight = torch.cat([g.posterior.convs[0].weight[:, g.width :] for g in groups])
+            terms += pointwise(F.silu(acts[r]), weight, None).split(groups[0].posterior.convs[0].out_channels, dim=1)
+        return terms
+
     def _top_down(
         self,
-        acts: dict[int, torch.Tensor] | None,
+        terms: list[torch.Tensor] | None,
         eps: torch.Tensor | None,
         mode: str,
         temperature: float = 1.0,
@@ -176,7 +215,7 @@ class HierarchicalVAE(VAE):
     ) -> TopDown:
         """mode: "posterior" (z from q with `eps`), "mean" (z = q's mean) or "prior" (z from p with
         `eps`, its scales times `temperature`)."""
-        batch = (eps if eps is not None else next(iter(acts.values()))).shape[0]
+        batch = (eps if eps is not None else terms[0]).shape[0]
         noises = eps.split([math.prod(s) for s in self.group_shapes], dim=1) if eps is not None else None
         x, here = None, None
         kl = torch.zeros(batch, device=self.head.weight.device)
@@ -186,20 +225,25 @@ class HierarchicalVAE(VAE):
                 start = self.start[str(r)]
                 x = start.expand(batch, -1, -1, -1) if x is None else F.interpolate(x, size=self.sizes[r]) + start
                 here = r
-            p_mean, p_log_std, update = group.prior(x).split([group.zdim, group.zdim, group.width], dim=1)
+            silu_x = F.silu(x)
+            if mode == "prior":
+                p_first, q_first = _apply(group.prior.convs[0], silu_x), None
+            else:
+                p_first, q_first = group.first_convs(silu_x)
+            p_mean, p_log_std, update = group.prior.finish(x, p_first).split([group.zdim, group.zdim, group.width], 1)
             noise = noises[i].view(batch, *self.group_shapes[i]) if noises is not None else None
             if mode == "prior":
                 z = p_mean + torch.exp(p_log_std) * (noise * temperature).to(p_mean.dtype)
             else:
-                q_mean, q_log_std = group.posterior(torch.cat([x, acts[r]], dim=1)).chunk(2, dim=1)
+                q_mean, q_log_std = group.posterior.finish(x, q_first + terms[i]).chunk(2, dim=1)
                 z = q_mean if mode == "mean" else q_mean + torch.exp(q_log_std) * noise.to(q_mean.dtype)
                 pm, pl, qm, ql = p_mean.float(), p_log_std.float(), q_mean.float(), q_log_std.float()
                 kl = kl + gaussian_kl(qm, ql, pm, pl).flatten(1).sum(1)
                 if ratio is not None:  # log N(z; pm, ps) - log N(z; qm, qs); z = qm + qs * noise
                     zf = z.float()
-                    terms = 0.5 * noise.float().pow(2) + ql - pl - 0.5 * ((zf - pm) * torch.exp(-pl)).pow(2)
-                    ratio = ratio + terms.flatten(1).double().sum(1)
-            x = group.block(x + update + group.z_in(z))
+                    log_pq = 0.5 * noise.float().pow(2) + ql - pl - 0.5 * ((zf - pm) * torch.exp(-pl)).pow(2)
+                    ratio = ratio + log_pq.flatten(1).double().sum(1)
+            x = group.block(x + update + _apply(group.z_in, z))
         with torch.autocast(x.device.type, enabled=False):  # the likelihood's parameters in float32 (bf16
-            out = self.head(x.float())  # spaces its values near 1 by half a bin of an 8-bit image)
+            out = _apply(self.head, x.float())  # spaces its values near 1 by half a bin of an 8-bit image)
         return TopDown(out, kl if mode != "prior" else None, ratio)

@@ -136,7 +136,7 @@ def build(accelerator: Accelerator, cfg: Config, run_dir: Path, data, stop: Stop
 def pixel_likelihood(cfg: Config, image_shape: tuple[int, int, int]) -> PixelLikelihood:
     """loss.likelihood for images of `image_shape`, or a ConfigError when it cannot model them."""
     try:
-        return PixelLikelihood(cfg.loss.likelihood, image_shape[0], cfg.loss.mixtures)
+        return PixelLikelihood(cfg.loss.likelihood, image_shape[0], cfg.loss.mixtures, cfg.loss.compile)
     except ValueError as e:
         raise ConfigError(f"loss.likelihood={cfg.loss.likelihood}: {e}; use bernoulli or gaussian") from None
 
