@@ -18,7 +18,7 @@ def test_the_shipped_hierarchical_configs_build_the_models_their_comments_descri
     from vae_dist.likelihoods import PixelLikelihood
     from vae_dist.models import build_model
 
-    for name, shape, weights, latents in (("hierarchical", (1, 28, 28), 81185, 16472),
+    for name, shape, weights, latents in (("hierarchical", (1, 28, 28), 261729, 12160),
                                           ("hierarchical64", (3, 64, 64), 765380, 119568)):
         cfg = load_config(name)
         pixel = PixelLikelihood(cfg.loss.likelihood, shape[0], cfg.loss.mixtures)
